@@ -1,0 +1,1 @@
+"""trainerd: the continuous fine-tuning daemon (queue, watcher, control, status)."""

@@ -1,0 +1,62 @@
+"""The one way state files are written: tmp + fsync + rename + fsync of the directory.
+
+A rename is atomic but not durable until the directory itself is fsynced (fsync(2)).
+A failed fsync is never retried: the kernel may already have dropped the dirty pages
+("fsyncgate"), so the error propagates and the write counts as failed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the directory entries (renames, creations) of *directory* durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
+    """Replace *path* with *data* so that readers see the old or the new file, never a torn one."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def durable_rename(src: Path, dst: Path) -> None:
+    """One os.rename (same filesystem), then fsync both directories so the move survives a crash."""
+    os.rename(src, dst)
+    fsync_dir(Path(dst).parent)
+    if Path(src).parent != Path(dst).parent:
+        fsync_dir(Path(src).parent)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """Read a JSON state file; a missing file gives *default*. Atomic writers make torn reads impossible."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default

@@ -1,0 +1,67 @@
+"""The runtime layout under one base dir (repo root by default; TRAINER_HOME overrides)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.states import JobState
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_home() -> Path:
+    env = os.environ.get("TRAINER_HOME")
+    return Path(env).expanduser().resolve() if env else REPO_ROOT
+
+
+@dataclass(frozen=True)
+class Layout:
+    home: Path
+
+    @classmethod
+    def from_env(cls, home: Path | str | None = None) -> "Layout":
+        return cls(Path(home).expanduser().resolve() if home else default_home())
+
+    @property
+    def config(self) -> Path: return self.home / "config.json"
+    @property
+    def inbox(self) -> Path: return self.home / "inbox"
+    @property
+    def queue(self) -> Path: return self.home / "queue"
+    def state_dir(self, state: JobState) -> Path: return self.queue / state.folder
+    @property
+    def status_dir(self) -> Path: return self.home / "status"
+    @property
+    def status_file(self) -> Path: return self.status_dir / "training_status.json"
+    @property
+    def metrics_file(self) -> Path: return self.status_dir / "metrics.jsonl"
+    @property
+    def layer_activity_file(self) -> Path: return self.status_dir / "layer_activity.json"
+    @property
+    def state_db(self) -> Path: return self.status_dir / "state.db"
+    @property
+    def logs(self) -> Path: return self.home / "logs"
+    @property
+    def training_log(self) -> Path: return self.logs / "training_output.log"
+    @property
+    def control(self) -> Path: return self.home / "control"
+    @property
+    def current_model(self) -> Path: return self.home / "current_model"
+    @property
+    def checkpoints(self) -> Path: return self.home / "checkpoints"
+    @property
+    def snapshots(self) -> Path: return self.home / "snapshots"
+    @property
+    def consolidated(self) -> Path: return self.home / "consolidated_models"
+    @property
+    def pid_file(self) -> Path: return self.home / ".daemon.pid"
+    @property
+    def lock_file(self) -> Path: return self.home / ".daemon.lock"
+    @property
+    def stop_flag(self) -> Path: return self.home / ".stop"
+
+    def ensure(self) -> None:
+        for d in (self.inbox, *(self.state_dir(s) for s in JobState), self.status_dir,
+                  self.logs, self.control, self.snapshots, self.consolidated, self.checkpoints):
+            d.mkdir(parents=True, exist_ok=True)

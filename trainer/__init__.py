@@ -1,0 +1,1 @@
+"""The trainer side: the Trainer interface the daemon drives, and its implementations."""

@@ -1,0 +1,94 @@
+"""The contract between the daemon and whatever trains a job.
+
+The daemon calls ``Trainer.run(job, sink, control)`` for one job at a time. The trainer:
+- reports through ``sink.emit(event)`` (dicts with an ``"event"`` key, see EVENT_KINDS);
+- calls ``control.poll()`` at every step boundary and obeys what it returns: PAUSE (checkpoint,
+  emit ``paused``, then block on ``control.wait()`` until RESUME/SKIP/STOP), SKIP (checkpoint,
+  return SKIPPED), STOP (checkpoint, return STOPPED: the job is resumed at next start);
+- returns a JobResult. It never moves queue files and never writes status files: the daemon is
+  the single writer of those.
+
+The same contract holds across a process boundary (trainer/worker.py): events go out as one JSON
+object per line on stdout, commands come in as one JSON object per line on stdin.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Command(str, enum.Enum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    SKIP = "skip"
+    STOP = "stop"
+
+
+class Outcome(str, enum.Enum):
+    COMPLETED = "completed"   # -> queue/done
+    SKIPPED = "skipped"       # -> queue/failed, reason "skipped"
+    STOPPED = "stopped"       # stays in processing/, resumed at next start
+    FAILED = "failed"         # -> queue/failed, reason given
+
+
+# Event kinds a trainer may emit (all dicts carry "event"; numbers may be None when unknown):
+#   started        total_steps, resumed_from_step
+#   step           step, total_steps, loss, learning_rate, grad_norm, tokens_per_second,
+#                  step_time_s, epoch, tokens, peak_memory_bytes, eta_seconds
+#   eval           step, eval_loss
+#   checkpoint     step, path, reason (periodic|pause|stop|skip|final)
+#   layer_activity step, summary (top movers, list of dicts), table (full, for the heatmap)
+#   paused / resumed   step
+#   snapshot       path
+#   oom_backoff    micro_batch, gradient_accumulation
+#   log            level, message
+EVENT_KINDS = frozenset({"started", "step", "eval", "checkpoint", "layer_activity", "paused",
+                         "resumed", "snapshot", "oom_backoff", "log"})
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: int
+    name: str            # the file's name as queued
+    dataset: Path        # where the file is now (queue/processing/NAME)
+    sha256: str
+    home: Path           # the base dir (runtime layout root)
+    config: dict[str, Any]
+    attempt: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dataset"], d["home"] = str(self.dataset), str(self.home)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "JobSpec":
+        return cls(**{**d, "dataset": Path(d["dataset"]), "home": Path(d["home"])})
+
+
+@dataclass
+class JobResult:
+    outcome: Outcome
+    reason: str | None = None
+    steps: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class EventSink(Protocol):
+    def emit(self, event: dict[str, Any]) -> None: ...
+
+
+class ControlSource(Protocol):
+    def poll(self) -> Command | None:
+        """The next pending command, or None; never blocks."""
+
+    def wait(self, timeout: float) -> Command | None:
+        """Block up to *timeout* seconds for the next command."""
+
+
+class Trainer(Protocol):
+    name: str
+
+    def run(self, job: JobSpec, sink: EventSink, control: ControlSource) -> JobResult: ...
