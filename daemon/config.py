@@ -1,0 +1,132 @@
+"""config.json: flat settings, validated on load, every problem gathered into one message.
+
+Locked keys are recorded in state.db the first time a job uses them; a later edit of one is
+refused (see daemon/statedb.py ``check_locked``) until ``trainer-ctl config unlock KEY``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+LOCKED_KEYS: tuple[str, ...] = ("base_model", "model_name", "max_length", "batch_size",
+                                "gradient_accumulation")
+
+
+class ConfigError(ValueError):
+    """config.json is missing, not JSON, or has invalid keys; the message names every key."""
+
+
+class MonitorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    token: str | None = None
+    allowed_hosts: list[str] = Field(default_factory=list)
+    max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1)
+
+
+class AutoGenerateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = False
+    count: int = Field(200, ge=1)
+    source: Literal["builtin", "http", "command"] = "builtin"
+    url: str | None = None
+    command: list[str] | None = None
+    min_interval_s: float = Field(30.0, ge=0)
+
+
+class Config(BaseModel):
+    """Every top-level key of config.json. Unknown keys are an error (typos must not pass)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- locked keys ---
+    base_model: str | None = None          # local HF folder; relative paths are under the base dir
+    model_name: str = "tiny-qwen3"
+    max_length: int = Field(512, ge=8, le=1 << 20)
+    batch_size: int = Field(4, ge=1)       # rows per micro-batch (each row packs up to max_length tokens)
+    gradient_accumulation: int = Field(1, ge=1)
+    # --- training ---
+    trainer: Literal["qlora", "standin"] = "qlora"
+    model_display_name: str | None = None
+    use_qlora: bool = True
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: str | list[str] = "all-linear"
+    gradient_checkpointing: bool = False
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: int = Field(1, ge=1)
+    seed: int = 0
+    truncation: Literal["truncate", "drop"] = "truncate"
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    packing: bool = True
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every_steps: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    layer_activity_every_steps: int = Field(10, ge=1)
+    worker_timeout_s: float = Field(600.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    standin_step_seconds: float = Field(0.05, ge=0)
+    # --- queue / daemon ---
+    inbox_stable_seconds: float = Field(1.0, ge=0)
+    rescan_interval_s: float = Field(5.0, gt=0)
+    status_interval_s: float = Field(1.0, gt=0)
+    # --- services ---
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    auto_generate: AutoGenerateConfig = Field(default_factory=AutoGenerateConfig)
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+    def locked_values(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in LOCKED_KEYS}
+
+    def base_model_path(self, home: Path) -> Path | None:
+        if not self.base_model:
+            return None
+        p = Path(self.base_model).expanduser()
+        return p if p.is_absolute() else (home / p)
+
+
+def parse_config(raw: Any, source: str = "config.json") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a JSON object, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"  {key}: {msg}")
+        raise ConfigError(f"{source}: {len(problems)} problem(s):\n" + "\n".join(problems)) from None
+
+
+def load_config(path: Path) -> Config:
+    """Load and validate config.json; a missing file means all defaults."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Config()
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
+    return parse_config(raw, str(path))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
