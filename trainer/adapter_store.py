@@ -1,0 +1,182 @@
+"""The live adapter (home/current_model/) and its snapshots (home/snapshots/).
+
+current_model/ holds a peft adapter (adapter_config.json, adapter_model.safetensors), a
+``trainer_state.json`` (base path + fingerprint, datasets trained in order, total steps) and a
+``manifest.json`` (sha256 of each file). It changes only when a job completes, by a swap:
+
+1. write the new adapter into ``current_model.new/`` (files fsynced, manifest last, dir fsynced);
+2. rename ``current_model/`` -> ``current_model.old/`` (if it exists); fsync home;
+3. rename ``current_model.new/`` -> ``current_model/``; fsync home;
+4. remove ``current_model.old/``; fsync home.
+
+Recovery (``recover_current_model``, run before anything reads current_model/):
+- current_model/ present: it is valid (steps 2-3 only ever leave a complete one in place); any
+  ``.new`` (crash in 1, or after 1 before 2: the job had not completed yet) and any ``.old``
+  (crash after 3) are removed.
+- current_model/ absent, ``.new`` complete (its manifest verifies): the crash hit between 2 and 3
+  (or between 1 and 3 on the very first publish): roll forward, ``.new`` becomes current.
+- current_model/ absent, ``.new`` missing or incomplete, ``.old`` present: roll back.
+- none of them: no adapter yet (a job starts a fresh LoRA).
+
+Snapshots are written the same way (temp dir, manifest, rename) as
+``snapshots/<YYYYmmdd_HHMMSS>__<dataset stem>/`` with ``snapshot.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from daemon.atomic import fsync_dir
+from trainer.checkpoint import CheckpointError, verify_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+SNAPSHOT_META = "snapshot.json"
+
+
+def _paths(home: Path) -> tuple[Path, Path, Path]:
+    cur = Path(home) / "current_model"
+    return cur, cur.with_name("current_model.new"), cur.with_name("current_model.old")
+
+
+def _complete(d: Path) -> bool:
+    try:
+        verify_manifest(d)
+        return True
+    except CheckpointError:
+        return False
+
+
+def recover_current_model(home: Path) -> str:
+    """Finish or undo an interrupted swap; returns what was done (for logs and tests)."""
+    cur, new, old = _paths(home)
+    action = "none"
+    if cur.is_dir():
+        for d in (new, old):
+            if d.exists():
+                shutil.rmtree(d, ignore_errors=True)
+                action = "cleaned"
+    elif new.is_dir() and _complete(new):
+        os.rename(new, cur)
+        fsync_dir(cur.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        action = "rolled_forward"
+    elif old.is_dir():
+        os.rename(old, cur)
+        fsync_dir(cur.parent)
+        shutil.rmtree(new, ignore_errors=True)
+        action = "rolled_back"
+    elif new.exists():
+        shutil.rmtree(new, ignore_errors=True)
+        action = "cleaned"
+    if action != "none":
+        fsync_dir(cur.parent)
+        log.warning("current_model recovery after an interrupted swap: %s", action)
+    return action
+
+
+def read_current(home: Path) -> tuple[Path | None, dict[str, Any]]:
+    """(current_model dir or None, its trainer_state) after recovery."""
+    recover_current_model(home)
+    cur, _, _ = _paths(home)
+    if not (cur / "adapter_config.json").is_file():
+        return None, {}
+    try:
+        state = json.loads((cur / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    return cur, state
+
+
+def _write_dir(target_tmp: Path, write_files: Callable[[Path], None], meta_name: str,
+               meta: dict[str, Any]) -> None:
+    if target_tmp.exists():
+        shutil.rmtree(target_tmp)
+    target_tmp.mkdir(parents=True)
+    write_files(target_tmp)
+    (target_tmp / meta_name).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n",
+                                        encoding="utf-8")
+    write_manifest(target_tmp)  # fsyncs every file and the dir
+
+
+def publish_current(home: Path, write_files: Callable[[Path], None], state: dict[str, Any],
+                    *, _crash_after: str | None = None) -> Path:
+    """Replace current_model/ atomically with the adapter written by ``write_files(dir)``.
+
+    ``_crash_after`` ("new" | "old") stops the swap half way: only for the recovery tests.
+    """
+    home = Path(home)
+    recover_current_model(home)
+    cur, new, old = _paths(home)
+    _write_dir(new, write_files, TRAINER_STATE, state)
+    fsync_dir(home)
+    if _crash_after == "new":
+        return new
+    if cur.exists():
+        os.rename(cur, old)
+        fsync_dir(home)
+    if _crash_after == "old":
+        return new
+    os.rename(new, cur)
+    fsync_dir(home)
+    if old.exists():
+        shutil.rmtree(old)
+        fsync_dir(home)
+    return cur
+
+
+def _stem(name: str) -> str:
+    stem = Path(name).name
+    for suf in (".jsonl", ".json"):
+        if stem.endswith(suf):
+            stem = stem[: -len(suf)]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80] or "dataset"
+
+
+def write_snapshot(home: Path, dataset_name: str, source: Path, meta: dict[str, Any]) -> Path:
+    """Copy the adapter in *source* (normally current_model/) to a new snapshot folder."""
+    snaps = Path(home) / "snapshots"
+    snaps.mkdir(parents=True, exist_ok=True)
+    base_name = f"{datetime.now().strftime('%Y%m%d_%H%M%S')}__{_stem(dataset_name)}"
+    final = snaps / base_name
+    n = 2
+    while final.exists():
+        final = snaps / f"{base_name}-{n}"
+        n += 1
+    tmp = snaps / f".tmp-{final.name}-{os.getpid()}"
+
+    def copy(d: Path) -> None:
+        for p in sorted(source.iterdir()):
+            if p.is_file() and p.name != "manifest.json":
+                shutil.copy2(p, d / p.name)
+
+    meta = {**meta, "created_at": datetime.now(timezone.utc).isoformat()}
+    try:
+        _write_dir(tmp, copy, SNAPSHOT_META, meta)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(snaps)
+    return final
+
+
+def find_snapshot(home: Path, job_id: int, sha256: str) -> Path | None:
+    snaps = Path(home) / "snapshots"
+    if not snaps.is_dir():
+        return None
+    for p in sorted(snaps.iterdir()):
+        try:
+            meta = json.loads((p / SNAPSHOT_META).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if meta.get("job_id") == job_id and meta.get("dataset_sha256") == sha256:
+            return p
+    return None
