@@ -1,0 +1,98 @@
+"""Control requests: trainer-ctl and the monitor write them; the daemon reads and answers them.
+
+A request is one JSON file in ``control/`` (written atomically, hidden temp name first), named
+so that ``sorted()`` is arrival order. The daemon acts on it, writes ``control/replies/ID.json``
+and removes the request. Senders never touch the queue or the trainer directly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from daemon.atomic import atomic_write_json
+from daemon.paths import Layout
+
+log = logging.getLogger("trainerd.control")
+
+TRAINING_COMMANDS = ("pause", "resume", "skip", "stop")
+QUEUE_COMMANDS = ("queue_add", "queue_remove", "queue_retry", "queue_prioritize")
+COMMANDS = TRAINING_COMMANDS + QUEUE_COMMANDS
+
+
+class ControlError(ValueError):
+    pass
+
+
+def replies_dir(layout: Layout) -> Path:
+    return layout.control / "replies"
+
+
+def write_request(layout: Layout, command: str, *, source: str = "cli", **args: Any) -> str:
+    """Queue a request for the daemon; returns its id (to wait for the reply)."""
+    if command not in COMMANDS:
+        raise ControlError(f"unknown command '{command}' (known: {', '.join(COMMANDS)})")
+    layout.control.mkdir(parents=True, exist_ok=True)
+    req_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+    atomic_write_json(layout.control / f"{req_id}.json", {
+        "id": req_id, "command": command, "args": args, "source": source,
+        "requested_at": time.time(), "pid": os.getpid()})
+    return req_id
+
+
+def pending_requests(layout: Layout) -> list[tuple[Path, dict[str, Any] | None]]:
+    """Requests waiting, oldest first. An unreadable one comes back as (path, None)."""
+    out: list[tuple[Path, dict[str, Any] | None]] = []
+    try:
+        entries = sorted(p for p in layout.control.iterdir()
+                         if p.suffix == ".json" and not p.name.startswith(".") and p.is_file())
+    except FileNotFoundError:
+        return out
+    for p in entries:
+        try:
+            req = json.loads(p.read_text(encoding="utf-8"))
+            if not isinstance(req, dict) or req.get("command") not in COMMANDS:
+                raise ValueError("not a known command")
+            out.append((p, req))
+        except (ValueError, OSError) as exc:
+            log.warning("unreadable control request %s: %s", p.name, exc)
+            out.append((p, None))
+    return out
+
+
+def write_reply(layout: Layout, req_id: str, *, ok: bool, message: str,
+                data: dict[str, Any] | None = None) -> None:
+    d = replies_dir(layout)
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(d / f"{req_id}.json", {"id": req_id, "ok": ok, "message": message,
+                                              "data": data or {}, "answered_at": time.time()})
+
+
+def wait_reply(layout: Layout, req_id: str, timeout: float = 10.0) -> dict[str, Any] | None:
+    """Wait for the daemon's answer; None if it did not come within *timeout* seconds."""
+    path = replies_dir(layout) / f"{req_id}.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            reply = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            time.sleep(0.05)
+            continue
+        path.unlink(missing_ok=True)
+        return reply
+    return None
+
+
+def prune_replies(layout: Layout, max_age_s: float = 3600.0) -> None:
+    """Remove answers nobody collected (a sender that gave up waiting)."""
+    cutoff = time.time() - max_age_s
+    for p in replies_dir(layout).glob("*.json"):
+        try:
+            if p.stat().st_mtime < cutoff:
+                p.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,264 @@
+"""The job queue: one folder per state, one ``os.rename`` per transition (like Maildir).
+
+The folder a file sits in is the truth for where it is; state.db records everything else.
+The rename happens first and the row follows, so a crash between the two leaves a file whose
+row is stale or missing, which ``reconcile`` repairs at start-up. Nothing here deletes a
+user's file: bad input goes to ``failed/`` with ``NAME.error.json`` beside it.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.atomic import atomic_write_json, durable_rename
+from daemon.paths import Layout
+from daemon.statedb import Job, StateDB
+from daemon.states import JobState, Priority, check_transition
+from daemon.validation import validate_file
+
+log = logging.getLogger("trainerd.queue")
+
+IGNORED_SUFFIXES = (".tmp", ".part")
+ERROR_SUFFIX = ".error.json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+@=-]+")
+
+
+class QueueError(RuntimeError):
+    """A queue operation the user asked for cannot be done (unknown name, wrong state...)."""
+
+
+def is_ignored(name: str) -> bool:
+    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
+
+
+def is_candidate(name: str) -> bool:
+    """A name the inbox takes: *.jsonl, not hidden, not a temp/partial file."""
+    return not is_ignored(name) and name.endswith(".jsonl")
+
+
+def safe_name(name: str) -> str:
+    """A file name safe to keep in the queue: no path parts, no odd characters, ends .jsonl."""
+    base = Path(name).name
+    stem = base[: -len(".jsonl")] if base.endswith(".jsonl") else base
+    stem = _UNSAFE.sub("_", stem).strip("._") or "dataset"
+    return stem[:120] + ".jsonl"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Intake:
+    """Options for a file entering the queue."""
+    priority: Priority = Priority.NORMAL
+    force: bool = False
+    original_name: str | None = None
+
+
+class FsQueue:
+    def __init__(self, layout: Layout, db: StateDB) -> None:
+        self.layout = layout
+        self.db = db
+
+    # ---- paths ------------------------------------------------------------------------
+    def path(self, state: JobState | str, name: str) -> Path:
+        return self.layout.state_dir(JobState(state)) / name
+
+    def error_path(self, name: str) -> Path:
+        return self.layout.state_dir(JobState.FAILED) / (name + ERROR_SUFFIX)
+
+    def _unique_name(self, wanted: str) -> str:
+        name = safe_name(wanted)
+        stem = name[: -len(".jsonl")]
+        n = 1
+        while self.db.name_taken(name) or any(self.path(s, name).exists() or self.path(s, name).is_symlink()
+                                              for s in JobState):
+            n += 1
+            name = f"{stem}.{n}.jsonl"
+        return name
+
+    def _write_error(self, name: str, reason: str, *, job_id: int | None = None,
+                     extra: dict[str, Any] | None = None) -> None:
+        atomic_write_json(self.error_path(name), {
+            "file": name, "reason": reason, "job_id": job_id, "at": now_iso(), **(extra or {})})
+
+    # ---- intake -----------------------------------------------------------------------
+    def accept(self, src: Path, intake: Intake | None = None) -> Job:
+        """Take a complete file (from inbox/ or a staged copy) into pending/ or failed/."""
+        intake = intake or Intake()
+        original = intake.original_name or src.name
+        name = self._unique_name(original)
+        st = os.lstat(src)
+        sha = size = None
+        reason: str | None = None
+        extra: dict[str, Any] = {"original_name": original}
+        fmt = records = None
+        duplicate_of = None
+        if stat.S_ISLNK(st.st_mode):
+            reason = "a symbolic link, not a regular file (links are never followed)"
+        elif stat.S_ISDIR(st.st_mode):
+            reason = "a directory, not a regular file"
+        elif not stat.S_ISREG(st.st_mode):
+            reason = "not a regular file"
+        else:
+            size = st.st_size
+            sha = sha256_of(src)
+            report = validate_file(src)
+            extra["validation"] = {k: v for k, v in report.to_json().items() if k != "path"}
+            fmt, records = report.format, report.valid_records
+            if not report.ok:
+                reason = report.reason or "invalid data"
+            elif not intake.force:
+                first = self.db.find_trained_or_queued(sha)
+                if first is not None:
+                    duplicate_of = first.id
+                    reason = (f"duplicate: same content (sha256 {sha[:12]}…) as job {first.id} "
+                              f"'{first.name}' ({first.state}); use `trainer-ctl queue retry "
+                              f"{name} --force` to train it again")
+                    extra["duplicate_of"] = first.id
+        extra["sha256"] = sha
+        if reason is not None:
+            self._write_error(name, reason, extra=extra)
+            durable_rename(src, self.path(JobState.FAILED, name))
+            job = self.db.insert_job(name=name, original_name=original, state=JobState.FAILED,
+                                     sha256=sha, size=size, priority=intake.priority,
+                                     forced=intake.force, duplicate_of=duplicate_of, error=reason,
+                                     fmt=fmt, records=records)
+            self.db.add_event("rejected", f"{original}: {reason}", level="warning", job_id=job.id)
+            log.warning("rejected %s -> failed/%s: %s", original, name, reason)
+            return job
+        durable_rename(src, self.path(JobState.PENDING, name))
+        job = self.db.insert_job(name=name, original_name=original, state=JobState.PENDING,
+                                 sha256=sha, size=size, priority=intake.priority,
+                                 forced=intake.force, fmt=fmt, records=records)
+        self.db.add_event("accepted", f"{original} queued as {name} ({records} records, {fmt}, "
+                          f"priority {intake.priority.value})", job_id=job.id)
+        log.info("accepted %s -> pending/%s (%s records, %s)", original, name, records, fmt)
+        return job
+
+    # ---- transitions ------------------------------------------------------------------
+    def move(self, job: Job, dst: JobState, *, error: str | None = None,
+             error_extra: dict[str, Any] | None = None, **fields: Any) -> Job:
+        src = JobState(job.state)
+        check_transition(src, dst)
+        if dst is JobState.FAILED:
+            self._write_error(job.name, error or "failed", job_id=job.id,
+                              extra={"original_name": job.original_name, "sha256": job.sha256,
+                                     **(error_extra or {})})
+        durable_rename(self.path(src, job.name), self.path(dst, job.name))
+        if src is JobState.FAILED:
+            self.error_path(job.name).unlink(missing_ok=True)
+        self.db.update(job.id, state=dst, error=error if dst is JobState.FAILED else None, **fields)
+        new = self.db.get(job.id)
+        assert new is not None
+        return new
+
+    def claim_next(self) -> Job | None:
+        """Move the head of pending/ into processing/ and return it (None if empty)."""
+        job = self.db.next_pending()
+        if job is None:
+            return None
+        return self.move(job, JobState.PROCESSING, attempts=job.attempts + 1, started_at=time.time())
+
+    # ---- user operations ----------------------------------------------------------------
+    def get(self, name: str) -> Job:
+        job = self.db.by_name(name)
+        if job is None:
+            raise QueueError(f"no job named '{name}' (see `trainer-ctl queue list`)")
+        return job
+
+    def remove(self, name: str) -> Job:
+        job = self.get(name)
+        if job.state != JobState.PENDING.value:
+            raise QueueError(f"'{name}' is {job.state}; only pending jobs can be removed")
+        job = self.move(job, JobState.FAILED, error="removed by user")
+        self.db.add_event("removed", f"{name} removed from the queue (kept in failed/)", job_id=job.id)
+        return job
+
+    def retry(self, name: str, *, force: bool = False) -> Job:
+        job = self.get(name)
+        if job.state != JobState.FAILED.value:
+            raise QueueError(f"'{name}' is {job.state}; only failed jobs can be retried")
+        path = self.path(JobState.FAILED, name)
+        if path.is_symlink() or not path.is_file():
+            raise QueueError(f"'{name}' is not a regular file; it cannot be trained")
+        sha = sha256_of(path)
+        report = validate_file(path)
+        if not report.ok:
+            raise QueueError(f"'{name}' is still invalid: {report.reason}")
+        if not force:
+            first = self.db.find_trained_or_queued(sha)
+            if first is not None and first.id != job.id:
+                raise QueueError(f"'{name}' has the same content as job {first.id} '{first.name}' "
+                                 f"({first.state}); add --force to train it again")
+        job = self.move(job, JobState.PENDING, attempts=0, forced=force or job.forced,
+                        duplicate_of=None, sha256=sha, seq=self.db.next_seq(),
+                        format=report.format, records=report.valid_records)
+        self.db.add_event("retried", f"{name} moved back to pending", job_id=job.id)
+        return job
+
+    def prioritize(self, name: str, level: Priority) -> Job:
+        job = self.get(name)
+        if job.state != JobState.PENDING.value:
+            raise QueueError(f"'{name}' is {job.state}; only pending jobs can be re-prioritized")
+        self.db.update(job.id, priority=level)
+        self.db.add_event("prioritized", f"{name} priority set to {level.value}", job_id=job.id)
+        return self.get(name)
+
+    # ---- start-up reconciliation ----------------------------------------------------------
+    def reconcile(self) -> list[str]:
+        """Make state.db agree with the folders; requeue interrupted jobs. Returns the fixes."""
+        fixes: list[str] = []
+        seen: set[str] = set()
+        for state in JobState:
+            folder = self.layout.state_dir(state)
+            for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+                name = entry.name
+                if is_ignored(name) or name.endswith(ERROR_SUFFIX):
+                    continue
+                seen.add(name)
+                job = self.db.by_name(name)
+                if job is None:
+                    regular = entry.is_file() and not entry.is_symlink()
+                    sha = sha256_of(entry) if regular else None
+                    job = self.db.insert_job(
+                        name=name, original_name=name, state=state, sha256=sha,
+                        size=entry.lstat().st_size,
+                        error="adopted at start-up" if state is JobState.FAILED else None)
+                    fixes.append(f"adopted {state.value}/{name} (no record in state.db)")
+                    if state is JobState.FAILED and not self.error_path(name).exists():
+                        self._write_error(name, "found in failed/ with no record", job_id=job.id)
+                elif job.state != state.value:
+                    fixes.append(f"{name}: state.db said {job.state}, file is in {state.value}/")
+                    self.db.update(job.id, state=state)
+                    job = self.db.get(job.id)
+                    assert job is not None
+                if state is JobState.PROCESSING:
+                    self.move(job, JobState.PENDING, resume=True)
+                    fixes.append(f"{name}: interrupted in processing/, back to the head of pending/")
+        for job in self.db.jobs():
+            if job.name not in seen and job.state in {s.value for s in JobState}:
+                self.db.update(job.id, state="missing",
+                               error=f"file vanished from queue/{job.state}/ (not moved by trainerd)")
+                fixes.append(f"{job.name}: recorded as {job.state} but not found in any queue folder")
+        for fix in fixes:
+            log.warning("reconcile: %s", fix)
+            self.db.add_event("reconciled", fix, level="warning")
+        return fixes

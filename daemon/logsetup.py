@@ -1,0 +1,62 @@
+"""Daemon logging: logs/daemon_YYYYMMDD.log, a new file each day (daily rotation by name)."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class DailyFileHandler(logging.Handler):
+    """Writes to ``<dir>/<prefix>_YYYYMMDD.log``, switching files when the date changes."""
+
+    def __init__(self, directory: Path, prefix: str = "daemon") -> None:
+        super().__init__()
+        self.directory, self.prefix = Path(directory), prefix
+        self._day: str | None = None
+        self._fh = None
+
+    def _stream(self):
+        day = dt.date.today().strftime("%Y%m%d")
+        if day != self._day:
+            if self._fh:
+                self._fh.close()
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.directory / f"{self.prefix}_{day}.log", "a", encoding="utf-8")
+            self._day = day
+        return self._fh
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fh = self._stream()
+            fh.write(self.format(record) + "\n")
+            fh.flush()
+        except Exception:  # logging must never take the daemon down
+            self.handleError(record)
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+            self._fh = None
+        super().close()
+
+
+def setup_logging(log_dir: Path, *, console: bool = True, level: int = logging.INFO) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter(FORMAT)
+    fh = DailyFileHandler(log_dir)
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if console:
+        sh = logging.StreamHandler()
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    for noisy in ("watchdog", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # watchdog logs this when its observer is stopped during shutdown: noise, not a fault
+    logging.getLogger("watchdog.observers.inotify").addFilter(
+        lambda r: "thread is inactive" not in r.getMessage())

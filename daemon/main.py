@@ -1,0 +1,464 @@
+"""trainerd: the supervisor loop.
+
+One thread owns the queue, state.db and the status files. Watchdog and signal handlers only
+set flags/wake the loop (huey's consumer); the trainer runs in a runner thread (and, for the
+real trainer, a worker subprocess) and talks to the loop through two queues. ``run(burst=True)``
+drains inbox and queue and returns (rq's burst worker), which makes tests deterministic.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from daemon import control as ctl
+from daemon.config import Config, ConfigError, config_to_dict, load_config
+from daemon.fsqueue import FsQueue, Intake, QueueError
+from daemon.lock import AlreadyRunning, DaemonLock
+from daemon.logsetup import setup_logging
+from daemon.paths import Layout
+from daemon.statedb import Job, StateDB
+from daemon.states import DaemonStatus, JobState, Priority
+from daemon.status import StatusBoard, iso
+from daemon.watcher import InboxTracker, Watcher
+from trainer.interface import Command, JobResult, JobSpec, Outcome, Trainer
+
+log = logging.getLogger("trainerd")
+
+TICK_S = 0.2
+
+
+class ChannelControl:
+    """ControlSource over a thread-safe queue: the loop sends, the trainer polls/waits."""
+
+    def __init__(self) -> None:
+        self._q: "queue.Queue[Command]" = queue.Queue()
+
+    def send(self, cmd: Command) -> None:
+        self._q.put(cmd)
+
+    def poll(self) -> Command | None:
+        try:
+            return self._q.get_nowait()
+        except queue.Empty:
+            return None
+
+    def wait(self, timeout: float) -> Command | None:
+        try:
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+class QueueSink:
+    def __init__(self, q: "queue.Queue[dict[str, Any]]", wake: threading.Event) -> None:
+        self._q, self._wake = q, wake
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self._q.put(event)
+        self._wake.set()
+
+
+class JobRunner(threading.Thread):
+    def __init__(self, trainer: Trainer, spec: JobSpec, sink: QueueSink, wake: threading.Event) -> None:
+        super().__init__(name=f"job-{spec.job_id}", daemon=True)
+        self.trainer, self.spec, self.sink, self.wake = trainer, spec, sink, wake
+        self.control = ChannelControl()
+        self.result: JobResult | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.trainer.run(self.spec, self.sink, self.control)
+        except Exception as exc:  # a trainer bug must not take the daemon down
+            log.exception("trainer raised")
+            self.result = JobResult(Outcome.FAILED, f"trainer error: {exc!r}",
+                                    details={"crash": True, "traceback": traceback.format_exc()})
+        finally:
+            self.wake.set()
+
+
+class Daemon:
+    def __init__(self, layout: Layout, *, trainer_factory: Callable[[Config], Trainer] | None = None) -> None:
+        layout.ensure()
+        self.layout = layout
+        self.config = load_config(layout.config)          # ConfigError: refuse to start
+        self._config_mtime = self._mtime(layout.config)
+        self._config_error: str | None = None
+        self._locked_msg: str | None = None
+        self.db = StateDB(layout.state_db)
+        self.queue = FsQueue(layout, self.db)
+        self.board = StatusBoard(layout, interval=self.config.status_interval_s)
+        self.wake = threading.Event()
+        self.tracker = InboxTracker(layout.inbox, self.config.inbox_stable_seconds)
+        self.events: "queue.Queue[dict[str, Any]]" = queue.Queue()
+        if trainer_factory is None:
+            from trainer.factory import make_trainer
+            trainer_factory = make_trainer
+        self.trainer_factory = trainer_factory
+        self.runner: JobRunner | None = None
+        self.current: Job | None = None
+        self.paused = False
+        self._stop_reason: str | None = None
+        self._signal: int | None = None
+
+    # ---- flags ---------------------------------------------------------------------------
+    @staticmethod
+    def _mtime(path: Path) -> int | None:
+        try:
+            return path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signal = signum          # handlers only set flags; the loop acts
+        self.wake.set()
+
+    def request_stop(self, reason: str) -> None:
+        if self._stop_reason is not None:
+            return
+        self._stop_reason = reason
+        log.info("stopping: %s", reason)
+        self.db.add_event("stopping", f"daemon stopping: {reason}")
+        self.board.set_status(DaemonStatus.STOPPING)
+        if self.runner is not None:
+            self.runner.control.send(Command.STOP)
+
+    def _check_flags(self) -> None:
+        if self._signal is not None:
+            name = signal.Signals(self._signal).name
+            self._signal = None
+            self.request_stop(f"received {name}")
+        if self.layout.stop_flag.exists():
+            log.warning("emergency stop: found %s; removing it and stopping", self.layout.stop_flag)
+            self.layout.stop_flag.unlink(missing_ok=True)
+            self.request_stop("emergency stop flag .stop")
+
+    # ---- config ----------------------------------------------------------------------------
+    def _report_error(self, msg: str, kind: str) -> None:
+        log.error("%s", msg)
+        self.db.add_event(kind, msg, level="error")
+        self.board.update(last_error={"message": msg, "at": iso(), "kind": kind})
+
+    def effective_config(self) -> Config:
+        """config.json as validated, with locked keys held at their recorded values."""
+        mtime = self._mtime(self.layout.config)
+        if mtime != self._config_mtime:
+            try:
+                self.config = load_config(self.layout.config)
+                self._config_mtime, self._config_error = mtime, None
+                log.info("config.json reloaded")
+            except ConfigError as exc:
+                if str(exc) != self._config_error:
+                    self._config_error = str(exc)
+                    self._report_error(f"{exc}\nkeeping the previous valid settings", "config_error")
+        cfg = self.config
+        recorded = self.db.locked()
+        current = cfg.locked_values()
+        fresh = {k: v for k, v in current.items() if k not in recorded and v is not None}
+        if fresh:
+            self.db.record_locked(fresh)
+        diffs = {k: (recorded[k], current[k]) for k in recorded if recorded[k] != current[k]}
+        if diffs:
+            msg = ("config.json changes locked key(s): " + "; ".join(
+                f"{k}: recorded {a!r}, config.json has {b!r}" for k, (a, b) in sorted(diffs.items()))
+                + ". Refused: training keeps the recorded values. To accept the change run "
+                + " && ".join(f"`trainer-ctl config unlock {k}`" for k in sorted(diffs)))
+            if msg != self._locked_msg:
+                self._locked_msg = msg
+                self._report_error(msg, "locked_key")
+            cfg = cfg.model_copy(update={k: recorded[k] for k in diffs})
+        else:
+            self._locked_msg = None
+        return cfg
+
+    # ---- control requests ------------------------------------------------------------------------
+    def _handle_control(self) -> None:
+        for path, req in ctl.pending_requests(self.layout):
+            if req is None:
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                ok, message = self._apply(req["command"], req.get("args") or {})
+            except QueueError as exc:
+                ok, message = False, str(exc)
+            except Exception as exc:
+                log.exception("control request %s failed", req.get("command"))
+                ok, message = False, f"internal error: {exc!r}"
+            log.info("control %s from %s: %s", req["command"], req.get("source"), message)
+            self.board.update(last_command={"command": req["command"], "source": req.get("source"),
+                                            "ok": ok, "message": message, "at": iso()})
+            ctl.write_reply(self.layout, req["id"], ok=ok, message=message)
+            path.unlink(missing_ok=True)
+            self.board.flush(force=True)
+
+    def _apply(self, command: str, args: dict[str, Any]) -> tuple[bool, str]:
+        running = self.runner is not None
+        if command == "pause":
+            self.paused = True
+            self.board.update(paused=True)
+            if running:
+                self.runner.control.send(Command.PAUSE)
+                return True, "pause requested: takes effect at the next step boundary"
+            self.board.set_status(DaemonStatus.PAUSED)
+            return True, "paused: no job will start until resume"
+        if command == "resume":
+            was = self.paused
+            self.paused = False
+            self.board.update(paused=False)
+            if running:
+                self.runner.control.send(Command.RESUME)
+            elif self._stop_reason is None:
+                self.board.set_status(DaemonStatus.IDLE)
+            return True, "resumed" if was else "not paused; nothing to resume"
+        if command == "skip":
+            if not running:
+                return False, "no job is running; nothing to skip"
+            self.runner.control.send(Command.SKIP)
+            return True, f"skip requested for {self.current.name if self.current else 'current job'}"
+        if command == "stop":
+            self.request_stop("trainer-ctl stop")
+            return True, "stopping at the next step boundary"
+        if command == "queue_add":
+            staged = str(args.get("staged", ""))
+            if "/" in staged or not staged.startswith(".") or not staged.endswith(".part"):
+                return False, "bad staged file name"
+            src = self.layout.inbox / staged
+            if not src.exists():
+                return False, f"staged file {staged} not found in inbox/"
+            job = self.queue.accept(src, Intake(priority=Priority(args.get("priority", "normal")),
+                                                force=bool(args.get("force")),
+                                                original_name=str(args.get("name") or "dataset.jsonl")))
+            return job.state == JobState.PENDING.value, _describe(job)
+        if command == "queue_remove":
+            return True, f"removed {self.queue.remove(args['name']).name} (moved to failed/)"
+        if command == "queue_retry":
+            job = self.queue.retry(args["name"], force=bool(args.get("force")))
+            return True, f"{job.name} moved back to pending"
+        if command == "queue_prioritize":
+            job = self.queue.prioritize(args["name"], Priority(args["level"]))
+            return True, f"{job.name} priority is now {job.priority}"
+        return False, f"unknown command {command}"
+
+    # ---- intake ---------------------------------------------------------------------------------
+    def _intake(self) -> None:
+        for name in self.tracker.ready():
+            path = self.layout.inbox / name
+            self.tracker.forget(name)
+            if not path.exists() and not path.is_symlink():
+                continue
+            try:
+                self.queue.accept(path)
+            except Exception as exc:  # the file stays in inbox/ and is seen again at the next scan
+                self._report_error(f"could not queue inbox/{name}: {exc!r}", "intake_error")
+
+    # ---- jobs -------------------------------------------------------------------------------
+    def _start_next(self) -> None:
+        cfg = self.effective_config()
+        job = self.queue.claim_next()
+        if job is None:
+            return
+        spec = JobSpec(job_id=job.id, name=job.name, dataset=self.queue.path(JobState.PROCESSING, job.name),
+                       sha256=job.sha256 or "", home=self.layout.home, config=config_to_dict(cfg),
+                       attempt=job.attempts)
+        self.current = job
+        self.board.clear_job()
+        self.board.update(current_file=job.name, current_job_id=job.id, current_step=0,
+                          trainer=cfg.trainer, base_model=cfg.base_model, model_name=cfg.model_name)
+        self.board.set_status(DaemonStatus.TRAINING)
+        self.db.add_event("started", f"training {job.name} (attempt {job.attempts})", job_id=job.id)
+        log.info("job %s: training %s (attempt %d)", job.id, job.name, job.attempts)
+        self.runner = JobRunner(self.trainer_factory(cfg), spec, QueueSink(self.events, self.wake), self.wake)
+        if self.paused:
+            self.runner.control.send(Command.PAUSE)
+        self.runner.start()
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                ev = self.events.get_nowait()
+            except queue.Empty:
+                return
+            self._on_event(ev)
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        job_id = self.current.id if self.current else None
+        if kind == "started":
+            self.board.update(total_steps=ev.get("total_steps"),
+                              current_step=ev.get("resumed_from_step") or 0)
+        elif kind == "step":
+            fields = {k: ev.get(k) for k in ("loss", "learning_rate", "grad_norm", "tokens_per_second",
+                                             "eta_seconds", "epoch", "peak_memory_bytes", "total_steps")
+                      if k in ev}
+            self.board.update(current_step=ev.get("step"), **fields)
+            self.board.append_metric({**ev, "job_id": job_id,
+                                      "file": self.current.name if self.current else None})
+        elif kind == "eval":
+            self.board.update(eval_loss=ev.get("eval_loss"))
+            self.board.append_metric({**ev, "job_id": job_id})
+        elif kind == "paused":
+            self.board.set_status(DaemonStatus.PAUSED)
+            self.db.add_event("paused", f"paused at step {ev.get('step')}", job_id=job_id)
+        elif kind == "resumed":
+            if self._stop_reason is None:
+                self.board.set_status(DaemonStatus.TRAINING)
+            self.db.add_event("resumed", f"resumed at step {ev.get('step')}", job_id=job_id)
+        elif kind == "layer_activity":
+            self.board.update(layer_activity_summary=ev.get("summary"))
+            if ev.get("table") is not None:
+                self.board.write_layer_activity({"step": ev.get("step"), "job_id": job_id,
+                                                 "updated_at": iso(), **_as_dict(ev["table"])})
+        elif kind in ("checkpoint", "snapshot", "oom_backoff"):
+            msg = {"checkpoint": f"checkpoint at step {ev.get('step')} ({ev.get('reason')})",
+                   "snapshot": f"snapshot saved: {ev.get('path')}",
+                   "oom_backoff": f"CUDA out of memory: micro-batch {ev.get('micro_batch')}, "
+                                  f"gradient accumulation {ev.get('gradient_accumulation')}"}[kind]
+            self.db.add_event(kind, msg, level="warning" if kind == "oom_backoff" else "info",
+                              job_id=job_id, data=ev)
+            self.board.update(last_event={"kind": kind, "message": msg, "at": iso()})
+        elif kind == "log":
+            level = logging.getLevelName(str(ev.get("level", "INFO")).upper())
+            log.log(level if isinstance(level, int) else logging.INFO, "trainer: %s", ev.get("message"))
+        self.wake.set()
+
+    def _finish_job(self) -> None:
+        assert self.runner is not None and self.current is not None
+        self.runner.join()
+        self._drain_events()
+        result = self.runner.result or JobResult(Outcome.FAILED, "trainer returned nothing",
+                                                 details={"crash": True})
+        job = self.db.get(self.current.id)
+        assert job is not None
+        cfg = self.config
+        if result.outcome is Outcome.COMPLETED:
+            self.queue.move(job, JobState.DONE, steps=result.steps, finished_at=time.time())
+            self.db.add_event("completed", f"{job.name} trained ({result.steps} steps)", job_id=job.id)
+            log.info("job %s: %s done (%d steps)", job.id, job.name, result.steps)
+        elif result.outcome is Outcome.SKIPPED:
+            self.queue.move(job, JobState.FAILED, error="skipped", steps=result.steps,
+                            finished_at=time.time(), error_extra={"step": result.steps})
+            self.db.add_event("skipped", f"{job.name} skipped at step {result.steps}", job_id=job.id)
+        elif result.outcome is Outcome.STOPPED:
+            if self._stop_reason is not None:
+                self.db.update(job.id, steps=result.steps)
+                self.db.add_event("interrupted", f"{job.name} stopped at step {result.steps}; "
+                                  "it resumes at next start", job_id=job.id)
+            else:
+                self.queue.move(job, JobState.PENDING, resume=True, steps=result.steps)
+        else:
+            reason = result.reason or "failed"
+            if result.details.get("crash") and job.attempts < cfg.max_attempts:
+                self.queue.move(job, JobState.PENDING, resume=True, error=None)
+                self._report_error(f"{job.name}: {reason}; retrying (attempt {job.attempts} of "
+                                   f"{cfg.max_attempts})", "job_retry")
+            else:
+                self.queue.move(job, JobState.FAILED, error=reason, finished_at=time.time(),
+                                error_extra={k: v for k, v in result.details.items() if k != "traceback"})
+                self._report_error(f"{job.name} failed: {reason}", "job_failed")
+        self.runner, self.current = None, None
+        self.board.clear_job()
+        if self._stop_reason is None:
+            self.board.set_status(DaemonStatus.PAUSED if self.paused else DaemonStatus.IDLE)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def _idle(self) -> bool:
+        return self.runner is None and self.tracker.waiting() == 0 and self.db.next_pending() is None
+
+    def run(self, burst: bool = False) -> int:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+        log.info("trainerd starting in %s (pid %s)", self.layout.home, self.board.state["daemon_pid"])
+        self.db.add_event("daemon_start", f"daemon started (pid {self.board.state['daemon_pid']})")
+        self.queue.reconcile()
+        self.effective_config()
+        self.tracker.scan()
+        watcher = Watcher(self.tracker, self.layout.control, self.wake)
+        watcher.start()
+        self.board.update(queue=self.db.counts(), trainer=self.config.trainer,
+                          base_model=self.config.base_model, model_name=self.config.model_name)
+        self.board.set_status(DaemonStatus.PAUSED if self.paused else DaemonStatus.IDLE)
+        last_scan = time.monotonic()
+        try:
+            while True:
+                self._check_flags()
+                self._handle_control()
+                self._intake()
+                self._drain_events()
+                if self.runner is not None and not self.runner.is_alive():
+                    self._finish_job()
+                if self._stop_reason is not None and self.runner is None:
+                    break
+                if self.runner is None and self._stop_reason is None and not self.paused:
+                    self._start_next()
+                if burst and self._idle() and not ctl.pending_requests(self.layout):
+                    break
+                if time.monotonic() - last_scan >= self.config.rescan_interval_s:
+                    self.tracker.scan()
+                    ctl.prune_replies(self.layout)
+                    last_scan = time.monotonic()
+                self.board.update(queue=self.db.counts())
+                self.board.flush()
+                self.wake.wait(TICK_S)
+                self.wake.clear()
+        finally:
+            watcher.stop()
+            if self.runner is not None and self.runner.is_alive():   # only on an exception path
+                self.runner.control.send(Command.STOP)
+                self.runner.join(timeout=60)
+            self.board.update(queue=self.db.counts())
+            self.board.set_status(DaemonStatus.STOPPED)
+            self.board.close()
+            self.db.add_event("daemon_stop", f"daemon stopped ({self._stop_reason or 'queue drained'})")
+            log.info("trainerd stopped (%s)", self._stop_reason or "queue drained")
+            self.db.close()
+        return 0
+
+
+def _describe(job: Job) -> str:
+    if job.state == JobState.PENDING.value:
+        return f"queued {job.original_name} as {job.name} (job {job.id}, priority {job.priority})"
+    return f"rejected {job.original_name}: {job.error} (kept as queue/failed/{job.name})"
+
+
+def _as_dict(table: Any) -> dict[str, Any]:
+    return table if isinstance(table, dict) else {"modules": table}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="trainerd", description="continuous fine-tuning daemon")
+    p.add_argument("--home", help="base dir (default: $TRAINER_HOME or the repo root)")
+    p.add_argument("--burst", action="store_true", help="drain inbox and queue, then exit")
+    p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="log to the log file only")
+    args = p.parse_args(argv)
+    layout = Layout.from_env(args.home)
+    layout.ensure()
+    setup_logging(layout.logs, console=not args.quiet)
+    try:
+        lock = DaemonLock.adopt(layout, args.lock_fd) if args.lock_fd is not None else DaemonLock(layout).acquire()
+    except AlreadyRunning as exc:
+        print(f"trainerd: {exc}", file=sys.stderr)
+        return 1
+    lock.write_pid()
+    try:
+        try:
+            daemon = Daemon(layout)
+        except ConfigError as exc:
+            log.error("refusing to start: %s", exc)
+            print(f"trainerd: refusing to start: {exc}", file=sys.stderr)
+            return 2
+        return daemon.run(burst=args.burst)
+    finally:
+        lock.release()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""status/state.db: SQLite in WAL mode, the durable record of jobs, events and locked keys.
+
+The queue folders are the truth for *where* a file is (a rename and a commit cannot be one
+transaction); this database is the truth for everything else (hash, priority, attempts,
+errors, history). ``FsQueue.reconcile`` makes the two agree at start-up.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from daemon.states import JobState, Priority
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    name          TEXT NOT NULL UNIQUE,          -- file name inside queue/<state>/
+    original_name TEXT NOT NULL,
+    sha256        TEXT,
+    size          INTEGER,
+    state         TEXT NOT NULL,
+    priority      TEXT NOT NULL DEFAULT 'normal',
+    seq           INTEGER NOT NULL,              -- FIFO order inside a priority
+    resume        INTEGER NOT NULL DEFAULT 0,    -- 1: interrupted job, goes to the head
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    forced        INTEGER NOT NULL DEFAULT 0,
+    duplicate_of  INTEGER REFERENCES jobs(id),
+    error         TEXT,
+    format        TEXT,
+    records       INTEGER,
+    steps         INTEGER,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    started_at    REAL,
+    finished_at   REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_sha ON jobs(sha256);
+CREATE TABLE IF NOT EXISTS events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts      REAL NOT NULL,
+    level   TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    job_id  INTEGER,
+    message TEXT NOT NULL,
+    data    TEXT
+);
+CREATE TABLE IF NOT EXISTS locked_keys (
+    key         TEXT PRIMARY KEY,
+    value       TEXT NOT NULL,      -- JSON
+    recorded_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    name: str
+    original_name: str
+    sha256: str | None
+    size: int | None
+    state: str
+    priority: str
+    seq: int
+    resume: bool
+    attempts: int
+    forced: bool
+    duplicate_of: int | None
+    error: str | None
+    format: str | None
+    records: int | None
+    steps: int | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+PENDING_ORDER = ("ORDER BY resume DESC, CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 "
+                 "ELSE 2 END, seq")
+
+
+class StateDB:
+    """Thin, typed access to state.db. One connection per process/thread that opens it."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly:
+            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10,
+                                        isolation_level=None, check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.executescript(SCHEMA)
+        self.conn.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # ---- jobs -------------------------------------------------------------------------
+    def _job(self, row: sqlite3.Row | None) -> Job | None:
+        if row is None:
+            return None
+        d = dict(row)
+        d["resume"], d["forced"] = bool(d["resume"]), bool(d["forced"])
+        return Job(**d)
+
+    def next_seq(self) -> int:
+        row = self.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()
+        return int(row[0])
+
+    def insert_job(self, *, name: str, original_name: str, state: JobState, sha256: str | None,
+                   size: int | None, priority: Priority = Priority.NORMAL, forced: bool = False,
+                   duplicate_of: int | None = None, error: str | None = None,
+                   fmt: str | None = None, records: int | None = None) -> Job:
+        now = time.time()
+        with self.tx() as c:
+            seq = self.next_seq()
+            cur = c.execute(
+                "INSERT INTO jobs (name, original_name, sha256, size, state, priority, seq, forced,"
+                " duplicate_of, error, format, records, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (name, original_name, sha256, size, state.value, priority.value, seq, int(forced),
+                 duplicate_of, error, fmt, records, now, now))
+            job_id = cur.lastrowid
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def update(self, job_id: int, **fields: Any) -> None:
+        if not fields:
+            return
+        fields["updated_at"] = time.time()
+        for k, v in list(fields.items()):
+            if isinstance(v, (JobState, Priority)):
+                fields[k] = v.value
+            elif isinstance(v, bool):
+                fields[k] = int(v)
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self.tx() as c:
+            c.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def get(self, job_id: int) -> Job | None:
+        return self._job(self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def by_name(self, name: str) -> Job | None:
+        return self._job(self.conn.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone())
+
+    def name_taken(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM jobs WHERE name = ?", (name,)).fetchone() is not None
+
+    def jobs(self, state: JobState | None = None) -> list[Job]:
+        if state is None:
+            rows = self.conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+        elif state is JobState.PENDING:
+            rows = self.conn.execute(f"SELECT * FROM jobs WHERE state = 'pending' {PENDING_ORDER}").fetchall()
+        else:
+            rows = self.conn.execute("SELECT * FROM jobs WHERE state = ? ORDER BY id", (state.value,)).fetchall()
+        return [j for j in map(self._job, rows) if j is not None]
+
+    def next_pending(self) -> Job | None:
+        return self._job(self.conn.execute(
+            f"SELECT * FROM jobs WHERE state = 'pending' {PENDING_ORDER} LIMIT 1").fetchone())
+
+    def find_trained_or_queued(self, sha256: str) -> Job | None:
+        """The first job with this content that is queued, running or done (not failed)."""
+        return self._job(self.conn.execute(
+            "SELECT * FROM jobs WHERE sha256 = ? AND state IN ('pending','processing','done')"
+            " AND duplicate_of IS NULL ORDER BY id LIMIT 1", (sha256,)).fetchone())
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in JobState}
+        for row in self.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            out[row[0]] = row[1]
+        return out
+
+    # ---- events -----------------------------------------------------------------------
+    def add_event(self, kind: str, message: str, *, level: str = "info", job_id: int | None = None,
+                  data: dict[str, Any] | None = None) -> None:
+        with self.tx() as c:
+            c.execute("INSERT INTO events (ts, level, kind, job_id, message, data) VALUES (?,?,?,?,?,?)",
+                      (time.time(), level, kind, job_id, message,
+                       json.dumps(data, default=str) if data else None))
+
+    def events(self, limit: int = 100, since_id: int = 0) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM events WHERE id > ? ORDER BY id DESC LIMIT ?",
+                                 (since_id, limit)).fetchall()
+        out = []
+        for r in reversed(rows):
+            d = dict(r)
+            d["data"] = json.loads(d["data"]) if d["data"] else None
+            out.append(d)
+        return out
+
+    # ---- locked config keys -----------------------------------------------------------
+    def locked(self) -> dict[str, Any]:
+        return {r["key"]: json.loads(r["value"]) for r in self.conn.execute("SELECT * FROM locked_keys")}
+
+    def record_locked(self, values: dict[str, Any]) -> None:
+        with self.tx() as c:
+            for k, v in values.items():
+                c.execute("INSERT OR IGNORE INTO locked_keys (key, value, recorded_at) VALUES (?,?,?)",
+                          (k, json.dumps(v), time.time()))
+
+    def unlock(self, key: str) -> bool:
+        with self.tx() as c:
+            return c.execute("DELETE FROM locked_keys WHERE key = ?", (key,)).rowcount > 0
