@@ -140,7 +140,7 @@ def _check_messages(record: dict) -> list[str]:
             # fast path: the plain {"role", "content"} message, nothing else to check
             if role == "assistant":
                 assistant_seen = True
-                if not assistant_has_output and content.strip():
+                if not assistant_has_output and content and not content.isspace():
                     assistant_has_output = True
             continue
         where = f"message {i}"
@@ -169,7 +169,7 @@ def _check_messages(record: dict) -> list[str]:
                 problems.append(_p("invalid_weight", f"{where} weight is {_short(weight)}, not 0 or 1"))
         if role == "assistant":
             assistant_seen = True
-            if has_calls or (isinstance(content, str) and content.strip()):
+            if has_calls or (isinstance(content, str) and content and not content.isspace()):
                 assistant_has_output = True
     if not assistant_seen:
         problems.append(_p("no_assistant_message", "no message with role 'assistant'"))
@@ -232,7 +232,7 @@ def _check_fields(
                 _p("field_not_string", f"{key!r} is {type(record[key]).__name__}, not a string")
             )
     value = record.get(non_empty)
-    if isinstance(value, str) and not value.strip():
+    if isinstance(value, str) and (not value or value.isspace()):
         problems.append(_p(f"empty_{non_empty}", f"{non_empty!r} is empty"))
     return problems
 
@@ -379,7 +379,7 @@ def _scan(fh: BinaryIO, max_line_bytes: int) -> Iterator[_Scanned]:
                 f"not valid UTF-8 at byte {exc.start} of the line ({exc.reason})",
             )
             continue
-        if not text.strip():
+        if not text or text.isspace():
             yield lineno, "blank", None
             continue
         try:
