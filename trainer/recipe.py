@@ -1,0 +1,534 @@
+"""The in-process QLoRA recipe: one dataset, trained into the continuous adapter.
+
+Reads top to bottom like a torchtune recipe:
+
+    setup()            config, base (located + fingerprinted + locked), data, plan, model + LoRA,
+                       optimizer, scheduler, resume from the newest valid checkpoint
+    train()            optimizer steps; after each: events, layer activity, eval at epoch end,
+                       periodic checkpoint, control (pause / resume / skip / stop)
+    save_checkpoint()  atomic step-<n>/ folder with everything exact resume needs
+    finish()           final checkpoint, current_model/ swap, snapshot, checkpoints removed
+    cleanup()          free the model
+
+One optimizer step = ``gradient_accumulation`` micro-batches of ``batch_size`` packed rows; the
+loss is the summed token cross-entropy divided by the trained-token count of the whole step, so
+splitting a batch into smaller micro-batches (OOM back-off) computes the same step.
+
+Exact resume: the data plan is a pure function of (seed, epoch) (trainer/packing.py), so a
+checkpoint stores only the position (epoch, batch index); with the adapter, AdamW state,
+scheduler and every RNG (python, numpy, torch, cuda) restored, the continued run is the
+uninterrupted run (bitwise on CPU).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from daemon.paths import Layout
+from trainer import adapter_store
+from trainer.checkpoint import (CheckpointManager, CheckpointPayload, capture_rng_state,
+                                restore_rng_state, save_torch)
+from trainer.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
+from trainer.layer_activity import LayerActivityTracker
+from trainer.model import (FINGERPRINT_CACHE_NAME, BaseMismatchError, BaseModelError, attach_lora,
+                           base_fingerprint, check_same_base, load_adapter_state, load_base_model,
+                           load_tokenizer, pick_device, resolve_base_path, save_adapter,
+                           trainable_parameters)
+
+log = logging.getLogger("trainer.recipe")
+
+# Keys that define what a job computes: a resumed job keeps the values it started with (a config
+# edit applies to the next job), so its continuation is exact.
+TRAINING_KEYS = ("base_model", "model_name", "max_length", "batch_size", "gradient_accumulation",
+                 "use_qlora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                 "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
+                 "epochs", "seed", "truncation", "eval_fraction", "packing", "attn_implementation")
+LOCKED_KEYS = ("base_model", "model_name", "max_length", "batch_size", "gradient_accumulation")
+PAUSE_WAIT_S = 3600.0
+
+
+class JobFailed(Exception):
+    """A clear, expected failure: the job ends FAILED with this message."""
+
+
+class _Finished(Exception):
+    """Raised inside setup when the job needs no training (already completed)."""
+
+    def __init__(self, result: JobResult) -> None:
+        super().__init__(result.reason)
+        self.result = result
+
+
+class _OOM(Exception):
+    pass
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _rss_bytes() -> int:
+    try:
+        import psutil
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int) -> Any:
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+
+    if kind == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, max(total, 1))
+    if kind == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, max(total, 1))
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+class QLoRATrainer:
+    """Trainer protocol, in process. The worker (trainer/worker.py) wraps it for the daemon."""
+
+    name = "qlora"
+
+    def run(self, job: JobSpec, sink: EventSink, control: ControlSource) -> JobResult:
+        r = _RecipeRun(job, sink, control)
+        try:
+            r.setup()
+            outcome = r.train()
+            if outcome is not None:
+                return outcome
+            return r.finish()
+        except _Finished as done:
+            return done.result
+        except (JobFailed, BaseModelError, BaseMismatchError) as exc:
+            log.error("job %d failed: %s", job.job_id, exc)
+            return JobResult(Outcome.FAILED, reason=str(exc), steps=r.step)
+        except Exception as exc:  # data errors and the unexpected: the job fails, not the caller
+            from trainer.data import DataError
+            if isinstance(exc, DataError):
+                log.error("job %d: %s", job.job_id, exc)
+                return JobResult(Outcome.FAILED, reason=str(exc), steps=r.step)
+            raise
+        finally:
+            r.cleanup()
+
+
+class _RecipeRun:
+    def __init__(self, job: JobSpec, sink: EventSink, control: ControlSource) -> None:
+        self.job, self.sink, self.control = job, sink, control
+        self.layout = Layout(Path(job.home))
+        self.cfg: dict[str, Any] = dict(job.config)
+        self.step = 0
+        self.epoch = 0
+        self.batch_index = 0
+        self.total_steps = 0
+        self.model: Any = None
+        self.last_loss: float | None = None
+        self.eval_loss: float | None = None
+        self.peak_rss = 0
+        self._step_times: list[float] = []
+
+    # ================================================================== helpers
+    def emit(self, event: str, **fields: Any) -> None:
+        self.sink.emit({"event": event, **fields})
+
+    def note(self, message: str, level: str = "info") -> None:
+        getattr(log, "warning" if level == "warning" else "info")(message)
+        self.emit("log", level=level, message=message)
+
+    # ================================================================== setup
+    def setup(self) -> None:
+        job, cfg = self.job, self.cfg
+        self.device = pick_device(cfg.get("device", "auto"))
+        self.base = resolve_base_path(cfg, Path(job.home))
+        self.note(f"job {job.job_id} {job.name}: base {self.base}, device {self.device}; fingerprinting base")
+        self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = base_fingerprint(self.base, self.layout.checkpoints / FINGERPRINT_CACHE_NAME)
+
+        # --- the continuous adapter this job builds on
+        cur_dir, cur_state = adapter_store.read_current(Path(job.home))
+        if cur_dir is not None:
+            check_same_base(f"current_model/ ({cur_dir})", cur_state.get("base_model"),
+                            cur_state.get("base_fingerprint"), self.base, self.fingerprint)
+            done = cur_state.get("datasets") or []
+            if done and done[-1].get("job_id") == job.job_id and done[-1].get("sha256") == job.sha256:
+                raise _Finished(self._already_completed(cur_dir, cur_state))
+        self.parent_state = cur_state
+        self.parent_dir = cur_dir
+
+        # --- newest valid checkpoint of this job (corrupt ones fall back to the previous)
+        self.ckpts = CheckpointManager.for_job(self.layout.checkpoints, job.job_id,
+                                               int(cfg.get("keep_checkpoints", 3)))
+        payload, skipped = self.ckpts.load_latest()
+        for msg in skipped:
+            self.note(f"skipping unusable checkpoint: {msg}", "warning")
+        if payload is not None:
+            payload = self._check_checkpoint(payload)
+        self.payload = payload
+
+        # --- data and the deterministic plan
+        seed = int(cfg.get("seed", 0))
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        self.tokenizer = load_tokenizer(self.base)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self._load_data()
+
+        # --- model: base (4-bit) + LoRA from checkpoint / current_model / fresh
+        use_qlora = bool(cfg.get("use_qlora", True))
+        self.note(f"loading base ({'4-bit nf4' if use_qlora else 'full precision'})")
+        base_model = load_base_model(self.base, use_qlora=use_qlora, device=self.device,
+                                     attn_implementation=cfg.get("attn_implementation", "auto"),
+                                     gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)))
+        adapter_src = payload.path if payload is not None else cur_dir
+        self.model = attach_lora(base_model, cfg, adapter_src)
+        self.model.train()
+        self.params = trainable_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=float(cfg.get("learning_rate", 2e-4)),
+                                           weight_decay=float(cfg.get("weight_decay", 0.0)))
+        self.scheduler = make_scheduler(self.optimizer, cfg.get("lr_scheduler", "cosine"),
+                                        int(cfg.get("warmup_steps", 0)), self.total_steps)
+        self.micro_rows = int(cfg["batch_size"])
+        if payload is not None:
+            self._restore(payload)
+        else:
+            self._initial = (self._adapter_copy(), capture_rng_state())
+        self.tracker = LayerActivityTracker(self.model)
+        n_train = sum(p.numel() for p in self.params)
+        self.note(f"{len(self.tracker.modules)} LoRA modules, {n_train} trainable parameters; "
+                  f"{self.total_steps} steps ({self.plan_sizes} micro-batches per epoch)")
+        self.emit("started", total_steps=self.total_steps, resumed_from_step=self.step,
+                  dataset=self.report.to_json(), base_model=str(self.base),
+                  base_fingerprint=self.fingerprint, device=str(self.device),
+                  continued_from=("checkpoint" if payload is not None else
+                                  "current_model" if cur_dir is not None else "fresh"))
+        self.t_start = time.monotonic()
+
+    def _check_checkpoint(self, payload: CheckpointPayload) -> CheckpointPayload | None:
+        st = payload.state
+        check_same_base(f"checkpoint {payload.path}", st.get("base_model"), st.get("base_fingerprint"),
+                        self.base, self.fingerprint)
+        if st.get("dataset_sha256") != self.job.sha256:
+            self.note(f"checkpoints in {self.ckpts.root} belong to another dataset "
+                      f"({str(st.get('dataset_sha256'))[:12]}); starting this job from the beginning",
+                      "warning")
+            self.ckpts.remove_all()
+            return None
+        saved = st.get("config") or {}
+        changed = {k: (saved[k], self.cfg.get(k)) for k in TRAINING_KEYS
+                   if k in saved and saved[k] != self.cfg.get(k)}
+        if changed:
+            self.note("config changed since this job started; the job keeps its original values "
+                      "(changes apply to the next job): "
+                      + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in changed.items()), "warning")
+            self.cfg.update({k: saved[k] for k in changed})
+        parent = st.get("parent_state") or {}
+        if len(parent.get("datasets") or []) != len(self.parent_state.get("datasets") or []):
+            self.note("current_model/ changed since this job started; continuing from the "
+                      "job's checkpoint", "warning")
+        self.parent_state = parent
+        return payload
+
+    def _load_data(self) -> None:
+        from trainer.data import load_examples, split_eval
+        from trainer.packing import plan_batches
+
+        cfg = self.cfg
+        max_length = int(cfg["max_length"])
+        examples, self.report = load_examples(self.job.dataset, self.tokenizer, max_length=max_length,
+                                              truncation=cfg.get("truncation", "truncate"))
+        if not examples:
+            raise JobFailed(f"{self.job.name}: no trainable examples ({self.report.to_json()})")
+        self.train_ex, self.eval_ex = split_eval(examples, float(cfg.get("eval_fraction", 0.0)),
+                                                 int(cfg.get("seed", 0)))
+        lengths = [len(e.input_ids) for e in self.train_ex]
+        self.ga = int(cfg["gradient_accumulation"])
+        self.epochs = int(cfg.get("epochs", 1))
+        self.plans = [plan_batches(lengths, max_length=max_length, rows_per_batch=int(cfg["batch_size"]),
+                                   packing=bool(cfg.get("packing", True)), seed=int(cfg.get("seed", 0)),
+                                   epoch=e) for e in range(self.epochs)]
+        self.plan_sizes = [len(p) for p in self.plans]
+        self.steps_per_epoch = [math.ceil(n / self.ga) for n in self.plan_sizes]
+        self.total_steps = sum(self.steps_per_epoch)
+
+    def _adapter_copy(self) -> dict[str, torch.Tensor]:
+        from trainer.model import adapter_state_dict
+        return {k: v.clone() for k, v in adapter_state_dict(self.model).items()}
+
+    def _restore(self, payload: CheckpointPayload) -> None:
+        """Everything exact resume needs, from a loaded checkpoint."""
+        st = payload.state
+        load_adapter_state(self.model, payload.adapter_state)
+        self.optimizer.load_state_dict(payload.optimizer)
+        self.scheduler.load_state_dict(payload.scheduler)
+        restore_rng_state(payload.rng)
+        self.step = int(st["step"])
+        self.epoch, self.batch_index = int(st["epoch"]), int(st["batch_index"])
+        self.micro_rows = int(st.get("micro_rows", self.micro_rows))
+        self.last_loss = st.get("last_loss")
+        self.eval_loss = st.get("eval_loss")
+        self.note(f"resumed from {payload.path} (step {self.step}, epoch {self.epoch}, "
+                  f"batch {self.batch_index})")
+
+    # ================================================================== train
+    def train(self) -> JobResult | None:
+        """Run the remaining steps. Returns a JobResult when stopped/skipped/failed, else None."""
+        outcome = self._control()
+        if outcome is not None:
+            return outcome
+        while True:
+            try:
+                return self._train_epochs()
+            except _OOM:
+                outcome = self._oom_backoff()
+                if outcome is not None:
+                    return outcome
+
+    def _train_epochs(self) -> JobResult | None:
+        every_la = int(self.cfg.get("layer_activity_every_steps", 10))
+        every_ckpt = int(self.cfg.get("checkpoint_every_steps", 50))
+        for epoch in range(self.epoch, self.epochs):
+            plan = self.plans[epoch]
+            b = self.batch_index if epoch == self.epoch else 0
+            while b < len(plan):
+                group = plan[b:b + self.ga]
+                report_la = (self.step + 1) % every_la == 0
+                info = self._optimizer_step(group, capture_grads=report_la)
+                b += len(group)
+                self.step += 1
+                self.epoch, self.batch_index = epoch, b
+                self._emit_step(info, epoch + b / len(plan))
+                if report_la:
+                    self.emit("layer_activity", **self.tracker.report(self.step))
+                if b >= len(plan) and self.eval_ex:
+                    self.eval_loss = self.evaluate()
+                    self.emit("eval", step=self.step, eval_loss=self.eval_loss, epoch=epoch + 1)
+                if self.step % every_ckpt == 0 and self.step < self.total_steps:
+                    self.save_checkpoint("periodic")
+                outcome = self._control()
+                if outcome is not None:
+                    return outcome
+        return None
+
+    def _loss_sum(self, batch: Any) -> torch.Tensor:
+        out = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                         attention_mask=None, use_cache=False)
+        logits = out.logits[:, :-1, :].float()
+        target = batch.labels[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+
+    def _optimizer_step(self, group: list[list[list[int]]], capture_grads: bool) -> dict[str, Any]:
+        from trainer.packing import collate
+
+        t0 = time.perf_counter()
+        micro = [collate(self.train_ex, rows[k:k + self.micro_rows], self.pad_id)
+                 for rows in group for k in range(0, len(rows), self.micro_rows)]
+        n_trained = sum(int((m.labels[:, 1:] != -100).sum()) for m in micro)
+        n_tokens = sum(m.num_tokens for m in micro)
+        denom = max(n_trained, 1)
+        total = 0.0
+        try:
+            for m in micro:
+                m = m.to(self.device)
+                loss_sum = self._loss_sum(m)
+                (loss_sum / denom).backward()
+                total += float(loss_sum.detach())
+        except torch.cuda.OutOfMemoryError as exc:
+            raise _OOM() from exc
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.get("max_grad_norm", 1.0)))
+        if capture_grads:
+            self.tracker.capture_grads()
+        lr = float(self.scheduler.get_last_lr()[0])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        return {"loss": total / denom, "grad_norm": float(grad_norm), "lr": lr, "tokens": n_tokens,
+                "trained_tokens": n_trained, "dt": dt}
+
+    def _peak_memory(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        self.peak_rss = max(self.peak_rss, _rss_bytes())
+        return self.peak_rss
+
+    def _emit_step(self, info: dict[str, Any], epoch_progress: float) -> None:
+        self.last_loss = info["loss"]
+        self._step_times.append(info["dt"])
+        recent = self._step_times[-50:]
+        eta = sum(recent) / len(recent) * (self.total_steps - self.step)
+        tps = info["tokens"] / info["dt"] if info["dt"] > 0 else None
+        self.emit("step", step=self.step, total_steps=self.total_steps, loss=info["loss"],
+                  learning_rate=info["lr"], grad_norm=info["grad_norm"], tokens_per_second=tps,
+                  step_time_s=info["dt"], epoch=round(epoch_progress, 4), tokens=info["tokens"],
+                  trained_tokens=info["trained_tokens"], peak_memory_bytes=self._peak_memory(),
+                  eta_seconds=eta)
+        log.info("step %d/%d loss %.4f lr %.3g grad %.3f %.0f tok/s %.2fs", self.step, self.total_steps,
+                 info["loss"], info["lr"], info["grad_norm"], tps or 0.0, info["dt"])
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        from trainer.packing import make_batches
+
+        self.model.eval()
+        try:
+            batches = make_batches(self.eval_ex, max_length=int(self.cfg["max_length"]),
+                                   rows_per_batch=self.micro_rows, pad_token_id=self.pad_id,
+                                   packing=bool(self.cfg.get("packing", True)),
+                                   seed=int(self.cfg.get("seed", 0)), epoch=0)
+            total, n = 0.0, 0
+            for b in batches:
+                total += float(self._loss_sum(b.to(self.device)))
+                n += int((b.labels[:, 1:] != -100).sum())
+        finally:
+            self.model.train()
+        return total / max(n, 1)
+
+    def _control(self) -> JobResult | None:
+        """Obey the control source at a step boundary."""
+        cmd = self.control.poll()
+        while cmd is Command.PAUSE:
+            self.save_checkpoint("pause")
+            self.emit("paused", step=self.step)
+            self.note(f"paused at step {self.step}")
+            cmd = self.control.wait(PAUSE_WAIT_S)
+            while cmd is None or cmd is Command.PAUSE:
+                cmd = self.control.wait(PAUSE_WAIT_S)
+            if cmd is Command.RESUME:
+                self.emit("resumed", step=self.step)
+                self.note(f"resumed at step {self.step}")
+                cmd = self.control.poll()
+        if cmd is Command.SKIP:
+            self.save_checkpoint("skip")
+            return JobResult(Outcome.SKIPPED, reason="skipped", steps=self.step)
+        if cmd is Command.STOP:
+            self.save_checkpoint("stop")
+            return JobResult(Outcome.STOPPED, reason="stopped", steps=self.step)
+        return None
+
+    def _oom_backoff(self) -> JobResult | None:
+        """CUDA OOM: halve rows per micro-batch (same effective batch), go back to the last checkpoint."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.micro_rows <= 1:
+            return JobResult(Outcome.FAILED, steps=self.step,
+                             reason=f"CUDA out of memory with 1 row per micro-batch "
+                                    f"(max_length {self.cfg['max_length']}); lower max_length or use a smaller base")
+        self.micro_rows //= 2
+        accum = self.ga * math.ceil(int(self.cfg["batch_size"]) / self.micro_rows)
+        self.emit("oom_backoff", micro_batch=self.micro_rows, gradient_accumulation=accum)
+        self.note(f"CUDA OOM: {self.micro_rows} rows per micro-batch, {accum} micro-batches per step", "warning")
+        micro = self.micro_rows
+        payload, _ = self.ckpts.load_latest()
+        if payload is not None:
+            self._restore(payload)
+        else:
+            adapter, rng = self._initial
+            load_adapter_state(self.model, adapter)
+            self.optimizer.state.clear()
+            self.scheduler = make_scheduler(self.optimizer, self.cfg.get("lr_scheduler", "cosine"),
+                                            int(self.cfg.get("warmup_steps", 0)), self.total_steps)
+            restore_rng_state(rng)
+            self.step = self.epoch = self.batch_index = 0
+        self.micro_rows = micro
+        return None
+
+    # ================================================================== checkpoints
+    def _state(self, reason: str) -> dict[str, Any]:
+        return {"step": self.step, "total_steps": self.total_steps, "epoch": self.epoch,
+                "batch_index": self.batch_index, "micro_rows": self.micro_rows,
+                "job_id": self.job.job_id, "dataset": self.job.name, "dataset_sha256": self.job.sha256,
+                "base_model": str(self.base), "base_fingerprint": self.fingerprint,
+                "locked": {k: self.cfg.get(k) for k in LOCKED_KEYS},
+                "config": {k: self.cfg.get(k) for k in TRAINING_KEYS},
+                "last_loss": self.last_loss, "eval_loss": self.eval_loss,
+                "parent_state": self.parent_state, "reason": reason, "saved_at": _now()}
+
+    def save_checkpoint(self, reason: str) -> Path:
+        state = self._state(reason)
+
+        def write(d: Path) -> None:
+            save_adapter(self.model, d)
+            save_torch(self.optimizer.state_dict(), d / "optimizer.pt")
+            save_torch(self.scheduler.state_dict(), d / "scheduler.pt")
+            save_torch(capture_rng_state(), d / "rng.pt")
+            (d / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n",
+                                          encoding="utf-8")
+
+        path = self.ckpts.save(self.step, write)
+        self.emit("checkpoint", step=self.step, path=str(path), reason=reason)
+        log.info("checkpoint step %d (%s): %s", self.step, reason, path)
+        return path
+
+    # ================================================================== finish
+    def _trainer_state(self) -> dict[str, Any]:
+        parent = self.parent_state or {}
+        entry = {"name": self.job.name, "sha256": self.job.sha256, "job_id": self.job.job_id,
+                 "steps": self.step, "final_loss": self.last_loss, "eval_loss": self.eval_loss,
+                 "examples": self.report.examples, "trained_tokens": self.report.trained_tokens,
+                 "completed_at": _now()}
+        peft_cfg = self.model.peft_config["default"]
+        targets = peft_cfg.target_modules
+        return {"base_model": str(self.base), "base_fingerprint": self.fingerprint,
+                "datasets": list(parent.get("datasets") or []) + [entry],
+                "total_steps": int(parent.get("total_steps") or 0) + self.step,
+                "lora": {"r": peft_cfg.r, "alpha": peft_cfg.lora_alpha, "dropout": peft_cfg.lora_dropout,
+                         "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets},
+                "updated_at": _now()}
+
+    def finish(self) -> JobResult:
+        self.save_checkpoint("final")
+        state = self._trainer_state()
+        cur = adapter_store.publish_current(Path(self.job.home), lambda d: save_adapter(self.model, d), state)
+        self.note(f"current_model/ updated ({len(state['datasets'])} datasets, {state['total_steps']} steps)")
+        snap = adapter_store.write_snapshot(Path(self.job.home), self.job.name, cur,
+                                            self._snapshot_meta(state["datasets"][-1]))
+        self.emit("snapshot", path=str(snap))
+        self.ckpts.remove_all()
+        elapsed = time.monotonic() - self.t_start
+        return JobResult(Outcome.COMPLETED, steps=self.step, details={
+            "final_loss": self.last_loss, "eval_loss": self.eval_loss, "snapshot": str(snap),
+            "current_model": str(cur), "base_fingerprint": self.fingerprint,
+            "data": self.report.to_json(), "train_seconds": round(elapsed, 3)})
+
+    def _snapshot_meta(self, entry: dict[str, Any]) -> dict[str, Any]:
+        return {"job_id": self.job.job_id, "dataset": self.job.name, "dataset_sha256": self.job.sha256,
+                "steps": entry.get("steps"), "final_train_loss": entry.get("final_loss"),
+                "eval_loss": entry.get("eval_loss"), "base_model": str(self.base),
+                "base_fingerprint": self.fingerprint}
+
+    def _already_completed(self, cur_dir: Path, cur_state: dict[str, Any]) -> JobResult:
+        """current_model/ already holds this job (a crash after the swap): finish the bookkeeping."""
+        entry = cur_state["datasets"][-1]
+        snap = adapter_store.find_snapshot(Path(self.job.home), self.job.job_id, self.job.sha256)
+        if snap is None:
+            snap = adapter_store.write_snapshot(Path(self.job.home), self.job.name, cur_dir,
+                                                self._snapshot_meta(entry))
+            self.emit("snapshot", path=str(snap))
+        CheckpointManager.for_job(self.layout.checkpoints, self.job.job_id, 1).remove_all()
+        self.note(f"job {self.job.job_id} was already trained into current_model/; nothing to do")
+        return JobResult(Outcome.COMPLETED, steps=int(entry.get("steps") or 0), details={
+            "already_completed": True, "final_loss": entry.get("final_loss"),
+            "eval_loss": entry.get("eval_loss"), "snapshot": str(snap), "current_model": str(cur_dir)})
+
+    # ================================================================== cleanup
+    def cleanup(self) -> None:
+        self.model = None
+        self.optimizer = None  # type: ignore[assignment]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
