@@ -1,0 +1,340 @@
+"""trainer-ctl: steer the daemon and its queue, from the shell or over ssh.
+
+Training commands go to the running daemon as control requests. Queue changes go through the
+daemon when it runs; when it does not, trainer-ctl takes the daemon lock and applies them
+itself, so there is never more than one writer of the queue.
+
+Exit codes: 0 ok, 1 refused/failed, 2 bad usage or input, 3 daemon not running,
+4 daemon did not answer in time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from daemon import control as ctl
+from daemon.atomic import atomic_write_json, fsync_dir
+from daemon.config import LOCKED_KEYS, ConfigError, load_config
+from daemon.fsqueue import FsQueue, Intake, QueueError, safe_name
+from daemon.lock import AlreadyRunning, DaemonLock, daemon_running
+from daemon.paths import Layout
+from daemon.statedb import StateDB
+from daemon.states import JobState, Priority
+from daemon.status import read_status
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_DOWN, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+REPLY_TIMEOUT_S = 15.0
+
+
+def _err(msg: str) -> None:
+    print(f"trainer-ctl: {msg}", file=sys.stderr)
+
+
+def _fmt_num(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _fmt_eta(s: Any) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _db(layout: Layout) -> StateDB | None:
+    if not layout.state_db.exists():
+        return None
+    return StateDB(layout.state_db, readonly=True)
+
+
+# ---- status ---------------------------------------------------------------------------------
+def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
+    pid = daemon_running(layout)
+    status = read_status(layout) or {}
+    db = _db(layout)
+    counts = db.counts() if db else {s.value: 0 for s in JobState}
+    if db:
+        db.close()
+    if args.json:
+        print(json.dumps({**status, "daemon_running": bool(pid), "daemon_pid": pid if pid and pid > 0 else None,
+                          "queue": counts}, indent=2, default=str))
+        return EXIT_OK if pid else EXIT_DOWN
+    if pid:
+        print(f"trainerd: {status.get('status', 'starting')} (pid {pid}, up since {status.get('started_at', '?')})")
+    else:
+        last = f"last status '{status.get('status')}' at {status.get('updated_at')}" if status else "no status yet"
+        print(f"trainerd: daemon not running ({last})")
+    if pid and status.get("current_file"):
+        print(f"job:      {status['current_file']} (job {status.get('current_job_id')})  "
+              f"step {status.get('current_step') or 0}/{status.get('total_steps') or '?'}  "
+              f"loss {_fmt_num(status.get('loss'), '.4f')}  lr {_fmt_num(status.get('learning_rate'), '.2e')}  "
+              f"{_fmt_num(status.get('tokens_per_second'), ',.0f')} tok/s  ETA {_fmt_eta(status.get('eta_seconds'))}")
+    print("queue:    " + " · ".join(f"{k} {v}" for k, v in counts.items()))
+    if status.get("last_error"):
+        e = status["last_error"]
+        print(f"last error ({e.get('at')}): {e.get('message')}")
+    return EXIT_OK if pid else EXIT_DOWN
+
+
+# ---- training commands ------------------------------------------------------------------------
+def send(layout: Layout, command: str, **cargs: Any) -> int:
+    pid = daemon_running(layout)
+    if not pid:
+        _err(f"daemon not running: cannot {command.replace('_', ' ')} (start it with bin/launch_training_daemon.sh)")
+        return EXIT_DOWN
+    req = ctl.write_request(layout, command, source="cli", **cargs)
+    reply = ctl.wait_reply(layout, req, REPLY_TIMEOUT_S)
+    if reply is None:
+        _err(f"daemon (pid {pid}) did not answer within {REPLY_TIMEOUT_S:.0f} s; the request stays in control/")
+        return EXIT_TIMEOUT
+    print(reply["message"]) if reply["ok"] else _err(reply["message"])
+    return EXIT_OK if reply["ok"] else EXIT_FAIL
+
+
+def cmd_training(layout: Layout, args: argparse.Namespace) -> int:
+    return send(layout, args.command)
+
+
+# ---- queue ------------------------------------------------------------------------------------
+def _direct_or_send(layout: Layout, command: str, direct, **cargs: Any) -> int:
+    """Apply a queue change through the daemon if it runs, else directly under the daemon lock."""
+    if not daemon_running(layout):
+        try:
+            lock = DaemonLock(layout).acquire(wait_s=2.0)
+        except AlreadyRunning:
+            pass          # a daemon started meanwhile: go through it
+        else:
+            try:
+                layout.ensure()
+                db = StateDB(layout.state_db)
+                try:
+                    ok, msg = direct(FsQueue(layout, db))
+                except QueueError as exc:
+                    ok, msg = False, str(exc)
+                finally:
+                    db.close()
+            finally:
+                lock.release()
+            print(msg) if ok else _err(msg)
+            return EXIT_OK if ok else EXIT_FAIL
+    return send(layout, command, **cargs)
+
+
+def cmd_queue_add(layout: Layout, args: argparse.Namespace) -> int:
+    src = Path(args.file)
+    if not src.exists():
+        _err(f"{src}: no such file")
+        return EXIT_USAGE
+    if not src.is_file():
+        _err(f"{src}: not a regular file")
+        return EXIT_USAGE
+    name = safe_name(src.name)
+    layout.inbox.mkdir(parents=True, exist_ok=True)
+    staged = f".{name}.{uuid.uuid4().hex[:8]}.part"      # ignored by the inbox watcher
+    dst = layout.inbox / staged
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
+    fsync_dir(layout.inbox)
+    intake = Intake(priority=Priority(args.priority), force=args.force, original_name=name)
+
+    def direct(q: FsQueue) -> tuple[bool, str]:
+        job = q.accept(dst, intake)
+        if job.state == JobState.PENDING.value:
+            return True, f"queued {name} as {job.name} (job {job.id}, priority {job.priority})"
+        return False, f"rejected {name}: {job.error} (kept as queue/failed/{job.name})"
+    return _direct_or_send(layout, "queue_add", direct, staged=staged, name=name,
+                           priority=args.priority, force=args.force)
+
+
+def cmd_queue_list(layout: Layout, args: argparse.Namespace) -> int:
+    db = _db(layout)
+    jobs = []
+    if db:
+        states = [JobState(args.state)] if args.state else [JobState.PROCESSING, JobState.PENDING,
+                                                            JobState.FAILED, JobState.DONE]
+        for st in states:
+            jobs += db.jobs(st)
+        db.close()
+    if args.json:
+        print(json.dumps([j.to_json() for j in jobs], indent=2, default=str))
+        return EXIT_OK
+    if not jobs:
+        print("queue is empty")
+        return EXIT_OK
+    print(f"{'ID':>4}  {'STATE':<10} {'PRIO':<6} {'RECORDS':>7} {'TRIES':>5}  NAME / ERROR")
+    for j in jobs:
+        line = f"{j.id:>4}  {j.state:<10} {j.priority:<6} {_fmt_num(j.records, 'd'):>7} {j.attempts:>5}  {j.name}"
+        if j.error:
+            line += f"  ({j.error.splitlines()[0][:100]})"
+        print(line)
+    return EXIT_OK
+
+
+def cmd_queue_remove(layout: Layout, args: argparse.Namespace) -> int:
+    return _direct_or_send(layout, "queue_remove",
+                           lambda q: (True, f"removed {q.remove(args.name).name} (moved to failed/)"),
+                           name=args.name)
+
+
+def cmd_queue_retry(layout: Layout, args: argparse.Namespace) -> int:
+    return _direct_or_send(layout, "queue_retry",
+                           lambda q: (True, f"{q.retry(args.name, force=args.force).name} moved back to pending"),
+                           name=args.name, force=args.force)
+
+
+def cmd_queue_prioritize(layout: Layout, args: argparse.Namespace) -> int:
+    def direct(q: FsQueue) -> tuple[bool, str]:
+        job = q.prioritize(args.name, Priority(args.level))
+        return True, f"{job.name} priority is now {job.priority}"
+    return _direct_or_send(layout, "queue_prioritize", direct, name=args.name, level=args.level)
+
+
+# ---- config -----------------------------------------------------------------------------------
+def cmd_config_unlock(layout: Layout, args: argparse.Namespace) -> int:
+    layout.status_dir.mkdir(parents=True, exist_ok=True)
+    db = StateDB(layout.state_db)
+    try:
+        was = db.locked().get(args.key)
+        removed = db.unlock(args.key)
+        if removed:
+            db.add_event("unlocked", f"locked key {args.key} unlocked by trainer-ctl (was {was!r})", level="warning")
+    finally:
+        db.close()
+    if not removed:
+        print(f"{args.key} was not locked; the value in config.json is recorded when the next job starts")
+    else:
+        print(f"unlocked {args.key} (was {was!r}); the value in config.json is recorded when the next job starts")
+    return EXIT_OK
+
+
+def cmd_config_show(layout: Layout, args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(layout.config)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    db = _db(layout)
+    locked = db.locked() if db else {}
+    if db:
+        db.close()
+    print(json.dumps({"config": cfg.model_dump(mode="json"), "locked": locked}, indent=2))
+    return EXIT_OK
+
+
+# ---- models and data ----------------------------------------------------------------------------
+def cmd_init_base(layout: Layout, args: argparse.Namespace) -> int:
+    if not args.tiny:
+        _err("only --tiny is supported: point config.json's base_model at your own local model folder")
+        return EXIT_USAGE
+    from trainer.tiny_base import build_tiny_base
+    name = args.name or time.strftime("%Y%m%d_%H%M%S") + "_tiny"
+    if "/" in name or name.startswith("."):
+        _err(f"bad name {name!r}")
+        return EXIT_USAGE
+    out = layout.consolidated / name
+    if out.exists():
+        _err(f"{out} already exists")
+        return EXIT_FAIL
+    layout.consolidated.mkdir(parents=True, exist_ok=True)
+    build_tiny_base(out, seed=args.seed)
+    print(f"built tiny base in {out}")
+    raw = json.loads(layout.config.read_text()) if layout.config.exists() else {}
+    current = raw.get("base_model")
+    usable = current and (Path(current) if Path(current).is_absolute() else layout.home / current).is_dir()
+    if args.set_default or not usable:
+        try:
+            rel = out.relative_to(layout.home)
+        except ValueError:
+            rel = out
+        raw["base_model"] = str(rel)
+        atomic_write_json(layout.config, raw)
+        print(f"config.json: base_model = {rel}")
+    return EXIT_OK
+
+
+def cmd_generate(layout: Layout, args: argparse.Namespace) -> int:
+    from trainer.generator import generate_records, write_jsonl_atomic
+    out = Path(args.out) if args.out else layout.inbox
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_jsonl_atomic(generate_records(args.count, seed=args.seed), out)
+    print(f"wrote {args.count} records to {path}")
+    return EXIT_OK
+
+
+# ---- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainer-ctl", description="control the continuous fine-tuning daemon")
+    p.add_argument("--home", help="base dir (default: $TRAINER_HOME or the repo root)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("status", help="what runs, step, loss, queue counts (exit 3 if the daemon is down)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    for name, text in (("pause", "pause at the next step boundary"), ("resume", "resume training"),
+                       ("skip", "end the current job into queue/failed/ (reason: skipped)"),
+                       ("stop", "stop the daemon gracefully; the current job resumes at next start")):
+        sub.add_parser(name, help=text).set_defaults(func=cmd_training)
+
+    q = sub.add_parser("queue", help="add, list, remove, retry, prioritize datasets")
+    qs = q.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    a = qs.add_parser("add", help="copy FILE into the queue")
+    a.add_argument("file")
+    a.add_argument("--priority", choices=[x.value for x in Priority], default="normal")
+    a.add_argument("--force", action="store_true", help="train even if the same content was trained")
+    a.set_defaults(func=cmd_queue_add)
+    ls = qs.add_parser("list", help="every job with its state")
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--state", choices=[x.value for x in JobState])
+    ls.set_defaults(func=cmd_queue_list)
+    r = qs.add_parser("remove", help="take a pending job out of the queue (kept in failed/)")
+    r.add_argument("name")
+    r.set_defaults(func=cmd_queue_remove)
+    t = qs.add_parser("retry", help="move a failed job back to pending")
+    t.add_argument("name")
+    t.add_argument("--force", action="store_true", help="retry even if the content was already trained")
+    t.set_defaults(func=cmd_queue_retry)
+    pr = qs.add_parser("prioritize", help="set a pending job's priority")
+    pr.add_argument("name")
+    pr.add_argument("level", choices=[x.value for x in Priority])
+    pr.set_defaults(func=cmd_queue_prioritize)
+
+    c = sub.add_parser("config", help="show config, unlock a locked key")
+    cs = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    u = cs.add_parser("unlock", help="accept config.json's value for a locked key")
+    u.add_argument("key", choices=LOCKED_KEYS)
+    u.set_defaults(func=cmd_config_unlock)
+    cs.add_parser("show", help="validated config and recorded locked values").set_defaults(func=cmd_config_show)
+
+    ib = sub.add_parser("init-base", help="build the embedded tiny base model")
+    ib.add_argument("--tiny", action="store_true", required=True)
+    ib.add_argument("--name")
+    ib.add_argument("--seed", type=int, default=0)
+    ib.add_argument("--set-default", action="store_true", help="make it config.json's base_model")
+    ib.set_defaults(func=cmd_init_base)
+    g = sub.add_parser("generate", help="write built-in demo data (chat JSONL)")
+    g.add_argument("--count", type=int, default=200)
+    g.add_argument("--out", help="folder (default: inbox/)")
+    g.add_argument("--seed", type=int)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    layout = Layout.from_env(args.home)
+    try:
+        return args.func(layout, args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Start trainerd in the background, exactly once per base dir.
+
+The launcher takes the flock itself, then starts the daemon with the locked descriptor
+inherited, so there is no window where two launchers both believe they won. The others exit 1
+with ``already running (pid N)``. A stale .daemon.pid (dead process) never blocks: only the
+lock counts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from daemon.atomic import atomic_write
+from daemon.lock import AlreadyRunning, DaemonLock, read_pid
+from daemon.paths import REPO_ROOT, Layout
+from daemon.status import read_status
+
+
+def _tail(path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return ""
+
+
+def launch(layout: Layout, *, wait_s: float = 60.0) -> int:
+    layout.ensure()
+    try:
+        lock = DaemonLock(layout).acquire(wait_s=1.0)
+    except AlreadyRunning as exc:
+        pid = exc.pid
+        for _ in range(40):          # the winner may not have written the pid file yet
+            if pid is not None:
+                break
+            time.sleep(0.05)
+            pid = read_pid(layout)
+        print(f"trainerd: already running (pid {pid if pid else 'unknown'})", file=sys.stderr)
+        return 1
+    out_log = layout.logs / "daemon_stdout.log"
+    with open(out_log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "--home", str(layout.home), "--lock-fd", str(lock.fd), "--quiet"],
+            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            pass_fds=(lock.fd,), start_new_session=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    atomic_write(layout.pid_file, f"{proc.pid}\n")
+    os.close(lock.fd)          # the daemon holds the same open file, and with it the lock
+    lock.fd = None
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        rc = proc.poll()
+        if rc is not None:
+            print(f"trainerd: failed to start (exit {rc}). Last output:\n{_tail(out_log)}", file=sys.stderr)
+            return 2
+        status = read_status(layout)
+        if status and status.get("daemon_pid") == proc.pid and status.get("status") != "stopped":
+            break
+        time.sleep(0.1)
+    else:
+        print(f"trainerd: started (pid {proc.pid}) but has not reported status after {wait_s:.0f} s; "
+              f"see {out_log}", file=sys.stderr)
+        return 0
+    day = time.strftime("%Y%m%d")
+    print(f"trainerd started (pid {proc.pid}) in {layout.home}\n"
+          f"  log:    {layout.logs / f'daemon_{day}.log'}\n"
+          f"  status: trainer-ctl status   (or {layout.status_file})\n"
+          f"  stop:   trainer-ctl stop     (emergency: touch {layout.stop_flag})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="launch_training_daemon", description="start trainerd once, in the background")
+    p.add_argument("--home", help="base dir (default: $TRAINER_HOME or the repo root)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the daemon to report")
+    args = p.parse_args(argv)
+    return launch(Layout.from_env(args.home), wait_s=args.wait)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
