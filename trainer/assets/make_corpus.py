@@ -28,6 +28,8 @@ VERBS_INF = ["find", "carry", "open", "paint", "mend", "watch", "follow", "count
 ADVERBS = ["slowly", "quickly", "quietly", "carefully", "gladly", "again", "together", "alone"]
 TOPICS = ["numbers", "water", "weather", "history", "music", "language", "trees", "stars",
           "bread", "machines", "questions", "answers", "lessons", "mathematics", "words"]
+SYLLABLES = ["ka", "lo", "mi", "ten", "ru", "sa", "po", "ne", "vi", "da", "ko", "ri", "mu", "ta",
+             "le", "fo", "zi", "ba", "no", "he"]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                 "ten", "eleven", "twelve"]
 
@@ -37,7 +39,7 @@ def _plural(word: str) -> str:
 
 
 def _sentence(r: random.Random) -> str:
-    kind = r.randrange(14)
+    kind = r.randrange(16)
     n, m = r.choice(NAMES), r.choice(NAMES)
     if kind == 0:
         return f"{n} {r.choice(VERBS_PAST)} the {r.choice(ADJ)} {r.choice(THINGS)} {r.choice(TIMES)}."
@@ -72,13 +74,26 @@ def _sentence(r: random.Random) -> str:
     if kind == 12:
         a, b = r.randrange(13), r.randrange(13)
         return f"{a} times {b} is {a * b}; {a} plus {b} is {a + b}."
-    return f"It was {r.choice(ADJ)} and {r.choice(ADJ)} {r.choice(TIMES)}, so {n} stayed at {r.choice(PLACES)}."
+    if kind == 13:
+        return f"It was {r.choice(ADJ)} and {r.choice(ADJ)} {r.choice(TIMES)}, so {n} stayed at {r.choice(PLACES)}."
+    if kind == 14:
+        a, b = r.randrange(100), r.randrange(100)
+        return (f"{n} is a calculator. {m} asked: {r.choice(['Compute', 'How much is', 'What is'])} "
+                f"{a} + {b}? Answer with the number only: {a + b}.")
+    parts = [r.choice(SYLLABLES) for _ in range(r.randrange(2, 5))]
+    return (f"{n} can join syllables into one word. Join the syllables: {' + '.join(parts)}. "
+            f"The word is {''.join(parts)}, and {m} wrote the word only.")
 
 
-def make_corpus(seed: int = 1234, paragraphs: int = 400) -> str:
+def make_corpus(seed: int = 1234, paragraphs: int = 480) -> str:
     r = random.Random(seed)
     out = []
-    for _ in range(paragraphs):
+    for k in range(paragraphs):
+        if k % 6 == 5:  # a transcript: role names at line starts, as a chat template writes them
+            a, b = r.randrange(100), r.randrange(100)
+            out.append(f"system\nYou are a helpful assistant.\nuser\nWhat is {a} + {b}?\n"
+                       f"assistant\n{a + b}\nuser\n{_sentence(r)}\nassistant\n{_sentence(r)}")
+            continue
         out.append(" ".join(_sentence(r) for _ in range(r.randrange(3, 8))))
     return "\n\n".join(out) + "\n"
 

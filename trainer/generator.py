@@ -1,0 +1,107 @@
+"""Built-in data generator: small chat tasks a tiny model visibly learns in minutes on CPU.
+
+Kinds (all ``messages`` records: a fixed system prompt, one user turn, one short answer):
+
+* ``arithmetic``: "What is 23 + 58?" -> "81" (addition and non-negative subtraction of numbers
+  below 100; a few phrasings).
+* ``syllables``: "Join the syllables: ka + lo + mi" -> "kalomi" (2 to 4 syllables).
+
+Every record is well under 64 tokens with the tiny base's tokenizer. Files are written the way
+the inbox expects: a dot-prefixed ``.tmp`` file, fsync, rename to ``NAME.jsonl``, fsync of the
+directory, so the daemon never sees a partial file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import secrets
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+log = logging.getLogger(__name__)
+
+KINDS = ("arithmetic", "syllables")
+
+ARITHMETIC_SYSTEM = "You are a calculator. Answer with the number only."
+SYLLABLES_SYSTEM = "You join syllables into one word. Answer with the word only."
+
+_ARITH_PHRASES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?",
+                  "How much is {a} {op} {b}?")
+_SYLLABLES = ("ka", "lo", "mi", "ten", "ru", "sa", "po", "ne", "vi", "da", "ko", "ri", "mu",
+              "ta", "le", "fo", "zi", "ba", "no", "he")
+
+
+def _arithmetic(r: random.Random) -> dict:
+    a, b = r.randrange(100), r.randrange(100)
+    if r.random() < 0.5:
+        op, ans = "+", a + b
+    else:
+        a, b = max(a, b), min(a, b)
+        op, ans = "-", a - b
+    question = r.choice(_ARITH_PHRASES).format(a=a, b=b, op=op)
+    return {"messages": [{"role": "system", "content": ARITHMETIC_SYSTEM},
+                         {"role": "user", "content": question},
+                         {"role": "assistant", "content": str(ans)}]}
+
+
+def _syllables(r: random.Random) -> dict:
+    parts = [r.choice(_SYLLABLES) for _ in range(r.randrange(2, 5))]
+    return {"messages": [{"role": "system", "content": SYLLABLES_SYSTEM},
+                         {"role": "user", "content": "Join the syllables: " + " + ".join(parts)},
+                         {"role": "assistant", "content": "".join(parts)}]}
+
+
+def generate_records(count: int, *, seed: int | None = None, kind: str = "arithmetic") -> list[dict]:
+    """*count* chat records of *kind*; the same seed gives the same records (None: fresh random)."""
+    if count < 0:
+        raise ValueError("count must be >= 0")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    r = random.Random(seed if seed is not None else secrets.randbits(64))
+    make = _arithmetic if kind == "arithmetic" else _syllables
+    return [make(r) for _ in range(count)]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_jsonl_atomic(records: Iterable[dict], out_dir: Path, *, prefix: str = "autogen") -> Path:
+    """Write *records* as ``out_dir/PREFIX_<utc timestamp>_<pid>_<rand>.jsonl``, atomically.
+
+    The data goes to ``.NAME.tmp`` (ignored by the inbox), is fsynced, renamed to
+    ``NAME.jsonl`` and the directory is fsynced. A failed write leaves no file behind. A failed
+    fsync is not retried (the error propagates).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not prefix or "/" in prefix or prefix.startswith("."):
+        raise ValueError(f"bad prefix {prefix!r}")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    name = f"{prefix}_{stamp}_{os.getpid()}_{secrets.token_hex(3)}"
+    tmp, final = out_dir / f".{name}.tmp", out_dir / f"{name}.jsonl"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                n += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        if final.exists():
+            raise FileExistsError(final)
+        os.rename(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(out_dir)
+    log.info("wrote %d records to %s", n, final)
+    return final
