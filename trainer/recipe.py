@@ -488,7 +488,8 @@ class _RecipeRun:
                 "datasets": list(parent.get("datasets") or []) + [entry],
                 "total_steps": int(parent.get("total_steps") or 0) + self.step,
                 "lora": {"r": peft_cfg.r, "alpha": peft_cfg.lora_alpha, "dropout": peft_cfg.lora_dropout,
-                         "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets},
+                         "target_modules": (sorted({t.rsplit(".", 1)[-1] for t in targets})
+                                            if isinstance(targets, (set, list)) else targets)},
                 "updated_at": _now()}
 
     def finish(self) -> JobResult:
