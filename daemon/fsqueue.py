@@ -218,7 +218,7 @@ class FsQueue:
         job = self.get(name)
         if job.state != JobState.PENDING.value:
             raise QueueError(f"'{name}' is {job.state}; only pending jobs can be re-prioritized")
-        self.db.update(job.id, priority=level)
+        self.db.update(job.id, priority=level, seq=self.db.next_seq())   # joins the back of that level
         self.db.add_event("prioritized", f"{name} priority set to {level.value}", job_id=job.id)
         return self.get(name)
 

@@ -17,8 +17,11 @@ class DailyFileHandler(logging.Handler):
         self._day: str | None = None
         self._fh = None
 
+    def _today(self) -> str:
+        return dt.date.today().strftime("%Y%m%d")
+
     def _stream(self):
-        day = dt.date.today().strftime("%Y%m%d")
+        day = self._today()
         if day != self._day:
             if self._fh:
                 self._fh.close()
@@ -57,6 +60,4 @@ def setup_logging(log_dir: Path, *, console: bool = True, level: int = logging.I
         root.addHandler(sh)
     for noisy in ("watchdog", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # watchdog logs this when its observer is stopped during shutdown: noise, not a fault
-    logging.getLogger("watchdog.observers.inotify").addFilter(
-        lambda r: "thread is inactive" not in r.getMessage())
+

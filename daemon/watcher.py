@@ -30,6 +30,9 @@ except ImportError:  # not Linux
 from daemon.fsqueue import is_candidate, is_ignored
 
 log = logging.getLogger("trainerd.watcher")
+# watchdog logs this when its observer is stopped during shutdown: noise, not a fault
+logging.getLogger("watchdog.observers.inotify").addFilter(
+    lambda r: "thread is inactive" not in r.getMessage())
 
 
 @dataclass
