@@ -1,0 +1,72 @@
+"""The user's day with the real trainer: drop a file, see it trained; kill -9, see it resume."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import alive, wait_for, write_jsonl
+from trainer.generator import generate_records
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory) -> Path:
+    from trainer.tiny_base import build_tiny_base
+    return build_tiny_base(tmp_path_factory.mktemp("bases") / "tiny")
+
+
+def _config(home, base: Path, **extra) -> None:
+    home.write_config(trainer="qlora", base_model=str(base), max_length=128, batch_size=2,
+                      gradient_accumulation=1, learning_rate=2e-3, lr_scheduler="constant",
+                      checkpoint_every_steps=2, keep_checkpoints=2, layer_activity_every_steps=2,
+                      eval_fraction=0.1, worker_timeout_s=120, **extra)
+
+
+def test_drop_a_file_and_see_it_trained(home, base_dir):
+    _config(home, base_dir)
+    write_jsonl(home.path / "inbox/arith.jsonl", generate_records(48, seed=3))
+    r = home.burst(timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert home.files("done") == ["arith.jsonl"], home.ctl("queue", "list").stdout
+    steps = [json.loads(l) for l in (home.path / "status/metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s["event"] == "step"]
+    assert len(steps) >= 3 and all(math.isfinite(s["loss"]) and s["tokens_per_second"] > 0 for s in steps)
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    layers = json.loads((home.path / "status/layer_activity.json").read_text())
+    assert layers["job_id"] == 1 and layers["step"] >= 2
+    assert (home.path / "current_model/adapter_model.safetensors").exists()
+    (snap,) = (home.path / "snapshots").iterdir()
+    meta = json.loads((snap / "snapshot.json").read_text())
+    assert meta["dataset_sha256"] == json.loads(home.ctl("queue", "list", "--json").stdout)[0]["sha256"]
+    assert (home.path / "logs/training_output.log").stat().st_size > 0
+
+
+def test_sigkill_daemon_mid_job_resumes_from_checkpoint(home, base_dir):
+    _config(home, base_dir)
+    write_jsonl(home.path / "inbox/long.jsonl", generate_records(400, seed=4))
+    home.launch()
+    wait_for(lambda: list((home.path / "checkpoints").glob("job-1/step-*")), timeout=240, what="a checkpoint")
+    daemon_pid = home.pid()
+    workers = subprocess.run(["pgrep", "-P", str(daemon_pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "the worker runs as a child of the daemon"
+    os.kill(daemon_pid, signal.SIGKILL)
+    wait_for(lambda: not alive(daemon_pid) and not any(alive(int(w)) for w in workers), timeout=20,
+             what="daemon and its worker gone")
+    assert home.files("processing") == ["long.jsonl"]
+    ckpts = sorted(int(p.name.split("-")[1]) for p in (home.path / "checkpoints/job-1").glob("step-*"))
+    home.launch()
+    st = wait_for(lambda: (home.status().get("current_step") or 0) >= ckpts[-1] and home.status(),
+                  timeout=120, what="resumed")
+    assert st["current_file"] == "long.jsonl"
+    log = (home.path / "logs/training_output.log").read_text()
+    assert f"resumed from {home.path / 'checkpoints/job-1'}/step-{ckpts[-1]} (step {ckpts[-1]}," in log
+    home.ctl("stop")
+    wait_for(lambda: not alive(home.pid() or 0), timeout=120, what="graceful stop")
+    assert home.files("processing") == ["long.jsonl"]
