@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from daemon import control as ctl
+from daemon.autogen import AutoGenerator
 from daemon.config import Config, ConfigError, config_to_dict, load_config
 from daemon.fsqueue import FsQueue, Intake, QueueError
 from daemon.lock import AlreadyRunning, DaemonLock
@@ -102,6 +103,7 @@ class Daemon:
             from trainer.factory import make_trainer
             trainer_factory = make_trainer
         self.trainer_factory = trainer_factory
+        self.autogen = AutoGenerator(layout.inbox)
         self.runner: JobRunner | None = None
         self.current: Job | None = None
         self.paused = False
@@ -400,6 +402,11 @@ class Daemon:
                     self._start_next()
                 if burst and self._idle() and not ctl.pending_requests(self.layout):
                     break
+                if not burst and self._stop_reason is None and not self.paused:
+                    self.autogen.maybe_start(self.config.auto_generate, self._idle())
+                err = self.autogen.take_error()
+                if err:
+                    self._report_error(err, "autogen")
                 if time.monotonic() - last_scan >= self.config.rescan_interval_s:
                     self.tracker.scan()
                     ctl.prune_replies(self.layout)
