@@ -270,6 +270,52 @@ def cmd_generate(layout: Layout, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- health and logs ---------------------------------------------------------------------------
+def cmd_check(layout: Layout, args: argparse.Namespace) -> int:
+    from daemon.health import render, run_checks
+    findings = run_checks(layout)
+    if args.json:
+        print(json.dumps([f.to_json() for f in findings], indent=2))
+    else:
+        print(render(findings))
+    return EXIT_FAIL if any(f.level == "problem" for f in findings) else EXIT_OK
+
+
+def cmd_logs(layout: Layout, args: argparse.Namespace) -> int:
+    daily = sorted(layout.logs.glob("daemon_2*.log"))
+    files = ([("daemon", daily[-1])] if daily else []) + [("train", layout.training_log)]
+    offsets: dict[Path, int] = {}
+    for tag, path in files:
+        if not path.exists():
+            continue
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[-args.lines:]
+        for line in lines:
+            print(f"[{tag}] {line}")
+        offsets[path] = path.stat().st_size
+    if not args.follow:
+        return EXIT_OK
+    try:
+        while True:
+            for tag, path in files:
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue
+                start = offsets.get(path, 0)
+                if size < start:
+                    start = 0
+                if size > start:
+                    with open(path, "rb") as fh:
+                        fh.seek(start)
+                        chunk = fh.read(size - start).decode("utf-8", errors="replace")
+                    for line in chunk.splitlines():
+                        print(f"[{tag}] {line}", flush=True)
+                    offsets[path] = size
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
 # ---- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainer-ctl", description="control the continuous fine-tuning daemon")
@@ -324,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="folder (default: inbox/)")
     g.add_argument("--seed", type=int)
     g.set_defaults(func=cmd_generate)
+    ck = sub.add_parser("check", help="health: config, locked keys, base, queue, disk, checkpoints, GPU")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(func=cmd_check)
+    lg = sub.add_parser("logs", help="tail the daemon and training logs")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("-n", "--lines", type=int, default=40)
+    lg.set_defaults(func=cmd_logs)
     return p
 
 

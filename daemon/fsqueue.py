@@ -223,8 +223,11 @@ class FsQueue:
         return self.get(name)
 
     # ---- start-up reconciliation ----------------------------------------------------------
-    def reconcile(self) -> list[str]:
-        """Make state.db agree with the folders; requeue interrupted jobs. Returns the fixes."""
+    def reconcile(self, *, dry_run: bool = False) -> list[str]:
+        """Make state.db agree with the folders; requeue interrupted jobs. Returns the fixes.
+
+        With ``dry_run`` nothing is changed: the list says what would be fixed (``trainer-ctl check``).
+        """
         fixes: list[str] = []
         seen: set[str] = set()
         for state in JobState:
@@ -236,29 +239,36 @@ class FsQueue:
                 seen.add(name)
                 job = self.db.by_name(name)
                 if job is None:
-                    regular = entry.is_file() and not entry.is_symlink()
-                    sha = sha256_of(entry) if regular else None
-                    job = self.db.insert_job(
-                        name=name, original_name=name, state=state, sha256=sha,
-                        size=entry.lstat().st_size,
-                        error="adopted at start-up" if state is JobState.FAILED else None)
                     fixes.append(f"adopted {state.value}/{name} (no record in state.db)")
+                    if dry_run:
+                        if state is JobState.PROCESSING:
+                            fixes.append(f"{name}: interrupted in processing/, back to the head of pending/")
+                        continue
+                    regular = entry.is_file() and not entry.is_symlink()
+                    job = self.db.insert_job(
+                        name=name, original_name=name, state=state,
+                        sha256=sha256_of(entry) if regular else None, size=entry.lstat().st_size,
+                        error="adopted at start-up" if state is JobState.FAILED else None)
                     if state is JobState.FAILED and not self.error_path(name).exists():
                         self._write_error(name, "found in failed/ with no record", job_id=job.id)
                 elif job.state != state.value:
                     fixes.append(f"{name}: state.db said {job.state}, file is in {state.value}/")
-                    self.db.update(job.id, state=state)
-                    job = self.db.get(job.id)
-                    assert job is not None
+                    if not dry_run:
+                        self.db.update(job.id, state=state)
+                        job = self.db.get(job.id)
+                        assert job is not None
                 if state is JobState.PROCESSING:
-                    self.move(job, JobState.PENDING, resume=True)
                     fixes.append(f"{name}: interrupted in processing/, back to the head of pending/")
+                    if not dry_run:
+                        self.move(job, JobState.PENDING, resume=True)
         for job in self.db.jobs():
             if job.name not in seen and job.state in {s.value for s in JobState}:
-                self.db.update(job.id, state="missing",
-                               error=f"file vanished from queue/{job.state}/ (not moved by trainerd)")
                 fixes.append(f"{job.name}: recorded as {job.state} but not found in any queue folder")
-        for fix in fixes:
-            log.warning("reconcile: %s", fix)
-            self.db.add_event("reconciled", fix, level="warning")
+                if not dry_run:
+                    self.db.update(job.id, state="missing",
+                                   error=f"file vanished from queue/{job.state}/ (not moved by trainerd)")
+        if not dry_run:
+            for fix in fixes:
+                log.warning("reconcile: %s", fix)
+                self.db.add_event("reconciled", fix, level="warning")
         return fixes

@@ -1,0 +1,128 @@
+"""trainer-ctl check: is this base dir healthy? Each check gives ok / warning / problem."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.atomic import read_json
+from daemon.config import ConfigError, load_config
+from daemon.fsqueue import FsQueue
+from daemon.lock import daemon_running
+from daemon.paths import Layout
+from daemon.statedb import StateDB
+from daemon.states import JobState
+
+GIB = 1 << 30
+
+
+@dataclass
+class Finding:
+    check: str
+    level: str       # ok | warning | problem
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gpu_visibility() -> Finding:
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            n = pynvml.nvmlDeviceGetCount()
+            names = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(n)]
+        finally:
+            pynvml.nvmlShutdown()
+        return Finding("gpu", "ok", f"{n} NVIDIA GPU(s): {', '.join(map(str, names))}")
+    except Exception as exc:
+        return Finding("gpu", "ok", f"no NVIDIA GPU detected ({type(exc).__name__}); training runs on the CPU")
+
+
+def run_checks(layout: Layout) -> list[Finding]:
+    out: list[Finding] = []
+    pid = daemon_running(layout)
+    out.append(Finding("daemon", "ok", f"running (pid {pid})" if pid else "not running"))
+    try:
+        cfg = load_config(layout.config)
+        out.append(Finding("config", "ok", f"{layout.config} is valid"))
+    except ConfigError as exc:
+        out.append(Finding("config", "problem", str(exc)))
+        cfg = None
+
+    db = StateDB(layout.state_db, readonly=True) if layout.state_db.exists() else None
+    try:
+        if cfg is not None and db is not None:
+            recorded = db.locked()
+            diffs = [f"{k}: recorded {v!r}, config.json has {getattr(cfg, k)!r}"
+                     for k, v in sorted(recorded.items()) if getattr(cfg, k) != v]
+            out.append(Finding("locked keys", "problem" if diffs else "ok",
+                               "; ".join(diffs) + " (refused; `trainer-ctl config unlock KEY` to accept)"
+                               if diffs else f"{len(recorded)} recorded, config.json agrees"))
+        if cfg is not None:
+            out.append(_check_base(layout, cfg))
+        if db is not None and all(layout.state_dir(s).is_dir() for s in JobState):
+            fixes = FsQueue(layout, db).reconcile(dry_run=True)
+            stuck = [f for f in fixes if "interrupted in processing/" in f]
+            other = [f for f in fixes if f not in stuck]
+            out.append(Finding("queue vs state.db", "problem" if other else "ok",
+                               "; ".join(other) if other else "consistent"))
+            if stuck and not pid:
+                out.append(Finding("stuck files", "problem",
+                                   f"{len(stuck)} file(s) in queue/processing/ with no daemon running: "
+                                   + ", ".join(f.split(':')[0] for f in stuck)
+                                   + " (they resume at the next start: bin/launch_training_daemon.sh)"))
+            else:
+                out.append(Finding("stuck files", "ok", "none"))
+    finally:
+        if db is not None:
+            db.close()
+
+    free = shutil.disk_usage(layout.home).free
+    out.append(Finding("disk", "problem" if free < GIB else "warning" if free < 5 * GIB else "ok",
+                       f"{free / GIB:.1f} GiB free in {layout.home}"))
+    out.append(_check_checkpoints(layout))
+    out.append(gpu_visibility())
+    return out
+
+
+def _check_base(layout: Layout, cfg: Any) -> Finding:
+    base = cfg.base_model_path(layout.home)
+    if base is None:
+        return Finding("base model", "problem" if cfg.trainer == "qlora" else "ok",
+                       "config.json has no base_model (bin/start_all.sh builds the tiny one)")
+    if not (base / "config.json").is_file():
+        return Finding("base model", "problem", f"{base} is not a model folder (no config.json)")
+    from trainer.model import base_fingerprint
+    from trainer.recipe import FINGERPRINT_CACHE_NAME
+    fp = base_fingerprint(base, layout.checkpoints / FINGERPRINT_CACHE_NAME)
+    state = read_json(layout.current_model / "trainer_state.json", {}) or {}
+    recorded = state.get("base_fingerprint")
+    if recorded and recorded != fp:
+        return Finding("base model", "problem",
+                       f"current_model/ was trained on {state.get('base_model')} (fingerprint {recorded[:16]}) "
+                       f"but base_model is {base} (fingerprint {fp[:16]})")
+    return Finding("base model", "ok", f"{base} (fingerprint {fp[:16]})")
+
+
+def _check_checkpoints(layout: Layout) -> Finding:
+    dirs = sorted(p for p in layout.checkpoints.glob("job-*/step-*") if p.is_dir())
+    if not dirs:
+        return Finding("checkpoints", "ok", "none")
+    from trainer.checkpoint import CheckpointError, verify_manifest
+    bad = []
+    for d in dirs:
+        try:
+            verify_manifest(d)
+        except CheckpointError as exc:
+            bad.append(str(exc))
+    return Finding("checkpoints", "problem" if bad else "ok",
+                   "; ".join(bad) if bad else f"{len(dirs)} checkpoint(s) verified")
+
+
+def render(findings: list[Finding]) -> str:
+    width = max(len(f.check) for f in findings)
+    mark = {"ok": "ok", "warning": "WARN", "problem": "FAIL"}
+    return "\n".join(f"{mark[f.level]:<5} {f.check:<{width}}  {f.detail}" for f in findings)
