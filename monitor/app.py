@@ -1,0 +1,87 @@
+"""The monitor's FastAPI app: read-only views of the daemon's files, control requests, the dashboard.
+
+It never imports torch or the trainer: it reads status/, state.db and logs/, and writes control
+requests (and staged uploads in inbox/) exactly like trainer-ctl.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+from daemon.config import Config, MonitorConfig
+from daemon.paths import REPO_ROOT, Layout
+from monitor import routes_control, routes_events, routes_metrics, routes_queue, routes_status, routes_system
+from monitor.security import SecurityMiddleware
+from monitor.services import Services, resolve_token
+
+log = logging.getLogger("monitor")
+
+WEB_DIR = REPO_ROOT / "web"
+
+
+def create_app(layout: Layout, config: Config | MonitorConfig | None = None, *,
+               token: str | None = None, bind_host: str | None = None, web_dir: Path | None = None,
+               sample_interval_s: float = 2.0) -> FastAPI:
+    """The app for one base dir. *token* defaults to TRAINER_MONITOR_TOKEN or monitor.token."""
+    if isinstance(config, Config):
+        mon = config.monitor
+    elif isinstance(config, MonitorConfig):
+        mon = config
+    else:
+        mon = MonitorConfig()
+    token = token if token is not None else resolve_token(mon)
+    svc = Services(layout=layout, monitor=mon, token=token, bind_host=bind_host,
+                   sample_interval_s=sample_interval_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc.sampler.start()
+        log.info("monitor for %s ready (token %s)", layout.home, "required" if token else "not set")
+        try:
+            yield
+        finally:
+            svc.sampler.stop()
+
+    app = FastAPI(title="Continuous trainer monitor",
+                  description="Live status, history, queue and control of the continuous QLoRA "
+                              "fine-tuning daemon. Every change needs the header "
+                              "`X-Trainer-Request: 1`.",
+                  version="1.0", lifespan=lifespan)
+    app.state.services = svc
+    for module in (routes_status, routes_queue, routes_control, routes_metrics, routes_system,
+                   routes_events):
+        app.include_router(module.router)
+
+    # the seed system's URLs keep working
+    @app.get("/live_monitor_ui_v2.html", include_in_schema=False)
+    def legacy_dashboard(request: Request) -> RedirectResponse:
+        return RedirectResponse(_with_query("/", request), status_code=301)
+
+    @app.get("/layer_activity_monitor.html", include_in_schema=False)
+    def legacy_layers(request: Request) -> RedirectResponse:
+        return RedirectResponse(_with_query("/", request) + "#layers", status_code=301)
+
+    # anything else under /api/ is 404 (before the static mount, which would answer 405)
+    @app.api_route("/api/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+                   include_in_schema=False)
+    def api_not_found(rest: str) -> Any:
+        raise HTTPException(404, "no such API route")
+
+    web = Path(web_dir) if web_dir else WEB_DIR
+    # only the files of web/: StaticFiles resolves and checks containment, never lists folders,
+    # and does not follow symlinks out of it
+    app.mount("/", StaticFiles(directory=web, html=True, check_dir=True), name="web")
+    app.add_middleware(SecurityMiddleware, allowed_hosts=mon.allowed_hosts, token=token,
+                       bind_host=bind_host, max_upload_bytes=mon.max_upload_bytes)
+    return app
+
+
+def _with_query(path: str, request: Request) -> str:
+    q = request.url.query
+    return f"{path}?{q}" if q else path

@@ -1,0 +1,220 @@
+"""The queue: list, upload, retry, reprioritise, remove.
+
+Job names in URLs are looked up in state.db and never used as paths: a name that is not exactly a
+job's queue name is 404, whatever it decodes to. Uploads are staged like ``trainer-ctl queue add``
+does: a hidden ``inbox/.NAME.<hex>.part`` (ignored by the inbox watcher), fsynced, then a
+``queue_add`` control request; with the daemon down the staged file is renamed to a unique
+``inbox/NAME`` so the daemon picks it up at its next start.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.datastructures import UploadFile
+
+from daemon.atomic import fsync_dir
+from daemon.fsqueue import safe_name
+from daemon.lock import daemon_running
+from daemon.states import JobState, Priority
+from monitor.readers import find_job, queue_snapshot
+from monitor.services import QUEUE_ADD_REPLY_TIMEOUT_S, Services, services
+
+log = logging.getLogger("monitor.queue")
+router = APIRouter(tags=["queue"])
+
+RAW_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/x-jsonlines",
+                       "application/json", "application/octet-stream"})
+
+
+class PriorityBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    level: Priority
+
+
+class RetryBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    force: bool = False
+
+
+@router.get("/api/queue", summary="every job from state.db, grouped by state")
+def get_queue(limit: int = Query(1000, ge=1, le=100000, description="jobs listed per state"),
+              svc: Services = Depends(services)) -> dict[str, Any]:
+    return queue_snapshot(svc.layout, limit_per_state=limit)
+
+
+def _job_or_404(svc: Services, name: str) -> dict[str, Any]:
+    job = find_job(svc.layout, name)
+    if job is None:
+        raise HTTPException(404, "no such job in the queue")
+    return job
+
+
+@router.post("/api/queue/{name}/retry", summary="move a failed job back to pending")
+def retry(name: str, body: RetryBody | None = Body(None),
+          svc: Services = Depends(services)) -> dict[str, Any]:
+    job = _job_or_404(svc, name)
+    if job["state"] != JobState.FAILED.value:
+        raise HTTPException(409, f"'{job['name']}' is {job['state']}; only failed jobs can be retried")
+    return svc.send_control("queue_retry", name=job["name"], force=bool(body and body.force))
+
+
+@router.post("/api/queue/{name}/priority", summary="set a pending job's priority (high|normal|low)")
+def prioritize(name: str, body: PriorityBody, svc: Services = Depends(services)) -> dict[str, Any]:
+    job = _job_or_404(svc, name)
+    if job["state"] != JobState.PENDING.value:
+        raise HTTPException(409, f"'{job['name']}' is {job['state']}; only pending jobs have a priority")
+    return svc.send_control("queue_prioritize", name=job["name"], level=body.level.value)
+
+
+@router.delete("/api/queue/{name}", summary="take a pending job out of the queue (kept in failed/)")
+def remove(name: str, svc: Services = Depends(services)) -> dict[str, Any]:
+    job = _job_or_404(svc, name)
+    if job["state"] != JobState.PENDING.value:
+        raise HTTPException(409, f"'{job['name']}' is {job['state']}; only pending jobs can be removed")
+    return svc.send_control("queue_remove", name=job["name"])
+
+
+# ---- upload -------------------------------------------------------------------------------------
+def _stage_path(inbox: Path, name: str) -> Path:
+    return inbox / f".{name}.{uuid.uuid4().hex[:8]}.part"
+
+
+def _open_staged(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+
+def _finish_staged(fd: int, inbox: Path) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(inbox)
+
+
+def _publish_to_inbox(staged: Path, name: str) -> str:
+    """Daemon down: give the staged file its own name in inbox/ (never replacing another file)."""
+    stem = name[: -len(".jsonl")]
+    n = 1
+    while True:
+        target = staged.parent / (name if n == 1 else f"{stem}.{n}.jsonl")
+        try:
+            os.link(staged, target)        # fails if target exists: no clobbering, no race
+        except FileExistsError:
+            n += 1
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+                raise
+            if target.exists():
+                n += 1
+                continue
+            os.rename(staged, target)
+            fsync_dir(staged.parent)
+            return target.name
+        staged.unlink()
+        fsync_dir(staged.parent)
+        return target.name
+
+
+def _hand_over(svc: Services, staged: Path, name: str, priority: Priority, force: bool) -> JSONResponse:
+    if daemon_running(svc.layout):
+        try:
+            reply = svc.send_control("queue_add", timeout=QUEUE_ADD_REPLY_TIMEOUT_S, staged=staged.name,
+                                     name=name, priority=priority.value, force=force)
+        except HTTPException as exc:
+            if exc.status_code == 503:      # it stopped meanwhile
+                return _hand_over(svc, staged, name, priority, force)
+            if exc.status_code == 504:
+                return JSONResponse({"ok": True, "queued": False, "name": name, "message": exc.detail},
+                                    status_code=202)
+            # refused: the daemon moved it into failed/ with the reason
+            return JSONResponse({"ok": False, "queued": False, "name": name, "message": exc.detail},
+                                status_code=422)
+        return JSONResponse({**reply, "queued": True, "name": name}, status_code=201)
+    final = _publish_to_inbox(staged, name)
+    extra = "" if priority is Priority.NORMAL and not force else \
+        " (priority and force apply only through the running daemon: set them again after it starts)"
+    return JSONResponse({"ok": True, "queued": False, "name": final,
+                         "message": f"daemon not running: saved as inbox/{final}; it is queued when "
+                                    f"the daemon starts{extra}"}, status_code=202)
+
+
+@router.post("/api/queue", status_code=201,
+             summary="upload a JSONL file into the queue (multipart field 'file', or the raw body "
+                     "with ?name=)",
+             responses={413: {"description": "larger than monitor.max_upload_bytes"},
+                        415: {"description": "not multipart/form-data or a JSONL content type"},
+                        422: {"description": "the daemon rejected the file (it is kept in failed/)"}})
+async def upload(request: Request,
+                 name: str | None = Query(None, max_length=1000,
+                                          description="file name for a raw-body upload"),
+                 priority: Priority = Query(Priority.NORMAL),
+                 force: bool = Query(False, description="train even if the same content was trained"),
+                 svc: Services = Depends(services)) -> JSONResponse:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    inbox = svc.layout.inbox
+    staged: Path | None = None
+    fd: int | None = None
+    try:
+        if ctype == "multipart/form-data":
+            # the body was capped by the security middleware before (and while) it is parsed
+            async with request.form(max_files=1, max_fields=8, max_part_size=64 * 1024) as form:
+                up = form.get("file")
+                if not isinstance(up, UploadFile):
+                    raise HTTPException(400, "multipart upload needs one file in the field 'file'")
+                if form.get("priority"):
+                    try:
+                        priority = Priority(str(form.get("priority")))
+                    except ValueError:
+                        raise HTTPException(422, "priority must be high, normal or low") from None
+                if form.get("force") is not None:
+                    force = str(form.get("force")).lower() in ("1", "true", "yes", "on")
+                safe = safe_name(up.filename or name or "upload.jsonl")
+                staged = _stage_path(inbox, safe)
+                fd = _open_staged(staged)
+                size = 0
+                while chunk := await up.read(1 << 20):
+                    size += len(chunk)
+                    await asyncio.to_thread(os.write, fd, chunk)
+        elif ctype in RAW_TYPES:
+            if not name:
+                raise HTTPException(400, "a raw-body upload needs ?name=FILE.jsonl")
+            safe = safe_name(name)
+            staged = _stage_path(inbox, safe)
+            fd = _open_staged(staged)
+            size = 0
+            async for chunk in request.stream():
+                if chunk:
+                    size += len(chunk)
+                    os.write(fd, chunk)
+        else:
+            raise HTTPException(415, "upload as multipart/form-data (field 'file') or as the raw body "
+                                     "with Content-Type application/x-ndjson and ?name=FILE.jsonl")
+        if size == 0:
+            raise HTTPException(400, "empty upload: nothing to train on")
+        fdone, fd = fd, None
+        await asyncio.to_thread(_finish_staged, fdone, inbox)
+        log.info("upload %s (%d bytes) staged as inbox/%s", safe, size, staged.name)
+        handed, staged = staged, None        # from here on the daemon (or inbox/) owns the file
+        return await asyncio.to_thread(_hand_over, svc, handed, safe, priority, force)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+            fd = None
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+            staged = None
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -1,0 +1,275 @@
+"""Request checks for the monitor, applied to every request before any route runs.
+
+Loopback is not a trust boundary: any web page in the user's browser can send requests to
+127.0.0.1:8080. So, even on loopback:
+
+1. Host header allowlist (DNS rebinding): localhost, 127.0.0.1, [::1] (any port) plus
+   ``monitor.allowed_hosts``; a missing or malformed Host is 400, another name is 421.
+2. Method allowlist: GET and HEAD are safe; POST, PUT, PATCH, DELETE are "mutating"; any other
+   method (OPTIONS included: a CORS preflight is never granted) is 405. No CORS headers, ever.
+3. Every mutating request needs ``X-Trainer-Request: 1`` (a cross-site form cannot send a custom
+   header, and a cross-site fetch with one needs a preflight we never grant), must not carry a
+   foreign ``Origin`` (or, without Origin, a foreign ``Referer``), and must not be ``text/plain``
+   or a url-encoded form (the two "simple" content types a cross-site page can send freely).
+4. A token (when configured; required when bound to a non-loopback address) on every /api/ call
+   and /metrics: ``Authorization: Bearer T`` or ``X-Trainer-Token: T``; GET/HEAD may also pass
+   ``?token=T`` (EventSource cannot send headers).
+5. Request bodies are capped before any parsing: Content-Length above the cap is refused at
+   once, a chunked body is counted as it arrives.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import re
+from typing import Any, Awaitable, Callable, Iterable
+from urllib.parse import parse_qs, urlsplit
+
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger("monitor.security")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SAFE_METHODS = frozenset({"GET", "HEAD"})
+MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+ALLOWED_METHODS = SAFE_METHODS | MUTATING_METHODS
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+FORBIDDEN_CONTENT_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded"})
+REQUEST_HEADER = "x-trainer-request"
+TOKEN_HEADER = "x-trainer-token"
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
+       "form-action 'none'; frame-ancestors 'none'")
+NO_CSP_PREFIXES = ("/docs", "/redoc")      # FastAPI's API docs pages load their own scripts
+
+_HOST_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?$")
+
+
+def is_loopback_bind(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_host(value: str) -> tuple[str, int | None] | None:
+    """('name-or-ip', port) from a Host header value; None when malformed."""
+    m = _HOST_RE.match(value.strip())
+    if not m:
+        return None
+    name = (m.group("v6") or m.group("name") or "").lower().rstrip(".")
+    if m.group("v6"):
+        try:
+            name = str(ipaddress.IPv6Address(name))
+        except ValueError:
+            return None
+    port = int(m.group("port")) if m.group("port") else None
+    if port is not None and not 0 < port < 65536:
+        return None
+    return name, port
+
+
+def allowed_host_set(extra: Iterable[str], bind_host: str | None = None) -> frozenset[str]:
+    names = set(LOOPBACK_NAMES)
+    for h in extra:
+        parsed = parse_host(h) or parse_host(f"[{h}]")
+        if parsed:
+            names.add(parsed[0])
+    if bind_host and bind_host not in ("0.0.0.0", "::", ""):
+        parsed = parse_host(bind_host) or parse_host(f"[{bind_host}]")
+        if parsed:
+            names.add(parsed[0])
+    return frozenset(names)
+
+
+def _origin_matches(url: str, host_header: str, scheme: str) -> bool:
+    """Does the Origin/Referer URL name this very server (scheme, host and port as requested)?"""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.netloc or "@" in parts.netloc:
+        return False
+    a = parse_host(parts.netloc)
+    b = parse_host(host_header)
+    if a is None or b is None:
+        return False
+    default = {"http": 80, "https": 443}
+    a_port = a[1] if a[1] is not None else default[parts.scheme]
+    b_port = b[1] if b[1] is not None else default.get(scheme, 80)
+    return a[0] == b[0] and a_port == b_port
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when a body passes its cap. An HTTPException, so that FastAPI's body
+    parsing (which turns other errors into 400) lets it through as a 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than the limit of {limit} bytes "
+                              "(monitor.max_upload_bytes)")
+        self.limit = limit
+
+
+def token_required(path: str) -> bool:
+    return path.startswith("/api/") or path == "/api" or path == "/metrics"
+
+
+class SecurityMiddleware:
+    """Pure ASGI middleware (runs before routing, for every method and path)."""
+
+    def __init__(self, app: ASGIApp, *, allowed_hosts: Iterable[str] = (), token: str | None = None,
+                 bind_host: str | None = None, max_upload_bytes: int = 256 << 20,
+                 max_body_bytes: int = 64 << 10, upload_paths: Iterable[str] = ("/api/queue",)) -> None:
+        self.app = app
+        self.allowed = allowed_host_set(allowed_hosts, bind_host)
+        self.token = token.encode() if token else None
+        self.max_upload_bytes = max_upload_bytes
+        self.max_body_bytes = max_body_bytes
+        self.upload_paths = frozenset(upload_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":         # the monitor has none: refuse outright
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        path: str = scope.get("path", "")
+        method: str = scope.get("method", "GET").upper()
+
+        hosts = headers.get("host", [])
+        if len(hosts) != 1:
+            return await _deny(send, 400, "missing or repeated Host header")
+        parsed = parse_host(hosts[0])
+        if parsed is None:
+            return await _deny(send, 400, "malformed Host header")
+        if parsed[0] not in self.allowed:
+            log.warning("refused Host %r (%s %s)", hosts[0][:100], method, path[:200])
+            return await _deny(send, 421, f"Host '{parsed[0][:100]}' is not allowed (DNS rebinding "
+                               "protection); add it to monitor.allowed_hosts in config.json")
+
+        if method not in ALLOWED_METHODS:
+            return await _deny(send, 405, f"method {method[:20]} not allowed",
+                               extra=[(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE")])
+
+        if self.token is not None and token_required(path) and not self._token_ok(scope, headers, method):
+            return await _deny(send, 401, "missing or wrong token: send 'Authorization: Bearer TOKEN' "
+                               "(open the dashboard once as /?token=TOKEN)",
+                               extra=[(b"www-authenticate", b'Bearer realm="trainer-monitor"')])
+
+        if method in MUTATING_METHODS:
+            if headers.get(REQUEST_HEADER, [""])[0].strip() != "1":
+                return await _deny(send, 403, "missing 'X-Trainer-Request: 1' header: every change must "
+                                   "carry it (web pages of other sites cannot send it)")
+            scheme = scope.get("scheme", "http")
+            origin = headers.get("origin")
+            if origin is not None:
+                if len(origin) != 1 or not _origin_matches(origin[0], hosts[0], scheme):
+                    log.warning("refused foreign Origin %r on %s %s", origin[0][:100], method, path[:200])
+                    return await _deny(send, 403, "foreign Origin: changes are accepted only from "
+                                       "the dashboard's own page")
+            elif "referer" in headers:
+                if not _origin_matches(headers["referer"][0], hosts[0], scheme):
+                    return await _deny(send, 403, "foreign Referer: changes are accepted only from "
+                                       "the dashboard's own page")
+            ctype = headers.get("content-type", [""])[0].split(";")[0].strip().lower()
+            if ctype in FORBIDDEN_CONTENT_TYPES:
+                return await _deny(send, 415, f"Content-Type {ctype} is not accepted: send "
+                                   "application/json (control) or a JSONL upload")
+            limit = self.max_upload_bytes if path in self.upload_paths else self.max_body_bytes
+            clen = headers.get("content-length")
+            if clen is not None:
+                try:
+                    n = int(clen[0])
+                except ValueError:
+                    return await _deny(send, 400, "malformed Content-Length")
+                if n > limit:
+                    return await _deny(send, 413, f"request body of {n} bytes is larger than the "
+                                       f"limit of {limit} bytes (monitor.max_upload_bytes)")
+            receive = _limited(receive, limit)
+
+        started = False
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                hdrs = [(k, v) for k, v in message.get("headers", [])
+                        if not k.lower().startswith(b"access-control-")]
+                hdrs += _security_headers(path)
+                message = {**message, "headers": hdrs}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BodyTooLarge as exc:
+            if started:
+                raise
+            await _deny(send, 413, str(exc.detail))
+
+    def _token_ok(self, scope: Scope, headers: dict[str, list[str]], method: str) -> bool:
+        assert self.token is not None
+        candidates: list[str] = []
+        for v in headers.get("authorization", []):
+            scheme, _, cred = v.partition(" ")
+            if scheme.lower() == "bearer":
+                candidates.append(cred.strip())
+        candidates += [v.strip() for v in headers.get(TOKEN_HEADER, [])]
+        if method in SAFE_METHODS:
+            qs = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            candidates += qs.get("token", [])
+        return any(hmac.compare_digest(c.encode("utf-8", "replace"), self.token) for c in candidates)
+
+
+def _headers(scope: Scope) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for k, v in scope.get("headers", []):
+        out.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
+    return out
+
+
+def _security_headers(path: str) -> list[tuple[bytes, bytes]]:
+    h = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+         (b"referrer-policy", b"no-referrer"), (b"cross-origin-resource-policy", b"same-origin"),
+         (b"cross-origin-opener-policy", b"same-origin")]
+    if not path.startswith(NO_CSP_PREFIXES):
+        h.append((b"content-security-policy", CSP.encode()))
+    if path.startswith("/api/") or path == "/metrics":
+        h.append((b"cache-control", b"no-store"))
+    return h
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def wrapped() -> dict[str, Any]:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(limit)
+        return message
+    return wrapped
+
+
+async def _deny(send: Send, status: int, detail: str,
+                extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            *_security_headers("/api/"), *(extra or [])]})
+    await send({"type": "http.response.body", "body": body})
