@@ -7,7 +7,8 @@ PR_SET_PDEATHSIG=SIGKILL so the worker dies with the calling thread), then until
 - relays each stdout event line to ``sink.emit`` (the daemon stays the single status writer);
 - forwards every command from ``control.poll()`` to the worker's stdin as ``{"cmd": ...}``;
 - kills the worker (SIGKILL) when no event arrived for ``worker_timeout_s`` seconds while it is
-  not paused -> FAILED "worker hung: no progress for N s", details {"crash": true, "hung": true};
+  not paused -> FAILED "worker hung: no progress for N s", details {"crash": true, "hung": true}
+  (before the worker's "started" event the limit is ``startup_timeout_s``, by default the same);
 - maps an exit without a result line to FAILED "worker died: killed by SIGKILL" / "worker died:
   exit code N", details {"crash": true, "returncode": rc} (the daemon may retry).
 
@@ -58,11 +59,12 @@ class SubprocessTrainer:
 
     def __init__(self, python: str = sys.executable, module: str = "trainer.worker",
                  poll_interval: float = 0.1, worker_timeout_s: float | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 startup_timeout_s: float | None = None, extra_env: dict[str, str] | None = None) -> None:
         self.python = python
         self.module = module
         self.poll_interval = poll_interval
         self.worker_timeout_s = worker_timeout_s  # overrides job.config["worker_timeout_s"]
+        self.startup_timeout_s = startup_timeout_s  # until the "started" event; default: the same
         self.extra_env = dict(extra_env or {})
         self._proc: subprocess.Popen[str] | None = None
         self._stdin_lock = threading.Lock()
@@ -121,13 +123,14 @@ class SubprocessTrainer:
             json.dump(job.to_json(), fh)
         log_fh = open(home / "logs" / "training_output.log", "ab")
         try:
-            return self._run(job, sink, control, Path(job_file), log_fh, timeout)
+            startup = float(self.startup_timeout_s) if self.startup_timeout_s is not None else timeout
+            return self._run(job, sink, control, Path(job_file), log_fh, timeout, startup)
         finally:
             log_fh.close()
             Path(job_file).unlink(missing_ok=True)
 
     def _run(self, job: JobSpec, sink: EventSink, control: ControlSource, job_file: Path,
-             log_fh: IO[bytes], timeout: float) -> JobResult:
+             log_fh: IO[bytes], timeout: float, startup_timeout: float) -> JobResult:
         cmd = [self.python, "-m", self.module, "--job", str(job_file)]
         log_fh.write(f"\n===== job {job.job_id} {job.name} attempt {job.attempt}: {' '.join(cmd)}\n".encode())
         log_fh.flush()
@@ -144,6 +147,7 @@ class SubprocessTrainer:
         result: JobResult | None = None
         hung: str | None = None
         paused = False
+        started = False
         last_event = time.monotonic()
         try:
             while True:
@@ -166,6 +170,8 @@ class SubprocessTrainer:
                     if kind == "result":
                         result = self._to_result(ev)
                         continue
+                    if kind == "started":
+                        started = True
                     if kind == "paused":
                         paused = True
                     elif kind in ("resumed", "started", "step"):
@@ -175,8 +181,9 @@ class SubprocessTrainer:
                     except Exception:  # noqa: BLE001 - a sink bug must not kill the job
                         log.exception("sink.emit failed for %s", kind)
                     continue
-                if not paused and time.monotonic() - last_event > timeout:
-                    hung = f"worker hung: no progress for {timeout:g} s"
+                limit = timeout if started else startup_timeout
+                if not paused and time.monotonic() - last_event > limit:
+                    hung = f"worker hung: no progress for {limit:g} s"
                     log.error("%s; killing pid %d", hung, proc.pid)
                     proc.kill()
                     break

@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: control.put(Command.STOP))
     start_stdin_reader(sys.stdin, control)
 
+    sink.emit({"event": "log", "level": "info", "message": f"worker pid {os.getpid()} starting"})
     try:
         job = JobSpec.from_json(json.loads(args.job.read_text(encoding="utf-8")))
         from trainer.recipe import QLoRATrainer
