@@ -356,7 +356,15 @@ class Daemon:
                 self.queue.move(job, JobState.PENDING, resume=True, steps=result.steps)
         else:
             reason = result.reason or "failed"
-            if result.details.get("crash") and job.attempts < cfg.max_attempts:
+            if result.details.get("blocking"):
+                # the setup is wrong (base missing or mismatched), not the data: every job would
+                # fail the same way, so keep this one at the head of the queue and pause
+                self.queue.move(job, JobState.PENDING, resume=True, attempts=max(0, job.attempts - 1))
+                self.paused = True
+                self.board.update(paused=True)
+                self._report_error(f"training paused: {reason}. Fix it, then `trainer-ctl resume`",
+                                   "blocked")
+            elif result.details.get("crash") and job.attempts < cfg.max_attempts:
                 self.queue.move(job, JobState.PENDING, resume=True, error=None)
                 self._report_error(f"{job.name}: {reason}; retrying (attempt {job.attempts} of "
                                    f"{cfg.max_attempts})", "job_retry")

@@ -68,6 +68,13 @@ class JobSpec:
         return cls(**{**d, "dataset": Path(d["dataset"]), "home": Path(d["home"])})
 
 
+# JobResult.details keys the daemon acts on:
+#   crash: True     the attempt died (worker crash, hang, OOM at the smallest batch): retry up to
+#                   max_attempts, then failed/
+#   blocking: True  the setup is wrong, not the data (base missing or mismatched): the job stays
+#                   queued and the daemon pauses until the user fixes it and resumes
+
+
 @dataclass
 class JobResult:
     outcome: Outcome
