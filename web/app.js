@@ -1,0 +1,706 @@
+/* Trainer monitor dashboard. Plain JS, no build step.
+ *
+ * Updates come from /api/stream (Server-Sent Events); if the stream fails the page polls the
+ * JSON API until the stream is back. Everything that comes from datasets, file names, errors or
+ * logs is put on the page with textContent (never innerHTML). Changes are POSTed with the header
+ * X-Trainer-Request: 1 (the server refuses changes without it).
+ */
+"use strict";
+(function () {
+  // ---- token: taken once from ?token=, kept in sessionStorage, removed from the address bar ----
+  const TOKEN_KEY = "trainerMonitorToken";
+  const params = new URLSearchParams(location.search);
+  if (params.has("token")) {
+    sessionStorage.setItem(TOKEN_KEY, params.get("token") || "");
+    params.delete("token");
+    const q = params.toString();
+    history.replaceState(null, "", location.pathname + (q ? "?" + q : "") + location.hash);
+  }
+  const TOKEN = sessionStorage.getItem(TOKEN_KEY) || "";
+
+  const MAX_POINTS = 20000;
+  const MAX_SYS_POINTS = 1800;
+  const MAX_LOG_LINES = 400;
+  const MAX_EVENTS = 200;
+  const DONE_SHOWN = 50;
+
+  // ---- small DOM helpers (text only) ----
+  const $ = (id) => document.getElementById(id);
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    if (props) {
+      for (const [k, v] of Object.entries(props)) {
+        if (v === undefined || v === null) continue;
+        if (k === "text") node.textContent = String(v);
+        else if (k === "className") node.className = v;
+        else if (k === "title") node.title = String(v);
+        else if (k === "dataset") Object.assign(node.dataset, v);
+        else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+        else node.setAttribute(k, String(v));
+      }
+    }
+    for (const c of children) {
+      if (c === null || c === undefined || c === false) continue;
+      node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+    return node;
+  }
+  function setPanel(node, state, reason) {
+    node.dataset.state = state;
+    const r = node.querySelector(":scope > .reason") || node.querySelector(".reason");
+    if (r && reason !== undefined) r.textContent = reason;
+  }
+
+  // ---- formatting ----
+  const nf = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+  function num(v, digits) {
+    if (v === null || v === undefined || Number.isNaN(v)) return "–";
+    if (typeof v !== "number") return String(v);
+    if (digits !== undefined) return v.toFixed(digits);
+    const a = Math.abs(v);
+    if (a !== 0 && (a < 1e-3 || a >= 1e6)) return v.toExponential(2);
+    if (a >= 100) return nf.format(v);
+    return v.toPrecision(4).replace(/\.?0+$/, "");
+  }
+  function bytes(v) {
+    if (v === null || v === undefined) return "–";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0, x = v;
+    while (x >= 1024 && i < units.length - 1) { x /= 1024; i++; }
+    return (i === 0 ? x : x.toFixed(x >= 100 ? 0 : 1)) + " " + units[i];
+  }
+  function dur(s) {
+    if (s === null || s === undefined || !isFinite(s)) return "–";
+    s = Math.max(0, Math.round(s));
+    const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+    if (h) return `${h}h ${String(m).padStart(2, "0")}m`;
+    if (m) return `${m}m ${String(sec).padStart(2, "0")}s`;
+    return `${sec}s`;
+  }
+  function when(ts) {
+    if (ts === null || ts === undefined) return "–";
+    const d = typeof ts === "number" ? new Date(ts * 1000) : new Date(ts);
+    if (isNaN(d)) return String(ts);
+    const today = new Date();
+    return d.toDateString() === today.toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
+  }
+  const GiB = 1024 ** 3;
+
+  // ---- API ----
+  function headers(extra) {
+    const h = Object.assign({}, extra || {});
+    if (TOKEN) h["Authorization"] = "Bearer " + TOKEN;
+    return h;
+  }
+  async function api(method, path, body, extraHeaders) {
+    const init = { method, headers: headers(extraHeaders), cache: "no-store", credentials: "same-origin" };
+    if (method !== "GET" && method !== "HEAD") init.headers["X-Trainer-Request"] = "1";
+    if (body !== undefined) {
+      if (body instanceof Blob) init.body = body;
+      else { init.body = JSON.stringify(body); init.headers["Content-Type"] = "application/json"; }
+    }
+    let res;
+    try { res = await fetch(path, init); } catch (e) { return { ok: false, status: 0, data: { detail: "monitor unreachable: " + e.message } }; }
+    let data = null;
+    try { data = await res.json(); } catch (e) { data = { detail: res.statusText }; }
+    return { ok: res.ok, status: res.status, data };
+  }
+  function detailOf(data) {
+    if (!data) return "";
+    if (typeof data.message === "string") return data.message;
+    if (typeof data.detail === "string") return data.detail;
+    if (Array.isArray(data.detail)) return data.detail.map((d) => d.msg || JSON.stringify(d)).join("; ");
+    return JSON.stringify(data);
+  }
+
+  function toast(text, kind) {
+    const t = el("div", { className: "toast " + (kind || ""), text });
+    $("toasts").append(t);
+    setTimeout(() => t.remove(), kind === "bad" ? 9000 : 5000);
+  }
+
+  // ---- theme-aware colours for charts and heatmap ----
+  const dark = window.matchMedia("(prefers-color-scheme: dark)");
+  function css(name) { return getComputedStyle(document.documentElement).getPropertyValue(name).trim(); }
+  const PALETTE_LIGHT = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2"];
+  const PALETTE_DARK = ["#60a5fa", "#f87171", "#34d399", "#fbbf24", "#a78bfa", "#22d3ee"];
+  const palette = () => (dark.matches ? PALETTE_DARK : PALETTE_LIGHT);
+
+  // ---- charts (uPlot) ----
+  const charts = {};   // id -> {u, data, defs, fmt}
+  function chartWidth(node) { return Math.max(200, Math.floor(node.clientWidth || node.parentNode.clientWidth || 300)); }
+  function makeChart(id, defs, fmt, data) {
+    const node = $(id);
+    const old = charts[id];
+    if (old && old.u) old.u.destroy();
+    node.replaceChildren();
+    const axisStroke = css("--muted"), grid = css("--border");
+    const colors = palette();
+    const opts = {
+      width: chartWidth(node), height: 190,
+      scales: { x: { time: true } },
+      legend: { live: true },
+      cursor: { drag: { x: true, y: false } },
+      series: [{ value: (u, v) => (v == null ? "–" : when(v)) }].concat(defs.map((d, i) => ({
+        label: d.label, stroke: d.color || colors[i % colors.length], width: 1.6, spanGaps: true,
+        points: { show: !!d.points, size: 5 },
+        value: (u, v) => (v == null ? "–" : fmt(v)),
+      }))),
+      axes: [
+        { stroke: axisStroke, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 } },
+        { stroke: axisStroke, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 },
+          size: (u, values) => 18 + 7 * Math.max(3, ...(values || []).map((v) => String(v).length)),
+          values: (u, vals) => vals.map((v) => (v == null ? "" : fmt(v))) },
+      ],
+    };
+    const u = typeof uPlot === "function" ? new uPlot(opts, data, node) : null;
+    charts[id] = { u, data, defs, fmt };
+    return charts[id];
+  }
+  const dirty = new Set();
+  function redraw(id) {
+    dirty.add(id);
+    if (dirty.size === 1) requestAnimationFrame(flushCharts);
+  }
+  function flushCharts() {
+    for (const id of dirty) {
+      const c = charts[id];
+      if (c && c.u) c.u.setData(c.data);
+    }
+    dirty.clear();
+  }
+  const ro = new ResizeObserver((entries) => {
+    for (const e of entries) {
+      const c = charts[e.target.id];
+      if (c && c.u && e.contentRect.width > 0) c.u.setSize({ width: Math.floor(e.contentRect.width), height: 190 });
+    }
+  });
+
+  // ---- state ----
+  let status = null;
+  const M = { t: [], loss: [], eval: [], lr: [], tps: [], seq: -1, total: 0 };
+  const S = { t: [], gpu: [], ram: [], daemon: [], worker: [], gpuCount: -1, last: null };
+  let queue = null;
+  let layers = null;
+  let lastEventId = 0;
+
+  // ---- header / status ----
+  function onStatus(s) {
+    status = s;
+    const st = s.status || "unknown";
+    const badge = $("state-badge");
+    const shown = s.daemon_running && s.paused && st !== "paused" && st !== "stopping" ? st + " (pausing)" : st;
+    badge.textContent = shown;
+    badge.dataset.status = st;
+    const running = !!s.daemon_running;
+    const job = running ? s.current_file : null;
+    $("job-file").textContent = job ? job : (running ? "no job running" : "–");
+    $("job-file").title = job || "";
+    const step = s.current_step, total = s.total_steps;
+    const pct = job && total ? Math.min(100, (100 * (step || 0)) / total) : 0;
+    $("progress-bar").style.width = pct.toFixed(1) + "%";
+    $("progress").setAttribute("aria-valuenow", pct.toFixed(0));
+    const meta = [];
+    if (job) {
+      meta.push(`step ${step ?? 0} of ${total ?? "?"}` + (total ? ` (${pct.toFixed(0)}%)` : ""));
+      meta.push("ETA " + dur(s.eta_seconds));
+      if (s.loss != null) meta.push("loss " + num(s.loss));
+      if (s.tokens_per_second != null) meta.push(num(s.tokens_per_second) + " tok/s");
+    } else if (s.queue && running) {
+      meta.push(`queue: ${s.queue.pending ?? 0} pending`);
+    }
+    $("job-meta").textContent = meta.join(" · ") || "–";
+    const detail = [];
+    if (!running) detail.push(s.message || "daemon not running");
+    else if (s.daemon_pid) detail.push(`daemon pid ${s.daemon_pid}` + (s.started_at ? `, up since ${when(s.started_at)}` : ""));
+    if (s.last_error && s.last_error.message) detail.push("last error: " + s.last_error.message);
+    if (s.last_command && s.last_command.message) detail.push(`last command (${s.last_command.command}): ${s.last_command.message}`);
+    $("state-detail").textContent = detail.join(" — ");
+    // buttons
+    const paused = !!s.paused || st === "paused";
+    const busy = st === "stopping" || st === "stopped";
+    setBtn("btn-pause", running && !paused && !busy, running ? (paused ? "already paused" : "") : "daemon not running");
+    setBtn("btn-resume", running && paused && !busy, running ? (paused ? "" : "not paused") : "daemon not running");
+    setBtn("btn-skip", running && !!s.current_file && !busy, running ? (s.current_file ? "" : "no job running") : "daemon not running");
+    setBtn("btn-stop", running && !busy, running ? "" : "daemon not running");
+    // training stats line
+    const stats = $("train-stats");
+    stats.replaceChildren();
+    const add = (label, value) => stats.append(el("span", { className: "stat" }, label + " ", el("b", { text: value })));
+    add("trainer", s.trainer || "–");
+    add("model", s.model_name || "–");
+    add("loss", num(s.loss));
+    add("eval loss", num(s.eval_loss));
+    add("lr", num(s.learning_rate));
+    add("grad norm", num(s.grad_norm));
+    add("tokens/s", num(s.tokens_per_second));
+    add("epoch", num(s.epoch));
+    add("peak memory", bytes(s.peak_memory_bytes));
+    $("top").dataset.state = "data";
+    if (queue) renderJobs("q-processing", (queue.jobs || {}).processing || [], processingItem, "nothing is training");
+    updateMetricReasons();
+    if (!S.last) updateSystemReasons();
+  }
+  function setBtn(id, enabled, why) {
+    const b = $(id);
+    b.disabled = !enabled;
+    b.title = enabled ? "" : why;
+  }
+
+  // ---- control buttons ----
+  async function control(command) {
+    if (command === "stop") {
+      const ok = await confirmDialog("Stop the daemon? The current job is checkpointed and resumes at the next start.", "Stop");
+      if (!ok) return;
+    }
+    const b = $("btn-" + command);
+    b.disabled = true;
+    const r = await api("POST", "api/control/" + command);
+    toast(detailOf(r.data) || (r.ok ? command + " sent" : "failed"), r.ok ? "ok" : "bad");
+    if (status) onStatus(status);
+    if (pollMode) pollOnce();
+  }
+  function confirmDialog(text, okLabel) {
+    const d = $("confirm-dialog");
+    $("confirm-text").textContent = text;
+    $("confirm-ok").textContent = okLabel;
+    return new Promise((resolve) => {
+      const done = (v) => { d.close(); cleanup(); resolve(v); };
+      const ok = () => done(true), cancel = () => done(false);
+      const onCancel = (e) => { e.preventDefault(); done(false); };
+      function cleanup() {
+        $("confirm-ok").removeEventListener("click", ok);
+        $("confirm-cancel").removeEventListener("click", cancel);
+        d.removeEventListener("cancel", onCancel);
+      }
+      $("confirm-ok").addEventListener("click", ok);
+      $("confirm-cancel").addEventListener("click", cancel);
+      d.addEventListener("cancel", onCancel);
+      d.showModal();
+      $("confirm-cancel").focus();
+    });
+  }
+
+  // ---- training metrics ----
+  function resetMetrics() {
+    for (const k of ["t", "loss", "eval", "lr", "tps"]) M[k].length = 0;
+  }
+  function onMetrics(msg) {
+    if (msg.reset) resetMetrics();
+    for (const r of msg.records || []) {
+      if (typeof r.time !== "number") continue;
+      M.t.push(r.time);
+      M.loss.push(typeof r.loss === "number" ? r.loss : null);
+      M.eval.push(typeof r.eval_loss === "number" ? r.eval_loss : null);
+      M.lr.push(typeof r.learning_rate === "number" ? r.learning_rate : null);
+      M.tps.push(typeof r.tokens_per_second === "number" ? r.tokens_per_second : null);
+      if (typeof r.seq === "number") M.seq = Math.max(M.seq, r.seq);
+    }
+    if (typeof msg.total === "number") M.total = msg.total;
+    const extra = M.t.length - MAX_POINTS;
+    if (extra > 0) for (const k of ["t", "loss", "eval", "lr", "tps"]) M[k].splice(0, extra);
+    updateMetricReasons();
+    for (const id of ["chart-loss", "chart-lr", "chart-tps"]) if (charts[id]) redraw(id);
+  }
+  const has = (arr) => arr.some((v) => v !== null);
+  function updateMetricReasons() {
+    const trainer = status && status.trainer ? status.trainer : null;
+    const none = M.t.length === 0;
+    const whyNone = "no training metrics yet: they appear once a job trains";
+    const whyMissing = (what) => trainer === "standin"
+      ? `no ${what}: the stand-in trainer (config "trainer": "standin") trains no model and reports none`
+      : `no ${what} in the metrics yet` + (trainer ? ` (trainer: ${trainer})` : "");
+    setChartBox("box-loss", "chart-loss", none ? whyNone : (has(M.loss) || has(M.eval) ? null : whyMissing("loss values")),
+      () => [[{ label: "train loss" }, { label: "eval loss", points: true }], (v) => num(v), [M.t, M.loss, M.eval]]);
+    setChartBox("box-lr", "chart-lr", none ? whyNone : (has(M.lr) ? null : whyMissing("learning rate")),
+      () => [[{ label: "learning rate" }], (v) => num(v), [M.t, M.lr]]);
+    setChartBox("box-tps", "chart-tps", none ? whyNone : (has(M.tps) ? null : whyMissing("tokens/s")),
+      () => [[{ label: "tokens/s" }], (v) => num(v), [M.t, M.tps]]);
+  }
+  function setChartBox(boxId, chartId, reason, spec) {
+    const box = $(boxId);
+    if (reason) {
+      setPanel(box, "reason", reason);
+      return;
+    }
+    const wasShown = box.dataset.state === "data";
+    setPanel(box, "data");
+    if (!charts[chartId] || !wasShown) {
+      const [defs, fmt, data] = spec();
+      makeChart(chartId, defs, fmt, data);
+      ro.observe($(chartId));
+    }
+  }
+
+  // ---- GPU and memory ----
+  function onSystemHistory(msg) {
+    S.t.length = 0; S.gpu.length = 0; S.ram.length = 0; S.daemon.length = 0; S.worker.length = 0;
+    for (const s of msg.samples || []) addSample(s, false);
+    renderSystem(true);
+  }
+  function onSystem(s) {
+    addSample(s, true);
+    renderSystem(false);
+  }
+  function addSample(s, trim) {
+    S.last = s;
+    S.t.push(s.time);
+    S.gpu.push(s.gpu && s.gpu.available ? s.gpu.gpus : null);
+    const m = s.memory || {};
+    S.ram.push(m.system ? m.system.used_bytes / GiB : null);
+    S.daemon.push(m.daemon ? m.daemon.rss_bytes / GiB : null);
+    S.worker.push(m.daemon ? (m.worker_rss_bytes || 0) / GiB : null);
+    if (trim && S.t.length > MAX_SYS_POINTS) for (const k of ["t", "gpu", "ram", "daemon", "worker"]) S[k].shift();
+  }
+  function gpuSeries(field, scale) {
+    const n = Math.max(S.gpuCount, 0);
+    const cols = [];
+    for (let i = 0; i < n; i++) cols.push(S.gpu.map((g) => (g && g[i] && g[i][field] != null ? g[i][field] * scale : null)));
+    return cols;
+  }
+  function renderSystem(rebuild) {
+    updateSystemReasons();
+    const s = S.last;
+    // GPU
+    const gpu = s && s.gpu;
+    if (gpu && gpu.available) {
+      const count = gpu.gpus.length;
+      const names = gpu.gpus.map((g) => `GPU ${g.index}`);
+      const needBuild = rebuild || count !== S.gpuCount || !charts["chart-gpu-util"];
+      S.gpuCount = count;
+      const specs = [["chart-gpu-util", "utilization_percent", 1, (v) => num(v, 0) + "%"],
+        ["chart-gpu-mem", "memory_used_bytes", 1 / GiB, (v) => num(v, 1)],
+        ["chart-gpu-temp", "temperature_c", 1, (v) => num(v, 0) + "°"],
+        ["chart-gpu-power", "power_w", 1, (v) => num(v, 0) + " W"]];
+      for (const [id, field, scale, fmt] of specs) {
+        const data = [S.t].concat(gpuSeries(field, scale));
+        if (needBuild) { makeChart(id, names.map((l) => ({ label: l })), fmt, data); ro.observe($(id)); }
+        else { charts[id].data = data; redraw(id); }
+      }
+      const info = $("gpu-info");
+      info.replaceChildren();
+      for (const g of gpu.gpus) {
+        const procs = (g.processes || []).map((p) => `${p.name || "?"} (${p.pid}${p.used_memory_bytes != null ? ", " + bytes(p.used_memory_bytes) : ""})`).join(", ");
+        info.append(el("span", { className: "stat" }, `GPU ${g.index} `, el("b", { text: g.name || "?" }),
+          ` · ${num(g.utilization_percent, 0)}% · ${bytes(g.memory_used_bytes)} / ${bytes(g.memory_total_bytes)} · ${num(g.temperature_c, 0)} °C · ${num(g.power_w, 0)} / ${num(g.power_limit_w, 0)} W · SM ${num(g.clock_sm_mhz, 0)} MHz · mem ${num(g.clock_mem_mhz, 0)} MHz`
+          + (procs ? ` · processes: ${procs}` : " · no processes")));
+      }
+      if (gpu.driver) info.append(el("span", { className: "stat muted", text: "driver " + gpu.driver }));
+    }
+    // memory
+    if (s && s.memory) {
+      const m = s.memory;
+      const data = [S.t, S.ram, S.daemon, S.worker];
+      if (rebuild || !charts["chart-mem"]) {
+        makeChart("chart-mem", [{ label: "system RAM in use" }, { label: "daemon RSS" }, { label: "worker RSS" }], (v) => num(v, v < 1 ? 2 : 1), data);
+        ro.observe($("chart-mem"));
+      } else { charts["chart-mem"].data = data; redraw("chart-mem"); }
+      const info = $("mem-info");
+      info.replaceChildren();
+      const add = (label, value) => info.append(el("span", { className: "stat" }, label + " ", el("b", { text: value })));
+      add("RAM", `${bytes(m.system.used_bytes)} / ${bytes(m.system.total_bytes)} (${num(m.system.percent, 0)}%)`);
+      add("swap", `${bytes(m.swap.used_bytes)} / ${bytes(m.swap.total_bytes)}`);
+      add("daemon RSS", m.daemon ? bytes(m.daemon.rss_bytes) : "–");
+      add("workers", m.daemon ? `${m.workers.length} (${bytes(m.worker_rss_bytes)})` : "–");
+      if (m.disk && m.disk.free_bytes != null) add("disk free", `${bytes(m.disk.free_bytes)} of ${bytes(m.disk.total_bytes)}`);
+      if (m.process_reason) info.append(el("span", { className: "stat muted", text: "process memory: " + m.process_reason }));
+    }
+  }
+  function updateSystemReasons() {
+    const s = S.last;
+    if (!s) {
+      setPanel($("gpu-panel"), "loading", "waiting for the first GPU reading…");
+      setPanel($("mem-panel"), "loading", "waiting for the first memory reading…");
+      return;
+    }
+    if (s.gpu && s.gpu.available) setPanel($("gpu-panel"), "data");
+    else {
+      setPanel($("gpu-panel"), "reason", (s.gpu && s.gpu.reason) || "no NVIDIA GPU detected");
+      $("gpu-info").replaceChildren();
+    }
+    setPanel($("mem-panel"), s.memory ? "data" : "reason", s.memory ? undefined : "no memory reading");
+  }
+
+  // ---- layers ----
+  const TYPE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+  function onLayers(l) {
+    layers = l;
+    renderLayers();
+  }
+  function heatColor(f) {
+    // from the panel colour to a strong blue (light) or amber (dark)
+    const lo = dark.matches ? [23, 27, 35] : [255, 255, 255];
+    const hi = dark.matches ? [251, 146, 60] : [29, 78, 216];
+    const c = lo.map((a, i) => Math.round(a + (hi[i] - a) * f));
+    return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+  }
+  function renderLayers() {
+    const panel = $("layers");
+    const l = layers;
+    if (!l || !l.available) {
+      setPanel(panel, "reason", (l && l.reason) || "no layer activity yet");
+      return;
+    }
+    const rows = Array.isArray(l.modules) ? l.modules : [];
+    if (!rows.length) {
+      setPanel(panel, "reason", "layer activity file has no modules yet");
+      return;
+    }
+    setPanel(panel, "data");
+    const metric = $("heat-metric").value;
+    const layerKeys = [...new Set(rows.map((r) => (r.layer === null || r.layer === undefined ? "other" : r.layer)))]
+      .sort((a, b) => (a === "other") - (b === "other") || a - b);
+    const types = [...new Set(rows.map((r) => String(r.type)))]
+      .sort((a, b) => {
+        const ia = TYPE_ORDER.indexOf(a), ib = TYPE_ORDER.indexOf(b);
+        return (ia < 0 ? 99 : ia) - (ib < 0 ? 99 : ib) || a.localeCompare(b);
+      });
+    const cell = new Map();
+    for (const r of rows) {
+      const key = (r.layer === null || r.layer === undefined ? "other" : r.layer) + "|" + r.type;
+      const v = typeof r[metric] === "number" ? r[metric] : null;
+      const prev = cell.get(key);
+      cell.set(key, prev == null ? v : Math.sqrt(prev * prev + (v || 0) * (v || 0)));
+    }
+    const vals = [...cell.values()].filter((v) => v !== null).map(Math.abs);
+    const max = vals.length ? Math.max(...vals) : 0;
+    const table = $("heatmap");
+    const head = el("tr", null, el("th", { text: "layer" }), ...types.map((t) => el("th", { text: t })));
+    const body = el("tbody");
+    for (const lk of layerKeys) {
+      const tr = el("tr", null, el("th", { text: String(lk) }));
+      for (const t of types) {
+        const v = cell.get(lk + "|" + t);
+        if (v === undefined || v === null) { tr.append(el("td", { className: "empty", text: "·" })); continue; }
+        const f = max > 0 ? Math.abs(v) / max : 0;
+        const td = el("td", { text: num(v), title: `layer ${lk} ${t}: ${metric} = ${v}` });
+        td.style.backgroundColor = heatColor(f);
+        if (f > 0.55) td.classList.add("hot");
+        tr.append(td);
+      }
+      body.append(tr);
+    }
+    table.replaceChildren(el("thead", null, head), body);
+    $("heat-ramp").style.background = `linear-gradient(to right, ${heatColor(0)}, ${heatColor(1)})`;
+    $("layers-meta").textContent = `step ${l.step ?? "?"}` + (l.job_id != null ? `, job ${l.job_id}` : "") + (l.updated_at ? `, ${when(l.updated_at)}` : "") + ` · max ${num(max)}`;
+    const top = rows.slice().sort((a, b) => Math.abs(b.delta_change || 0) - Math.abs(a.delta_change || 0)).slice(0, 10);
+    $("movers").replaceChildren(...top.map((r) => el("li", null, String(r.module || `${r.layer}.${r.type}`), " ",
+      el("span", { className: "num", text: `Δ ${num(r.delta_change)} · ‖ΔW‖ ${num(r.delta_norm)} · grad ${num(r.grad_norm)}` }))));
+  }
+
+  // ---- queue ----
+  function onQueue(q) {
+    queue = q;
+    const panel = $("queue");
+    const jobs = q.jobs || {};
+    const counts = q.counts || {};
+    for (const st of ["processing", "pending", "failed", "done"]) $("count-" + st).textContent = String(counts[st] ?? (jobs[st] || []).length);
+    $("queue-counts").textContent = Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(" · ");
+    setPanel(panel, q.available ? "data" : "reason", q.available ? "" : (q.reason || "queue not available"));
+    renderJobs("q-processing", jobs.processing || [], processingItem, "nothing is training");
+    renderJobs("q-pending", jobs.pending || [], pendingItem, "no pending jobs: drop a .jsonl file above or into inbox/");
+    renderJobs("q-failed", jobs.failed || [], failedItem, "no failed jobs");
+    const done = (jobs.done || []).slice(0, DONE_SHOWN);
+    renderJobs("q-done", done, doneItem, "nothing trained yet");
+    const more = (counts.done || 0) - done.length;
+    if (more > 0) $("q-done").append(el("li", { className: "empty", text: `${more} older finished jobs not shown` }));
+  }
+  function renderJobs(id, jobs, item, empty) {
+    const ul = $(id);
+    ul.replaceChildren(...(jobs.length ? jobs.map(item) : [el("li", { className: "empty", text: empty })]));
+  }
+  function jobHead(j) {
+    const head = el("div", { className: "job-name", text: j.name, title: j.original_name && j.original_name !== j.name ? "uploaded as: " + j.original_name : j.name });
+    const sub = [];
+    if (j.original_name && j.original_name !== j.name) sub.push("from " + j.original_name);
+    if (j.records != null) sub.push(`${nf.format(j.records)} records`);
+    if (j.format) sub.push(j.format);
+    if (j.size != null) sub.push(bytes(j.size));
+    return [head, el("div", { className: "job-sub", text: sub.join(" · ") })];
+  }
+  function processingItem(j) {
+    const extra = [];
+    if (status && status.current_file === j.name && status.total_steps) extra.push(`step ${status.current_step ?? 0} / ${status.total_steps}`);
+    extra.push(`attempt ${j.attempts}`);
+    if (j.started_at) extra.push("started " + when(j.started_at));
+    return el("li", { dataset: { job: j.name } }, ...jobHead(j), el("div", { className: "job-sub", text: extra.join(" · ") }));
+  }
+  function pendingItem(j) {
+    const sel = el("select", { "aria-label": "priority of " + j.name },
+      ...["high", "normal", "low"].map((p) => el("option", { value: p, text: p })));
+    sel.value = j.priority;
+    sel.addEventListener("change", async () => {
+      const r = await api("POST", `api/queue/${encodeURIComponent(j.name)}/priority`, { level: sel.value });
+      toast(detailOf(r.data), r.ok ? "ok" : "bad");
+      if (!r.ok) sel.value = j.priority;
+    });
+    const rm = el("button", { type: "button", className: "small danger", text: "Remove" });
+    rm.addEventListener("click", async () => {
+      rm.disabled = true;
+      const r = await api("DELETE", `api/queue/${encodeURIComponent(j.name)}`);
+      toast(detailOf(r.data), r.ok ? "ok" : "bad");
+      rm.disabled = false;
+    });
+    return el("li", { dataset: { job: j.name } }, ...jobHead(j),
+      el("div", { className: "job-actions" }, el("span", { className: "job-sub", text: `#${j.position ?? "?"}` + (j.resume ? " · resumes" : "") }),
+        el("label", { className: "job-sub" }, "priority ", sel), rm));
+  }
+  function failedItem(j) {
+    const retry = el("button", { type: "button", className: "small", text: "Retry" });
+    retry.addEventListener("click", async () => {
+      retry.disabled = true;
+      const dup = (j.error || "").startsWith("duplicate");
+      const r = await api("POST", `api/queue/${encodeURIComponent(j.name)}/retry`, { force: dup });
+      toast(detailOf(r.data), r.ok ? "ok" : "bad");
+      retry.disabled = false;
+    });
+    return el("li", { dataset: { job: j.name } }, ...jobHead(j),
+      el("div", { className: "job-error", text: j.error || "failed (no reason recorded)" }),
+      el("div", { className: "job-actions" }, el("span", { className: "job-sub", text: `attempts ${j.attempts}` + (j.finished_at ? " · " + when(j.finished_at) : "") }), retry));
+  }
+  function doneItem(j) {
+    return el("li", { dataset: { job: j.name } }, ...jobHead(j),
+      el("div", { className: "job-sub", text: (j.steps != null ? `${j.steps} steps · ` : "") + "finished " + when(j.finished_at || j.updated_at) }));
+  }
+
+  // ---- upload ----
+  async function upload(files) {
+    const pr = $("upload-priority").value;
+    for (const f of files) {
+      const li = el("li", { text: `${f.name}: uploading…` });
+      $("upload-results").prepend(li);
+      const r = await api("POST", `api/queue?name=${encodeURIComponent(f.name)}&priority=${encodeURIComponent(pr)}`, f,
+        { "Content-Type": "application/x-ndjson" });
+      li.textContent = `${f.name}: ${detailOf(r.data) || r.status}`;
+      li.className = r.ok ? "ok" : "bad";
+    }
+    while ($("upload-results").children.length > 8) $("upload-results").lastChild.remove();
+  }
+  function setupUpload() {
+    const dz = $("dropzone");
+    const stop = (e) => { e.preventDefault(); e.stopPropagation(); };
+    ["dragenter", "dragover"].forEach((t) => dz.addEventListener(t, (e) => { stop(e); dz.classList.add("over"); }));
+    ["dragleave", "drop"].forEach((t) => dz.addEventListener(t, (e) => { stop(e); dz.classList.remove("over"); }));
+    dz.addEventListener("drop", (e) => { if (e.dataTransfer && e.dataTransfer.files.length) upload([...e.dataTransfer.files]); });
+    // a file dropped elsewhere on the page must not navigate away
+    window.addEventListener("dragover", (e) => e.preventDefault());
+    window.addEventListener("drop", (e) => e.preventDefault());
+    $("file-input").addEventListener("change", (e) => { upload([...e.target.files]); e.target.value = ""; });
+  }
+
+  // ---- events and logs ----
+  function onEvents(msg) {
+    const ul = $("events");
+    const panel = ul.closest("[data-panel]");
+    if (msg.reset) ul.replaceChildren();
+    if (!msg.available && msg.reset) { setPanel(panel, "reason", msg.reason || "no events"); return; }
+    for (const ev of msg.events || []) {
+      lastEventId = Math.max(lastEventId, ev.id || 0);
+      ul.prepend(el("li", { className: "ev-" + (ev.level || "info") },
+        el("span", { className: "ev-time", text: when(ev.ts) }), el("span", { className: "ev-kind", text: ev.kind }), ev.message));
+    }
+    while (ul.children.length > MAX_EVENTS) ul.lastChild.remove();
+    if (ul.children.length) setPanel(panel, "data");
+    else setPanel(panel, "reason", "no events yet: jobs accepted, started, finished and failed show here");
+  }
+  function onLogs(msg) {
+    const key = msg.file === "training" ? "training" : "daemon";
+    const pre = $("log-" + key);
+    const panel = pre.closest("[data-panel]");
+    $(`log-${key}-name`).textContent = msg.name ? "(" + msg.name + ")" : "";
+    const stick = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 8;
+    let lines = msg.reset ? [] : (pre.textContent ? pre.textContent.split("\n") : []);
+    lines = lines.concat(msg.lines || []).slice(-MAX_LOG_LINES);
+    pre.textContent = lines.join("\n");
+    if (stick || msg.reset) pre.scrollTop = pre.scrollHeight;
+    if (lines.length) setPanel(panel, "data");
+    else setPanel(panel, "reason", key === "daemon"
+      ? (msg.name ? "the daemon log is empty so far" : "no daemon log yet: logs/daemon_YYYYMMDD.log appears when the daemon starts")
+      : (msg.name ? "no training output yet" : "no training output yet: logs/training_output.log appears when the trainer writes to it"));
+  }
+
+  // ---- live updates: SSE, with polling as the fallback ----
+  let es = null;
+  let pollMode = false;
+  let pollTimer = null;
+  let fallbackTimer = null;
+  function setConn(state, text) {
+    const c = $("conn");
+    c.dataset.conn = state;
+    c.textContent = text;
+  }
+  const handlers = {
+    status: onStatus, metrics: onMetrics, queue: onQueue, events: onEvents, layers: onLayers,
+    system: onSystem, system_history: onSystemHistory, logs: onLogs,
+  };
+  function connect() {
+    if (es) es.close();
+    const url = "api/stream" + (TOKEN ? "?token=" + encodeURIComponent(TOKEN) : "");
+    es = new EventSource(url);
+    for (const [name, fn] of Object.entries(handlers)) {
+      es.addEventListener(name, (e) => {
+        let data;
+        try { data = JSON.parse(e.data); } catch (err) { return; }
+        try { fn(data); } catch (err) { console.warn("dashboard: could not show", name, err); }
+      });
+    }
+    es.onopen = () => {
+      setConn("live", "live");
+      clearTimeout(fallbackTimer);
+      fallbackTimer = null;
+      stopPolling();
+    };
+    es.onerror = () => {
+      setConn("connecting", "reconnecting…");
+      if (!fallbackTimer && !pollMode) fallbackTimer = setTimeout(startPolling, 4000);
+      if (es.readyState === EventSource.CLOSED) setTimeout(connect, 5000);
+    };
+  }
+  function startPolling() {
+    fallbackTimer = null;
+    if (es && es.readyState === EventSource.OPEN) return;
+    pollMode = true;
+    setConn("polling", "stream unavailable: polling");
+    pollOnce();
+    pollTimer = setInterval(pollOnce, 3000);
+  }
+  function stopPolling() {
+    pollMode = false;
+    if (pollTimer) clearInterval(pollTimer);
+    pollTimer = null;
+  }
+  async function pollOnce() {
+    const [st, q, m, ev, ly, gpu, mem, logs] = await Promise.all([
+      api("GET", "api/status"), api("GET", "api/queue"),
+      api("GET", "api/metrics?limit=5000" + (M.seq >= 0 ? "&since_seq=" + M.seq : "")),
+      api("GET", "api/events?limit=200&since_id=" + lastEventId), api("GET", "api/layers"),
+      api("GET", "api/gpu"), api("GET", "api/memory"), api("GET", "api/logs?lines=200")]);
+    if (st.status === 401) { setConn("down", "unauthorised: open the page as /?token=TOKEN"); return; }
+    if (!st.ok) { setConn("down", "monitor unreachable"); return; }
+    onStatus(st.data);
+    if (q.ok) onQueue(q.data);
+    if (m.ok) onMetrics({ reset: M.seq < 0, records: m.data.records, total: m.data.total });
+    if (ev.ok) onEvents({ reset: lastEventId === 0, ...ev.data });
+    if (ly.ok) onLayers(ly.data);
+    if (gpu.ok && mem.ok) onSystem({ time: Date.now() / 1000, gpu: gpu.data, memory: mem.data });
+    if (logs.ok) for (const k of ["daemon", "training"]) onLogs({ file: k, name: logs.data[k].file, lines: logs.data[k].lines, reset: true });
+  }
+
+  // ---- start ----
+  function start() {
+    for (const b of document.querySelectorAll(".controls button")) b.addEventListener("click", () => control(b.dataset.command));
+    $("heat-metric").addEventListener("change", renderLayers);
+    setupUpload();
+    dark.addEventListener("change", () => {       // rebuild charts in the new colours
+      for (const id of Object.keys(charts)) { if (charts[id].u) charts[id].u.destroy(); delete charts[id]; }
+      for (const id of ["box-loss", "box-lr", "box-tps"]) $(id).dataset.state = "loading";
+      updateMetricReasons();
+      renderSystem(true);
+      renderLayers();
+    });
+    if (typeof uPlot !== "function") toast("chart library failed to load: charts are off", "bad");
+    connect();
+  }
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();
