@@ -68,10 +68,11 @@ def create_app(layout: Layout, config: Config | MonitorConfig | None = None, *,
         return RedirectResponse(_with_query("/", request) + "#layers", status_code=301)
 
     # anything else under /api/ is 404 (before the static mount, which would answer 405)
-    @app.api_route("/api/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
-                   include_in_schema=False)
-    def api_not_found(rest: str) -> Any:
+    def api_not_found() -> Any:
         raise HTTPException(404, "no such API route")
+    for pattern in ("/api", "/api/{rest:path}"):
+        app.add_api_route(pattern, api_not_found, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+                          include_in_schema=False)
 
     web = Path(web_dir) if web_dir else WEB_DIR
     # only the files of web/: StaticFiles resolves and checks containment, never lists folders,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -285,10 +286,14 @@ def tail_lines(path: Path, n: int, max_bytes: int = 512 * 1024) -> list[str]:
     return lines[-n:]
 
 
+_DAILY_LOG = re.compile(r"^daemon_\d{8}\.log$")
+
+
 def daemon_log_path(layout: Layout) -> Path | None:
     """Today's (or the newest) logs/daemon_YYYYMMDD.log."""
     try:
-        logs = sorted(p for p in layout.logs.glob("daemon_*.log") if p.is_file())
+        logs = sorted(p for p in layout.logs.glob("daemon_*.log")
+                      if _DAILY_LOG.match(p.name) and p.is_file())
     except OSError:
         return None
     return logs[-1] if logs else None
@@ -305,10 +310,15 @@ class LogFollower:
     ino: int | None = None
     path: Path | None = None
     partial: bytes = field(default=b"", repr=False)
+    started: bool = False
 
     def poll(self, path: Path | None, initial_lines: int = 200,
              max_bytes: int = 256 * 1024) -> tuple[list[str], bool] | None:
-        """(lines, reset) when there is something new, else None."""
+        """(lines, reset) when there is something new, else None. The first call always answers."""
+        first, self.started = not self.started, True
+        if path is None or not path.exists():
+            if first:
+                return [], True
         if path is None:
             if self.path is not None:
                 self.path, self.ino, self.offset = None, None, -1

@@ -1,8 +1,7 @@
 """POST /api/control/{pause,resume,skip,stop}: a control request, as trainer-ctl writes it."""
 from __future__ import annotations
 
-import enum
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Depends
 
@@ -10,18 +9,27 @@ from monitor.services import Services, services
 
 router = APIRouter(tags=["control"])
 
+COMMANDS = {
+    "pause": "pause at the next step boundary",
+    "resume": "resume training",
+    "skip": "end the current job into queue/failed/ (reason: skipped)",
+    "stop": "stop the daemon gracefully; the current job resumes at next start",
+}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    409: {"description": "the daemon refused (e.g. nothing to skip)"},
+    503: {"description": "the daemon is not running"},
+    504: {"description": "the daemon did not answer within 5 s"},
+}
 
-class TrainingCommand(str, enum.Enum):
-    pause = "pause"
-    resume = "resume"
-    skip = "skip"
-    stop = "stop"
+
+def _endpoint(command: str) -> Callable[..., dict[str, Any]]:
+    def endpoint(svc: Services = Depends(services)) -> dict[str, Any]:
+        return svc.send_control(command)
+    endpoint.__name__ = f"control_{command}"
+    return endpoint
 
 
-@router.post("/api/control/{command}",
-             summary="pause, resume, skip or stop; waits up to 5 s for the daemon's answer",
-             responses={409: {"description": "the daemon refused (e.g. nothing to skip)"},
-                        503: {"description": "the daemon is not running"},
-                        504: {"description": "the daemon did not answer in time"}})
-def post_control(command: TrainingCommand, svc: Services = Depends(services)) -> dict[str, Any]:
-    return svc.send_control(command.value)
+# one route per command: any other name is a plain 404 (the catch-all), never a path
+for _cmd, _text in COMMANDS.items():
+    router.add_api_route(f"/api/control/{_cmd}", _endpoint(_cmd), methods=["POST"], responses=RESPONSES,
+                         summary=f"{_cmd}: {_text} (waits up to 5 s for the daemon's answer)")

@@ -112,7 +112,7 @@ def _changes(svc: Services, cur: _Cursor) -> list[tuple[str, Any]]:
         got = cur.logs[name].poll(path, LOG_LINES)
         if got is not None:
             lines, reset = got
-            out.append(("logs", {"file": name, "name": path.name if path else None,
+            out.append(("logs", {"file": name, "name": path.name if path and path.is_file() else None,
                                  "lines": lines, "reset": reset}))
     return out
 
