@@ -128,6 +128,17 @@
 
   // ---- charts (uPlot) ----
   const charts = {};   // id -> {u, data, defs, fmt}
+  // time axis: whole seconds at the finest, labelled by what the step between ticks needs
+  const X_INCRS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200,
+    86400, 172800, 604800, 2592000];
+  function xTicks(u, vals, axisIdx, space, incr) {
+    return vals.map((v) => {
+      const d = new Date(v * 1000);
+      if (incr >= 86400) return d.toLocaleDateString([], { month: "short", day: "numeric" });
+      if (incr >= 60) return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+      return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    });
+  }
   function chartWidth(node) { return Math.max(200, Math.floor(node.clientWidth || node.parentNode.clientWidth || 300)); }
   function makeChart(id, defs, fmt, data) {
     const node = $(id);
@@ -138,16 +149,17 @@
     const colors = palette();
     const opts = {
       width: chartWidth(node), height: 190,
-      scales: { x: { time: true } },
+      scales: { x: { time: true, range: (u, min, max) => (min === max || min == null ? [(min ?? 0) - 30, (max ?? 0) + 30] : [min, max]) } },
       legend: { live: true },
       cursor: { drag: { x: true, y: false } },
       series: [{ value: (u, v) => (v == null ? "–" : when(v)) }].concat(defs.map((d, i) => ({
         label: d.label, stroke: d.color || colors[i % colors.length], width: 1.6, spanGaps: true,
-        points: { show: !!d.points, size: 5 },
+        points: { show: (u, si, i0, i1) => !!d.points || i1 - i0 < 2, size: 5 },
         value: (u, v) => (v == null ? "–" : fmt(v)),
       }))),
       axes: [
-        { stroke: axisStroke, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 } },
+        { stroke: axisStroke, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 },
+          space: 70, incrs: X_INCRS, values: xTicks },
         { stroke: axisStroke, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 },
           size: (u, values) => 18 + 7 * Math.max(3, ...(values || []).map((v) => String(v).length)),
           values: (u, vals) => vals.map((v) => (v == null ? "" : fmt(v))) },
@@ -194,7 +206,7 @@
     badge.dataset.status = st;
     const running = !!s.daemon_running;
     const job = running ? s.current_file : null;
-    $("job-file").textContent = job ? job : (running ? "no job running" : "–");
+    $("job-file").textContent = job ? job : "no job running";
     $("job-file").title = job || "";
     const step = s.current_step, total = s.total_steps;
     const pct = job && total ? Math.min(100, (100 * (step || 0)) / total) : 0;
@@ -214,7 +226,10 @@
     if (!running) detail.push(s.message || "daemon not running");
     else if (s.daemon_pid) detail.push(`daemon pid ${s.daemon_pid}` + (s.started_at ? `, up since ${when(s.started_at)}` : ""));
     if (s.last_error && s.last_error.message) detail.push("last error: " + s.last_error.message);
-    if (s.last_command && s.last_command.message) detail.push(`last command (${s.last_command.command}): ${s.last_command.message}`);
+    const lc = s.last_command;
+    if (lc && lc.message && ["pause", "resume", "skip", "stop"].includes(lc.command)) {
+      detail.push(`last command: ${lc.command} from ${lc.source || "?"}` + (lc.at ? ` at ${when(lc.at)}` : "") + (lc.ok ? "" : ` (refused: ${lc.message})`));
+    }
     $("state-detail").textContent = detail.join(" — ");
     // buttons
     const paused = !!s.paused || st === "paused";

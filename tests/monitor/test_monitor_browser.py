@@ -1,0 +1,274 @@
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright), against a real
+monitor and a real daemon with the stand-in trainer. Screenshots go to test-artifacts/."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from conftest import REPO, text_records, wait_for, write_jsonl
+from monitor_helpers import Monitor, make_home
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+ARTIFACTS = REPO / "test-artifacts"
+XSS_NAME = "<img src=x onerror=alert(1)>.jsonl"
+XSS_SAFE = "img_src=x_onerror=alert_1.jsonl"
+PANELS = ("status", "loss", "lr", "tps", "gpu", "memory", "layers", "queue", "events", "log-daemon",
+          "log-training")
+
+if not CHROMIUM.exists():
+    pytest.skip("browser tests need Debian's Chromium at /usr/bin/chromium "
+                "(apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="browser tests need the playwright package (pip install playwright)")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    home = make_home(tmp_path_factory.mktemp("ui") / "home", standin_step_seconds=0.1)
+    home.launch()
+    inbox = home.path / "inbox"
+    # hostile names and records: they must show as text and run nothing
+    write_jsonl(inbox / XSS_NAME, [{"text": "<img src=x onerror=alert(1)>"},
+                                   {"text": "<script>alert(2)</script>"}])
+    (inbox / "<script>alert(3)<%2fscript>.jsonl").write_text('{"nope": "<img src=x onerror=alert(4)>"}\n')
+    write_jsonl(inbox / "long.jsonl", text_records(3000, "ui"))
+    wait_for(lambda: home.status().get("current_file") == "long.jsonl", timeout=20, what="long job")
+    mon = Monitor(home.path).start()
+    try:
+        yield home, mon
+    finally:
+        mon.stop()
+        home.kill_all()
+
+
+class Page:
+    """A page with its console errors and dialogs recorded."""
+
+    def __init__(self, browser: Any, **ctx: Any) -> None:
+        self.ctx = browser.new_context(**ctx)
+        self.page = self.ctx.new_page()
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}")
+                     if m.type in ("error", "warning") else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        self.page.on("dialog", self._dialog)
+
+    def _dialog(self, d: Any) -> None:
+        self.dialogs.append(d.message)
+        d.dismiss()
+
+    def panels(self) -> dict[str, tuple[str, str]]:
+        return self.page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('[data-panel]')]
+            .map(p => [p.dataset.panel, [p.dataset.state,
+                       ((p.querySelector(':scope > .reason') || p.querySelector('.reason') || {}).textContent || '').trim()]]))""")
+
+    def wait_loaded(self, timeout: float = 10) -> dict[str, tuple[str, str]]:
+        self.page.wait_for_function("""() => [...document.querySelectorAll('[data-panel]')]
+            .every(p => p.dataset.state && p.dataset.state !== 'loading')""", timeout=timeout * 1000)
+        return self.panels()
+
+    def shot(self, name: str) -> Path:
+        self.page.evaluate("() => window.scrollTo(0, 0)")
+        path = ARTIFACTS / name
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def close(self) -> None:
+        self.ctx.close()
+
+
+def test_page_loads_and_every_panel_has_data_or_a_reason(browser, stack) -> None:
+    home, mon = stack
+    for scheme, size, name in (("light", {"width": 1280, "height": 900}, "dashboard_running_light.png"),
+                               ("dark", {"width": 1280, "height": 900}, "dashboard_running_dark.png"),
+                               ("light", {"width": 390, "height": 844}, "dashboard_running_phone.png")):
+        pg = Page(browser, viewport=size, color_scheme=scheme)
+        try:
+            pg.page.goto(mon.base + "/")
+            panels = pg.wait_loaded()
+            assert set(PANELS) <= set(panels), panels
+            for key, (state, reason) in panels.items():
+                assert state in ("data", "reason"), (key, state)
+                if state == "reason":
+                    assert len(reason) > 10, (key, reason)
+            assert panels["status"][0] == "data" and panels["queue"][0] == "data"
+            assert panels["memory"][0] == "data" and panels["events"][0] == "data"
+            assert panels["log-daemon"][0] == "data"
+            assert "stand-in trainer" in panels["loss"][1] and "stand-in trainer" in panels["layers"][1]
+            if panels["gpu"][0] == "reason":
+                assert panels["gpu"][1].startswith("no NVIDIA GPU detected")
+            p = pg.page
+            p.wait_for_function("() => document.getElementById('state-badge').textContent === 'training'")
+            assert p.text_content("#job-file") == "long.jsonl"
+            assert "step " in p.text_content("#job-meta") and "ETA" in p.text_content("#job-meta")
+            assert p.get_attribute("#conn", "data-conn") == "live"
+            step0 = int(p.text_content("#job-meta").split()[1])
+            p.wait_for_function(f"() => parseInt(document.getElementById('job-meta').textContent.split(' ')[1]) > {step0}",
+                                timeout=3000)
+            assert p.locator("#q-processing li[data-job='long.jsonl']").count() == 1
+            assert p.locator("#chart-mem canvas").count() == 1
+            time.sleep(0.3)
+            pg.shot(name)
+            assert pg.errors == [] and pg.dialogs == []
+        finally:
+            pg.close()
+
+
+def test_pause_and_resume_buttons_drive_the_daemon(browser, stack) -> None:
+    home, mon = stack
+    pg = Page(browser, viewport={"width": 1280, "height": 900})
+    try:
+        p = pg.page
+        p.goto(mon.base + "/")
+        pg.wait_loaded()
+        p.wait_for_function("() => !document.getElementById('btn-pause').disabled")
+        p.click("#btn-pause")
+        p.wait_for_function("() => document.getElementById('state-badge').textContent === 'paused'", timeout=5000)
+        assert home.status()["status"] == "paused" and home.status()["paused"] is True
+        step = home.status()["current_step"]
+        time.sleep(0.5)
+        assert home.status()["current_step"] == step, "the daemon really stopped stepping"
+        assert p.is_disabled("#btn-pause") and p.is_enabled("#btn-resume")
+        assert "pause" in p.text_content("#toasts").lower()
+        pg.shot("dashboard_paused.png")
+        # stop asks first; cancelling leaves the daemon running
+        p.click("#btn-stop")
+        assert p.is_visible("#confirm-dialog")
+        assert "Stop the daemon?" in p.text_content("#confirm-text")
+        p.click("#confirm-cancel")
+        assert not p.is_visible("#confirm-dialog")
+        time.sleep(0.3)
+        assert home.pid() and home.status()["status"] == "paused"
+        p.click("#btn-resume")
+        p.wait_for_function("() => document.getElementById('state-badge').textContent === 'training'", timeout=5000)
+        assert home.status()["status"] == "training"
+        assert pg.errors == [] and pg.dialogs == []
+    finally:
+        pg.close()
+
+
+def test_hostile_names_and_records_show_as_text(browser, stack, tmp_path: Path) -> None:
+    home, mon = stack
+    pg = Page(browser, viewport={"width": 1280, "height": 900})
+    try:
+        p = pg.page
+        p.goto(mon.base + "/#queue")
+        pg.wait_loaded()
+        # dropped straight into inbox/: the queue shows the sanitised name and the original as text
+        p.wait_for_function(f"() => document.querySelector('#q-done li[data-job=\"{XSS_SAFE}\"]') !== null", timeout=5000)
+        item = p.text_content(f"#q-done li[data-job='{XSS_SAFE}']")
+        assert XSS_NAME in item
+        assert XSS_NAME in p.text_content("#events")
+        failed = p.text_content("#q-failed")
+        assert "<script>alert(3)<%2fscript>.jsonl" in failed
+        # uploaded through the page, with hostile records
+        up = tmp_path / XSS_NAME
+        write_jsonl(up, [{"text": "<script>alert(5)</script> <img src=x onerror=alert(6)>"}])
+        p.set_input_files("#file-input", str(up))
+        p.wait_for_function("() => document.querySelector('#upload-results li.ok') !== null", timeout=10000)
+        assert p.text_content("#upload-results li.ok").startswith(XSS_NAME + ": ")
+        p.wait_for_function("() => document.getElementById('log-daemon').textContent.includes('onerror')", timeout=5000)
+        time.sleep(0.5)
+        # nothing was parsed as HTML: no <img>, no inline <script>, no dialog
+        counts = p.evaluate("""() => ({img: document.querySelectorAll('img').length,
+                                       inline: document.querySelectorAll('script:not([src])').length,
+                                       scripts: document.querySelectorAll('script').length})""")
+        assert counts == {"img": 0, "inline": 0, "scripts": 2}, counts
+        pg.shot("dashboard_hostile_names.png")
+        assert pg.dialogs == [], pg.dialogs
+        assert pg.errors == []
+    finally:
+        pg.close()
+
+
+def _synthetic(home: Path, n: int = 300) -> None:
+    """metrics.jsonl and layer_activity.json in the daemon's format (as the QLoRA trainer fills them)."""
+    t0 = time.time() - n
+    lines = []
+    for i in range(1, n + 1):
+        loss = 3.0 * math.exp(-i / 120) + 0.4
+        lines.append(json.dumps({"time": t0 + i, "event": "step", "step": i, "total_steps": n, "loss": loss,
+                                 "learning_rate": 2e-4 * (0.5 + 0.5 * math.cos(math.pi * i / n)),
+                                 "tokens_per_second": 5000 + 200 * math.sin(i / 9), "grad_norm": 1 / (1 + i / 50),
+                                 "job_id": 1, "file": "demo.jsonl"}))
+        if i % 50 == 0:
+            lines.append(json.dumps({"time": t0 + i, "event": "eval", "step": i, "eval_loss": loss + 0.1, "job_id": 1}))
+    (home / "status" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    types = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    mods = [{"module": f"layers.{layer}.{'self_attn' if t[0] in 'qkvo' else 'mlp'}.{t}", "layer": layer, "type": t,
+             "delta_norm": (layer + 1) * (k + 1) * 1e-3, "delta_change": (layer + 1) * (k + 1) * 1e-4,
+             "grad_norm": 0.5 / (layer + 1)} for layer in range(6) for k, t in enumerate(types)]
+    (home / "status" / "layer_activity.json").write_text(json.dumps(
+        {"step": n, "job_id": 1, "updated_at": "2026-11-23T05:00:00+00:00", "modules": mods}))
+
+
+def test_charts_and_layer_heatmap_render(browser, tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home", trainer="qlora")
+    _synthetic(home.path)
+    mon = Monitor(home.path).start()
+    pg = Page(browser, viewport={"width": 1280, "height": 900})
+    try:
+        p = pg.page
+        p.goto(mon.base + "/layer_activity_monitor.html")
+        assert p.url.endswith("/#layers")
+        panels = pg.wait_loaded()
+        for key in ("loss", "lr", "tps", "layers", "memory"):
+            assert panels[key][0] == "data", (key, panels[key])
+        assert panels["status"][0] == "data"
+        assert p.text_content("#state-badge") == "daemon not running"
+        for chart in ("loss", "lr", "tps"):
+            assert p.locator(f"#chart-{chart} canvas").count() == 1
+        assert p.locator("#heatmap tbody tr").count() == 6
+        assert p.locator("#heatmap tbody td").count() == 42
+        assert p.locator("#movers li").count() == 10
+        assert p.text_content("#movers li").startswith("layers.5.mlp.down_proj")
+        p.select_option("#heat-metric", "grad_norm")
+        assert p.text_content("#heatmap tbody tr:first-child td") == "0.5"
+        # live: a new metrics line arrives over the stream
+        with open(home.path / "status" / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"time": time.time(), "event": "step", "step": 301, "loss": 0.1, "job_id": 1}) + "\n")
+        p.wait_for_function("() => document.querySelector('#box-loss .u-legend') !== null")
+        pg.shot("dashboard_charts_layers.png")
+        assert pg.errors == [] and pg.dialogs == []
+    finally:
+        pg.close()
+        mon.stop()
+
+
+def test_token_from_the_address_bar(browser, tmp_path: Path) -> None:
+    token = "browser-token-0123456789abcdef"
+    home = make_home(tmp_path / "home")
+    mon = Monitor(home.path, env={"TRAINER_MONITOR_TOKEN": token}).start()
+    pg = Page(browser, viewport={"width": 1000, "height": 800})
+    try:
+        p = pg.page
+        p.goto(mon.base + f"/?token={token}#queue")
+        panels = pg.wait_loaded()
+        assert "token" not in p.url and p.url.endswith("/#queue")
+        assert p.evaluate("() => sessionStorage.getItem('trainerMonitorToken')") == token
+        assert panels["status"][0] == "data" and p.get_attribute("#conn", "data-conn") == "live"
+        p.reload()                                           # kept for the session
+        pg.wait_loaded()
+        assert p.text_content("#state-badge") == "daemon not running"
+        assert pg.errors == []
+    finally:
+        pg.close()
+        mon.stop()
