@@ -17,6 +17,16 @@ from trainer.recipe import QLoRATrainer
 from trainer.train import make_job
 
 
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """One intra-op thread: on a shared 2-core box, OpenMP spin-waiting under contention makes
+    steps 100x slower; one thread is as fast here and stable. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("r,din,dout", [(1, 7, 5), (4, 64, 128), (16, 300, 40)])
 def test_delta_norm_matches_materialised_product(r: int, din: int, dout: int) -> None:
     g = torch.Generator().manual_seed(r)

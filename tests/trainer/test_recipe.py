@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from daemon.config import Config, config_to_dict
@@ -19,6 +21,16 @@ from trainer.recipe import QLoRATrainer
 from trainer.train import make_job
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """One intra-op thread: on a shared 2-core box, OpenMP spin-waiting under contention makes
+    steps 100x slower; one thread is as fast here and stable. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(base: Path, **over: Any) -> dict[str, Any]:
@@ -206,7 +218,7 @@ def test_train_cli_trains_one_file(tiny_base: Path, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "trainer.train", "--dataset", str(data), "--output-dir",
                            str(out), "--epochs", "2", "--config", str(cfg), "--base", str(tiny_base)],
                           cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 1/" in proc.stdout and "result: completed" in proc.stdout
     assert (out / "current_model" / "adapter_model.safetensors").is_file()

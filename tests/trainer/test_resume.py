@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from daemon.config import Config, config_to_dict
@@ -22,6 +23,16 @@ from trainer.train import make_job
 
 REPO = Path(__file__).resolve().parents[2]
 KILL_AFTER = 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """One intra-op thread: on a shared 2-core box, OpenMP spin-waiting under contention makes
+    steps 100x slower; one thread is as fast here and stable. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class ListSink:
@@ -61,7 +72,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_base: Path, dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def reference(one_cpu_thread: None, tiny_base: Path, dataset: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The uninterrupted run."""
     home = tmp_path_factory.mktemp("resume_ref")
     sink = ListSink()
@@ -76,7 +88,7 @@ def reference(tiny_base: Path, dataset: Path, tmp_path_factory: pytest.TempPathF
 
 def start_worker_and_kill(job_file: Path, kill_after: int) -> dict[int, float]:
     """Run a real worker; SIGKILL it as soon as it reports step *kill_after*."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "trainer.worker", "--job", str(job_file)], cwd=REPO,
                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
@@ -122,7 +134,7 @@ def test_sigkill_then_resume_is_exact(tiny_base: Path, dataset: Path, reference:
         expect_from = saved[-2]
 
     sink = ListSink()
-    result = SubprocessTrainer().run(job, sink, NoControl())
+    result = SubprocessTrainer(extra_env={"OMP_NUM_THREADS": "1"}).run(job, sink, NoControl())
     assert result.outcome is Outcome.COMPLETED, result.reason
     started = sink.of("started")[0]
     assert started["resumed_from_step"] == expect_from and started["continued_from"] == "checkpoint"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 
 from daemon.config import Config, config_to_dict
 from trainer.generator import generate_records
@@ -19,7 +20,18 @@ from trainer.subprocess_trainer import SubprocessTrainer
 from trainer.train import make_job
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """One intra-op thread: on a shared 2-core box, OpenMP spin-waiting under contention makes
+    steps 100x slower; one thread is as fast here and stable. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def worker_config(base: Path, **over: Any) -> dict[str, Any]:
@@ -115,7 +127,7 @@ def test_worker_stdin_pause_resume_then_eof_stops(job, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_subprocess_trainer_pause_then_daemon_stop_then_skip(job) -> None:
-    trainer = SubprocessTrainer()
+    trainer = SubprocessTrainer(extra_env=ONE_THREAD)
     control = ListControl()
 
     def act(ev: dict[str, Any]) -> None:
@@ -136,7 +148,7 @@ def test_subprocess_trainer_pause_then_daemon_stop_then_skip(job) -> None:
     # next start: resumes from the stop checkpoint, then a skip ends the job at a step boundary
     control2 = ListControl()
     sink2 = Recorder(lambda ev: control2.pending.append(Command.SKIP) if ev["event"] == "step" else None)
-    result2 = SubprocessTrainer().run(job, sink2, control2)
+    result2 = SubprocessTrainer(extra_env=ONE_THREAD).run(job, sink2, control2)
     assert result2.outcome is Outcome.SKIPPED and result2.reason == "skipped"
     assert sink2.of("started")[0]["resumed_from_step"] == result.steps
     assert sink2.of("step")[0]["step"] == result.steps + 1
@@ -147,7 +159,7 @@ def test_subprocess_trainer_pause_then_daemon_stop_then_skip(job) -> None:
 
 @pytest.mark.slow
 def test_worker_crash_is_failed_with_crash_detail(job) -> None:
-    trainer = SubprocessTrainer()
+    trainer = SubprocessTrainer(extra_env=ONE_THREAD)
     sink = Recorder(lambda ev: os.kill(trainer.worker_pid, signal.SIGKILL) if ev["event"] == "step" else None)
     result = trainer.run(job, sink, ListControl())
     assert result.outcome is Outcome.FAILED
@@ -158,11 +170,11 @@ def test_worker_crash_is_failed_with_crash_detail(job) -> None:
 
 @pytest.mark.slow
 def test_hung_worker_is_killed_after_timeout(job) -> None:
-    trainer = SubprocessTrainer(worker_timeout_s=2.0, startup_timeout_s=300.0)
+    trainer = SubprocessTrainer(worker_timeout_s=2.0, startup_timeout_s=300.0, extra_env=ONE_THREAD)
     pids: list[int] = []
 
     def freeze(ev: dict[str, Any]) -> None:
-        if ev["event"] == "step" and not pids:
+        if ev["event"] == "started" and not pids:
             pids.append(trainer.worker_pid)
             os.kill(pids[0], signal.SIGSTOP)  # a real hang: alive, silent
 
