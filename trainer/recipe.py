@@ -347,13 +347,14 @@ class _RecipeRun:
                 loss_sum = self._loss_sum(m)
                 (loss_sum / denom).backward()
                 total += float(loss_sum.detach())
-        except torch.cuda.OutOfMemoryError as exc:
+                del loss_sum
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.get("max_grad_norm", 1.0)))
+            if capture_grads:
+                self.tracker.capture_grads()
+            lr = float(self.scheduler.get_last_lr()[0])
+            self.optimizer.step()
+        except torch.cuda.OutOfMemoryError as exc:  # the step is redone from the last checkpoint
             raise _OOM() from exc
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.get("max_grad_norm", 1.0)))
-        if capture_grads:
-            self.tracker.capture_grads()
-        lr = float(self.scheduler.get_last_lr()[0])
-        self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0

@@ -36,15 +36,26 @@ log = logging.getLogger("trainer.worker")
 PR_SET_PDEATHSIG = 1
 
 
-def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send *sig* to this process when its parent (thread) dies. Linux only."""
+def _load_prctl() -> Any:
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except OSError:
-        pass
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Resolved once at import: preexec_fn runs between fork and exec, where loading a library
+# (dlopen takes locks another thread may have held at fork time) is best avoided.
+_PRCTL = _load_prctl()
+
+
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send *sig* to this process when its parent (thread) dies. Linux only.
+
+    Used as ``preexec_fn`` by SubprocessTrainer, so it runs in the child before exec."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
 class JsonLineSink:
