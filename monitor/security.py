@@ -242,7 +242,7 @@ def _headers(scope: Scope) -> dict[str, list[str]]:
 
 def _security_headers(path: str) -> list[tuple[bytes, bytes]]:
     h = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-         (b"referrer-policy", b"no-referrer"), (b"cross-origin-resource-policy", b"same-origin"),
+         (b"referrer-policy", b"same-origin"), (b"cross-origin-resource-policy", b"same-origin"),
          (b"cross-origin-opener-policy", b"same-origin")]
     if not path.startswith(NO_CSP_PREFIXES):
         h.append((b"content-security-policy", CSP.encode()))

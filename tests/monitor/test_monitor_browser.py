@@ -199,6 +199,23 @@ def test_hostile_names_and_records_show_as_text(browser, stack, tmp_path: Path) 
         pg.close()
 
 
+def test_polling_fallback_when_the_stream_fails(browser, stack) -> None:
+    home, mon = stack
+    pg = Page(browser, viewport={"width": 1000, "height": 800})
+    try:
+        p = pg.page
+        p.route("**/api/stream*", lambda route: route.abort())      # e.g. a proxy that buffers SSE
+        p.goto(mon.base + "/")
+        p.wait_for_function("() => document.getElementById('conn').dataset.conn === 'polling'", timeout=10000)
+        panels = pg.wait_loaded()
+        assert panels["status"][0] == "data" and panels["queue"][0] == "data"
+        assert p.text_content("#state-badge") == home.status()["status"]
+        assert p.locator("#q-processing li[data-job='long.jsonl']").count() == 1
+        assert pg.dialogs == []
+    finally:
+        pg.close()
+
+
 def _synthetic(home: Path, n: int = 300) -> None:
     """metrics.jsonl and layer_activity.json in the daemon's format (as the QLoRA trainer fills them)."""
     t0 = time.time() - n
