@@ -182,15 +182,25 @@ class MetricsIndex:
             spans = [(s, self._offsets[s], self._lengths[s]) for s in seqs]
         try:
             with open(self.path, "rb") as fh:
-                for seq, off, length in spans:
-                    fh.seek(off)
-                    try:
-                        rec = json.loads(fh.read(length))
-                    except ValueError:      # the file was replaced under us: skip
-                        continue
-                    if isinstance(rec, dict):
-                        rec["seq"] = seq
-                        out.append(rec)
+                i = 0
+                while i < len(spans):
+                    # lines next to each other in the file are read in one go
+                    j = i + 1
+                    while (j < len(spans) and spans[j][1] <= spans[j - 1][1] + spans[j - 1][2] + 1
+                           and spans[j][1] > spans[j - 1][1] and j - i < 4096):
+                        j += 1
+                    start = spans[i][1]
+                    fh.seek(start)
+                    block = fh.read(spans[j - 1][1] + spans[j - 1][2] - start)
+                    for seq, off, length in spans[i:j]:
+                        try:
+                            rec = json.loads(block[off - start: off - start + length])
+                        except ValueError:      # the file was replaced under us: skip
+                            continue
+                        if isinstance(rec, dict):
+                            rec["seq"] = seq
+                            out.append(rec)
+                    i = j
         except FileNotFoundError:
             pass
         return out

@@ -93,6 +93,12 @@ def _open_staged(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _finish_staged(fd: int, inbox: Path) -> None:
     try:
         os.fsync(fd)
@@ -185,7 +191,7 @@ async def upload(request: Request,
                 size = 0
                 while chunk := await up.read(1 << 20):
                     size += len(chunk)
-                    await asyncio.to_thread(os.write, fd, chunk)
+                    await asyncio.to_thread(_write_all, fd, chunk)
         elif ctype in RAW_TYPES:
             if not name:
                 raise HTTPException(400, "a raw-body upload needs ?name=FILE.jsonl")
@@ -196,7 +202,7 @@ async def upload(request: Request,
             async for chunk in request.stream():
                 if chunk:
                     size += len(chunk)
-                    os.write(fd, chunk)
+                    _write_all(fd, chunk)
         else:
             raise HTTPException(415, "upload as multipart/form-data (field 'file') or as the raw body "
                                      "with Content-Type application/x-ndjson and ?name=FILE.jsonl")

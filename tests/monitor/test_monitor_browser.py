@@ -185,10 +185,20 @@ def test_hostile_names_and_records_show_as_text(browser, stack, tmp_path: Path) 
         p.set_input_files("#file-input", str(up))
         p.wait_for_function("() => document.querySelector('#upload-results li.ok') !== null", timeout=10000)
         assert p.text_content("#upload-results li.ok").startswith(XSS_NAME + ": ")
+        # drag and drop onto the drop zone
+        dt = p.evaluate_handle("""() => { const dt = new DataTransfer();
+            dt.items.add(new File(['{"text": "<u>dropped</u>"}\\n'], 'dropped.jsonl', {type: 'application/x-ndjson'}));
+            return dt; }""")
+        p.dispatch_event("#dropzone", "drop", {"dataTransfer": dt})
+        p.wait_for_function("() => [...document.querySelectorAll('#upload-results li.ok')]"
+                            ".some(li => li.textContent.startsWith('dropped.jsonl: queued'))", timeout=10000)
+        p.wait_for_function("() => document.querySelector('#q-pending li[data-job=\"dropped.jsonl\"], "
+                            "#q-processing li[data-job=\"dropped.jsonl\"], #q-done li[data-job=\"dropped.jsonl\"]')"
+                            " !== null", timeout=5000)
         p.wait_for_function("() => document.getElementById('log-daemon').textContent.includes('onerror')", timeout=5000)
         time.sleep(0.5)
         # nothing was parsed as HTML: no <img>, no inline <script>, no dialog
-        counts = p.evaluate("""() => ({img: document.querySelectorAll('img').length,
+        counts = p.evaluate("""() => ({img: document.querySelectorAll('img, u').length,
                                        inline: document.querySelectorAll('script:not([src])').length,
                                        scripts: document.querySelectorAll('script').length})""")
         assert counts == {"img": 0, "inline": 0, "scripts": 2}, counts
