@@ -35,9 +35,13 @@ if [ -z "$(ls -A "$HOME_DIR/inbox" 2>/dev/null | grep -v '^\.')" ] && [ -z "$(ls
 fi
 rc=0; "$ROOT/bin/launch_training_daemon.sh" --home "$HOME_DIR" || rc=$?
 [ "$rc" -eq 0 ] || [ "$rc" -eq 1 ] || exit "$rc"     # 1: already running, which is fine here
+"$ROOT/bin/monitor.sh" --background --home "$HOME_DIR" \
+  || echo "start_all: the dashboard did not start (see $HOME_DIR/logs/monitor_stdout.log); training goes on" >&2
+PORT="$("$PY" -c "import sys; from daemon.config import load_config; print(load_config(sys.argv[1]).monitor.port)" "$HOME_DIR/config.json")"
 cat <<MSG
 
-Watch:  bin/trainer-ctl status        (step, loss, queue)
+Watch:  http://localhost:$PORT/        (dashboard: loss, throughput, memory, layers, queue)
+        bin/trainer-ctl status        (step, loss, queue)
         tail -f $HOME_DIR/logs/daemon_$(date +%Y%m%d).log
 Feed:   cp your.jsonl $HOME_DIR/inbox/    or   bin/trainer-ctl queue add FILE
 Steer:  bin/trainer-ctl pause | resume | skip | stop      (emergency: touch $HOME_DIR/.stop)
