@@ -159,9 +159,9 @@
       }))),
       axes: [
         { stroke: axisStroke, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 },
-          space: 70, incrs: X_INCRS, values: xTicks },
+          space: 100, incrs: X_INCRS, values: xTicks },
         { stroke: axisStroke, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 },
-          size: (u, values) => 18 + 7 * Math.max(3, ...(values || []).map((v) => String(v).length)),
+          size: (u, values) => 24 + 7.5 * Math.max(3, ...(values || []).map((v) => String(v).length)),
           values: (u, vals) => vals.map((v) => (v == null ? "" : fmt(v))) },
       ],
     };
