@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import httpx
 
@@ -38,3 +39,12 @@ def _up(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_monitor_never_imports_torch() -> None:
+    code = ("import sys, monitor.app, monitor.__main__; from daemon.paths import Layout; "
+            "monitor.app.create_app(Layout.from_env('/nonexistent-home')); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer', 'transformers', 'peft')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
