@@ -289,9 +289,38 @@ def test_refuses_other_base_naming_both(template: dict, tmp_path: Path) -> None:
 KILL_STAGES = {"tmp_written": "old", "journal_written": "old", "current_moved": "old",
                "config_written": "new", "db_updated": "new"}
 
-CHILD = ("import json, sys, logging; from pathlib import Path; logging.basicConfig(level=logging.INFO);"
-         "from trainer.consolidate import consolidate; h = Path(sys.argv[1]);"
-         "consolidate(h, json.loads((h / 'config.json').read_text()), 'killed')")
+# One real python process imports torch/transformers/peft once, then forks one child per stage
+# (each a real process running consolidate, paused by the module's test hook and SIGKILLed
+# there): five cold imports would cost ~35 s of CPU on a 2-core box.
+LAUNCHER = r"""
+import json, os, sys, traceback
+from pathlib import Path
+import torch, transformers, peft, safetensors.torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
+from peft import PeftModel
+from trainer.consolidate import consolidate
+kids = {}
+for stage, home, marker in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.environ["TRAINER_CONSOLIDATE_PAUSE_AT"] = stage
+            os.environ["TRAINER_CONSOLIDATE_PAUSE_MARKER"] = marker
+            h = Path(home)
+            consolidate(h, json.loads((h / "config.json").read_text()), "killed")
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+    kids[pid] = stage
+    print(json.dumps({"stage": stage, "pid": pid}), flush=True)
+while kids:
+    pid, status = os.wait()
+    print(json.dumps({"stage": kids.pop(pid), "exit": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
 
 
 def assert_no_half_written_base(home: Path) -> list[Path]:
@@ -309,43 +338,57 @@ def assert_no_half_written_base(home: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_sigkill_at_each_stage_leaves_old_or_new_state(template: dict, tmp_path: Path) -> None:
-    procs: dict[str, tuple[subprocess.Popen, Path, Path]] = {}
+    homes: dict[str, Path] = {}
+    markers: dict[str, Path] = {}
     for stage in KILL_STAGES:
-        home = clone(template, tmp_path / stage)
-        marker = tmp_path / stage / "paused"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-               "TOKENIZERS_PARALLELISM": "false", "TRAINER_CONSOLIDATE_PAUSE_AT": stage,
-               "TRAINER_CONSOLIDATE_PAUSE_MARKER": str(marker)}
-        log = open(tmp_path / stage / "child.log", "wb")
-        p = subprocess.Popen([sys.executable, "-c", CHILD, str(home)], cwd=REPO, env=env,
-                             stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        procs[stage] = (p, home, marker)
+        homes[stage] = clone(template, tmp_path / stage)
+        markers[stage] = tmp_path / stage / "paused"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("TRAINER_CONSOLIDATE_PAUSE_AT", None)
+    spec = json.dumps([[s, str(homes[s]), str(markers[s])] for s in KILL_STAGES])
+    errlog = tmp_path / "launcher.log"
+    with open(errlog, "wb") as err:
+        launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, spec], cwd=REPO, env=env,
+                                    stdout=subprocess.PIPE, stderr=err, text=True)
+    pids: dict[str, int] = {}
+    exits: dict[str, int] = {}
     try:
-        deadline = time.monotonic() + 240
+        assert launcher.stdout is not None
+        for _ in KILL_STAGES:
+            line = launcher.stdout.readline()
+            assert line, "launcher died:\n" + errlog.read_text()[-3000:]
+            msg = json.loads(line)
+            pids[msg["stage"]] = msg["pid"]
+        deadline = time.monotonic() + 180
         waiting = set(KILL_STAGES)
         while waiting and time.monotonic() < deadline:
             for stage in sorted(waiting):
-                p, home, marker = procs[stage]
-                if marker.exists():
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.wait(30)
+                if markers[stage].exists():
+                    os.kill(pids[stage], signal.SIGKILL)   # exactly at that stage
                     waiting.discard(stage)
-                elif p.poll() is not None:
-                    pytest.fail(f"{stage}: child exited {p.returncode} before pausing:\n"
-                                + (tmp_path / stage / "child.log").read_text()[-3000:])
+            if launcher.poll() is not None:
+                break
             time.sleep(0.05)
-        assert not waiting, f"never paused: {waiting}"
+        for line in launcher.stdout:  # the launcher reports each child's end, then exits
+            msg = json.loads(line)
+            exits[msg["stage"]] = msg["exit"]
+        launcher.wait(60)
+        assert not waiting, f"never paused: {waiting}; exits {exits}\n" + errlog.read_text()[-3000:]
     finally:
-        for p, _, _ in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait(30)
+        if launcher.poll() is None:
+            for pid in pids.values():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            launcher.kill()
+            launcher.wait(30)
+    assert exits == {s: -signal.SIGKILL for s in KILL_STAGES}, exits
 
     old_base = BASE_REL
     for stage, expect in KILL_STAGES.items():
-        p, home, _ = procs[stage]
-        assert p.returncode == -signal.SIGKILL
+        home = homes[stage]
         journal = home / "status" / "consolidation.json"
         assert journal.exists() == (stage not in ("tmp_written",)), stage
         done = recover_consolidation(home)
@@ -372,7 +415,7 @@ def test_sigkill_at_each_stage_leaves_old_or_new_state(template: dict, tmp_path:
             {k: v for k, v in read_config(template["home"]).items() if k != "base_model"}
 
     # after a rolled-back crash the home consolidates normally (the orphan folder stays)
-    home = procs["current_moved"][1]
+    home = homes["current_moved"]
     result = consolidate(home, read_config(home), "again")
     assert read_config(home)["base_model"] == result["new_base"]
     assert len(assert_no_half_written_base(home)) == 2
