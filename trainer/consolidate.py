@@ -261,45 +261,45 @@ def snapshot_now(home: Path, description: str) -> Path:
     home = Path(home)
     layout = Layout(home)
     lock_fd = _daemon_lock_free(home)
-    try:
-        if lock_fd is not None:  # no daemon: finishing an interrupted swap is ours to do
+    no_daemon = lock_fd is not None
+    if lock_fd is not None:  # no daemon: finishing an interrupted swap is ours to do
+        try:
             adapter_store.recover_current_model(home)
-        layout.snapshots.mkdir(parents=True, exist_ok=True)
-        last_exc: Exception | None = None
-        for attempt in range(20):
-            cur = layout.current_model
-            if not (cur / "adapter_config.json").is_file():
-                if lock_fd is not None or attempt >= 5:
-                    break
-                time.sleep(0.2)  # the daemon may be between the two renames of a swap
-                continue
-            private = layout.snapshots / f".copy-manual-{os.getpid()}-{attempt}"
+        finally:
+            os.close(lock_fd)  # held only for the recovery: a daemon may start during the copy
+    layout.snapshots.mkdir(parents=True, exist_ok=True)
+    last_exc: Exception | None = None
+    for attempt in range(20):
+        cur = layout.current_model
+        if not (cur / "adapter_config.json").is_file():
+            if no_daemon or attempt >= 5:
+                break
+            time.sleep(0.2)  # the daemon may be between the two renames of a swap
+            continue
+        private = layout.snapshots / f".copy-manual-{os.getpid()}-{attempt}"
+        shutil.rmtree(private, ignore_errors=True)
+        try:
+            state = _copy_current_verified(cur, private)
+            meta = {"kind": "manual", "description": description,
+                    "base_model": state.get("base_model"),
+                    "base_fingerprint": state.get("base_fingerprint"),
+                    "datasets": _dataset_entries(state),
+                    "total_steps": state.get("total_steps"),
+                    "source": str(cur), "snapshot_time": _now_iso()}
+            snap = adapter_store.write_snapshot(home, "manual", private, meta)
+        except (OSError, ValueError, KeyError, CheckpointError) as exc:
+            last_exc = exc
+            log.info("snapshot copy raced with a current_model/ swap (%s); retrying", exc)
+            time.sleep(0.1)
+            continue
+        finally:
             shutil.rmtree(private, ignore_errors=True)
-            try:
-                state = _copy_current_verified(cur, private)
-                meta = {"kind": "manual", "description": description,
-                        "base_model": state.get("base_model"),
-                        "base_fingerprint": state.get("base_fingerprint"),
-                        "datasets": _dataset_entries(state),
-                        "total_steps": state.get("total_steps"),
-                        "source": str(cur), "snapshot_time": _now_iso()}
-                snap = adapter_store.write_snapshot(home, "manual", private, meta)
-            except (OSError, ValueError, KeyError, CheckpointError) as exc:
-                last_exc = exc
-                log.info("snapshot copy raced with a current_model/ swap (%s); retrying", exc)
-                time.sleep(0.1)
-                continue
-            finally:
-                shutil.rmtree(private, ignore_errors=True)
-            log.info("manual snapshot %s (%d datasets): %s", snap, len(meta["datasets"]), description)
-            return snap
-        if last_exc is not None:
-            raise ConsolidationError(f"could not copy {cur} consistently: {last_exc}")
-        raise ConsolidationError(f"no adapter to snapshot: {layout.current_model} does not exist "
-                                 f"(train a dataset first)")
-    finally:
-        if lock_fd is not None:
-            os.close(lock_fd)
+        log.info("manual snapshot %s (%d datasets): %s", snap, len(meta["datasets"]), description)
+        return snap
+    if last_exc is not None:
+        raise ConsolidationError(f"could not copy {cur} consistently: {last_exc}")
+    raise ConsolidationError(f"no adapter to snapshot: {layout.current_model} does not exist "
+                             f"(train a dataset first)")
 
 
 # ============================================================================ recovery

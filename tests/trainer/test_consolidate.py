@@ -286,8 +286,9 @@ def test_refuses_other_base_naming_both(template: dict, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ SIGKILL
 
 # stage -> which state recovery must leave: "old" (rolled back) or "new" (rolled forward)
-KILL_STAGES = {"tmp_written": "old", "journal_written": "old", "current_moved": "old",
-               "config_written": "new", "db_updated": "new"}
+KILL_STAGES = {"merged": "old", "tmp_written": "old", "published": "old", "journal_written": "old",
+               "current_moved": "old", "config_written": "new", "db_updated": "new"}
+JOURNALLED = ("journal_written", "current_moved", "config_written", "db_updated")
 
 # One real python process imports torch/transformers/peft once, then forks one child per stage
 # (each a real process running consolidate, paused by the module's test hook and SIGKILLed
@@ -390,9 +391,11 @@ def test_sigkill_at_each_stage_leaves_old_or_new_state(template: dict, tmp_path:
     for stage, expect in KILL_STAGES.items():
         home = homes[stage]
         journal = home / "status" / "consolidation.json"
-        assert journal.exists() == (stage not in ("tmp_written",)), stage
+        assert journal.exists() == (stage in JOURNALLED), stage
+        leftover = list((home / "consolidated_models").glob(".tmp-*"))
+        assert len(leftover) == (stage == "tmp_written"), stage
         done = recover_consolidation(home)
-        assert done is not None, stage
+        assert (done is None) == (stage in ("merged", "published")), (stage, done)
         assert not journal.exists()
         assert recover_consolidation(home) is None  # idempotent
         news = assert_no_half_written_base(home)
@@ -402,7 +405,8 @@ def test_sigkill_at_each_stage_leaves_old_or_new_state(template: dict, tmp_path:
             assert tree_hashes(home / "current_model") == template["adapter"], stage
             assert locked(home)["base_model"] == old_base
             assert not list((home / "snapshots").glob("*__pre-consolidation"))
-            assert len(news) == (0 if stage == "tmp_written" else 1), stage
+            # a base published before the crash stays (complete, verified, unused): never deleted
+            assert len(news) == (0 if stage in ("merged", "tmp_written") else 1), stage
         else:
             assert len(news) == 1 and cfg["base_model"] == f"consolidated_models/{news[0].name}", stage
             assert not (home / "current_model").exists(), stage
