@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from daemon.config import Config, config_to_dict
+from daemon.lock import DaemonLock
+from daemon.paths import Layout
 from daemon.statedb import StateDB
 from trainer.consolidate import (CONSOLIDATION_META, ConsolidationError, consolidate, lineage,
                                  recover_consolidation, snapshot_now)
@@ -246,6 +248,16 @@ def test_snapshot_now(template: dict, tmp_path: Path) -> None:
     for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
         assert files[name] == template["adapter"][name]
     assert not [p for p in (home / "snapshots").iterdir() if p.name.startswith(".")]
+    chain = lineage(home, read_config(home))  # before any consolidation: adapter on the root
+    assert [e["kind"] for e in chain] == ["adapter", "root"]
+    assert chain[1]["path"] == BASE_REL and chain[1]["fingerprint"] == chain[0]["base_fingerprint"]
+    # while a daemon holds its lock a snapshot is still taken (copy checked against the manifest)
+    lock = DaemonLock(Layout(home)).acquire()
+    try:
+        again = snapshot_now(home, "while the daemon runs")
+    finally:
+        lock.release()
+    assert again != snap and tree_hashes(again)["adapter_model.safetensors"] == files["adapter_model.safetensors"]
     shutil.rmtree(home / "current_model")
     with pytest.raises(ConsolidationError, match="no adapter"):
         snapshot_now(home, "nothing")
@@ -281,6 +293,23 @@ def test_refuses_other_base_naming_both(template: dict, tmp_path: Path) -> None:
     assert tree_hashes(home / "current_model") == template["adapter"]
     assert sorted(p.name for p in (home / "consolidated_models").iterdir()) == ["other", "tiny"]
     assert read_config(home) == cfg
+
+
+def test_refuses_while_daemon_runs_or_job_midway(template: dict, tmp_path: Path) -> None:
+    home = clone(template, tmp_path)
+    cfg = read_config(home)
+    lock = DaemonLock(Layout(home)).acquire()
+    try:
+        with pytest.raises(ConsolidationError, match="daemon is running"):
+            consolidate(home, cfg, "x")
+    finally:
+        lock.release()
+    (home / "checkpoints" / "job-9" / "step-3").mkdir(parents=True)
+    with pytest.raises(ConsolidationError, match="job-9"):
+        consolidate(home, cfg, "x")
+    assert tree_hashes(home / "current_model") == template["adapter"]
+    assert [p.name for p in (home / "consolidated_models").iterdir()] == ["tiny"]
+    assert read_config(home) == cfg and locked(home)["base_model"] == BASE_REL
 
 
 # ------------------------------------------------------------------------------------ SIGKILL
