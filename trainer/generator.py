@@ -2,8 +2,10 @@
 
 Kinds (all ``messages`` records: a fixed system prompt, one user turn, one short answer):
 
-* ``arithmetic``: "What is 23 + 58?" -> "81" (addition and non-negative subtraction of numbers
-  below 100; a few phrasings).
+* ``arithmetic``: "What is 7 + 5?" -> "12": addition and non-negative subtraction of one-digit
+  numbers, a few phrasings (190 distinct facts: a 2-layer LoRA learns them in minutes on CPU).
+* ``arithmetic2``: the same with numbers below 100 ("What is 23 + 58?" -> "81"): harder, for
+  larger bases.
 * ``syllables``: "Join the syllables: ka + lo + mi" -> "kalomi" (2 to 4 syllables).
 
 Every record is well under 64 tokens with the tiny base's tokenizer. Files are written the way
@@ -23,7 +25,7 @@ from typing import Iterable
 
 log = logging.getLogger(__name__)
 
-KINDS = ("arithmetic", "syllables")
+KINDS = ("arithmetic", "arithmetic2", "syllables")
 
 ARITHMETIC_SYSTEM = "You are a calculator. Answer with the number only."
 SYLLABLES_SYSTEM = "You join syllables into one word. Answer with the word only."
@@ -34,8 +36,8 @@ _SYLLABLES = ("ka", "lo", "mi", "ten", "ru", "sa", "po", "ne", "vi", "da", "ko",
               "ta", "le", "fo", "zi", "ba", "no", "he")
 
 
-def _arithmetic(r: random.Random) -> dict:
-    a, b = r.randrange(100), r.randrange(100)
+def _arithmetic(r: random.Random, limit: int = 10) -> dict:
+    a, b = r.randrange(limit), r.randrange(limit)
     if r.random() < 0.5:
         op, ans = "+", a + b
     else:
@@ -61,8 +63,11 @@ def generate_records(count: int, *, seed: int | None = None, kind: str = "arithm
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     r = random.Random(seed if seed is not None else secrets.randbits(64))
-    make = _arithmetic if kind == "arithmetic" else _syllables
-    return [make(r) for _ in range(count)]
+    if kind == "arithmetic":
+        return [_arithmetic(r) for _ in range(count)]
+    if kind == "arithmetic2":
+        return [_arithmetic(r, 100) for _ in range(count)]
+    return [_syllables(r) for _ in range(count)]
 
 
 def _fsync_dir(directory: Path) -> None:

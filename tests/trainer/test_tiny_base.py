@@ -26,8 +26,8 @@ def test_loads_offline_and_forward_is_finite(tiny_base: Path) -> None:
     assert tok.decode(ids[0]) == "What is 23 + 58? The answer is 81."
     out = model(input_ids=ids, labels=ids, use_cache=False)
     assert math.isfinite(out.loss.item())
-    # random init over ~1k tokens: loss near ln(vocab)
-    assert abs(out.loss.item() - math.log(model.config.vocab_size)) < 1.0
+    # random init: a wide output distribution, no better than uniform
+    assert math.log(model.config.vocab_size) - 0.5 < out.loss.item() < 20
 
     meta = json.loads((tiny_base / "base.json").read_text())
     assert meta["kind"] == "tiny-qwen3" and meta["seed"] == 0
