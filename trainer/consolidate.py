@@ -123,12 +123,6 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(d)
 
 
-def _rmtree(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-        fsync_dir(path.parent)
-
-
 def _pause_point(home: Path, stage: str) -> None:
     """Test hook: at the stage named by $TRAINER_CONSOLIDATE_PAUSE_AT, mark and sleep (to be killed)."""
     if os.environ.get(PAUSE_ENV) != stage:
@@ -586,46 +580,50 @@ def consolidate(home: Path, config: dict[str, Any], description: str, *,
             tmp = layout.consolidated / f".tmp-{final.name}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            merged.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-            del merged
-            new_fp = base_fingerprint(tmp, None)
-            meta = {
-                "kind": "consolidation", "description": description, "created_at": _now_iso(),
-                "parent": {"path": parent_value, "abs_path": str(base), "fingerprint": fingerprint},
-                "adapters": [{"path": _config_value(cur, home), "lora": state.get("lora"),
-                              "peft_type": adapter_cfg.get("peft_type"), "r": adapter_cfg.get("r"),
-                              "lora_alpha": adapter_cfg.get("lora_alpha"),
-                              "target_modules": adapter_cfg.get("target_modules"),
-                              "total_steps": state.get("total_steps"),
-                              "files": {k: v.get("sha256") for k, v in manifest.items()},
-                              "datasets": datasets}],
-                "datasets": datasets,
-                "probe": probe,
-                "fingerprint": new_fp,
-                "dtype": "float32",
-            }
-            with open(tmp / CONSOLIDATION_META, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-            _fsync_tree(tmp)
-            fsync_dir(layout.consolidated)
-            _pause_point(home, "tmp_written")
             try:
-                reloaded = _load_full_precision(tmp)
-                reload_diff = _max_diff(merged_logits, _probe(reloaded, inputs))
-                del reloaded
-            except Exception as exc:  # noqa: BLE001 - any failure to reload is a failed verification
-                reload_diff, reload_exc = float("nan"), exc
-            else:
-                reload_exc = None
-            if reload_exc is not None or not reload_diff <= probe_tolerance:
-                aside = layout.consolidated / f".failed-{final.name}"
-                durable_rename(tmp, aside)
-                why = f"does not load: {reload_exc!r}" if reload_exc is not None else \
-                    f"reproduces the merged probe logits only to {reload_diff:.3g} > {probe_tolerance:.3g}"
-                raise ConsolidationError(f"the saved merged model {why}; left aside in {aside}; "
-                                         f"nothing was changed")
-            durable_rename(tmp, final)
+                merged.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+                del merged
+                new_fp = base_fingerprint(tmp, None)
+                meta = {
+                    "kind": "consolidation", "description": description, "created_at": _now_iso(),
+                    "parent": {"path": parent_value, "abs_path": str(base), "fingerprint": fingerprint},
+                    "adapters": [{"path": _config_value(cur, home), "lora": state.get("lora"),
+                                  "peft_type": adapter_cfg.get("peft_type"), "r": adapter_cfg.get("r"),
+                                  "lora_alpha": adapter_cfg.get("lora_alpha"),
+                                  "target_modules": adapter_cfg.get("target_modules"),
+                                  "total_steps": state.get("total_steps"),
+                                  "files": {k: v.get("sha256") for k, v in manifest.items()},
+                                  "datasets": datasets}],
+                    "datasets": datasets,
+                    "probe": probe,
+                    "fingerprint": new_fp,
+                    "dtype": "float32",
+                }
+                with open(tmp / CONSOLIDATION_META, "w", encoding="utf-8") as fh:
+                    fh.write(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+                _fsync_tree(tmp)
+                fsync_dir(layout.consolidated)
+                _pause_point(home, "tmp_written")
+                try:
+                    reloaded = _load_full_precision(tmp)
+                    reload_diff = _max_diff(merged_logits, _probe(reloaded, inputs))
+                    del reloaded
+                except Exception as exc:  # noqa: BLE001 - any failure to reload is a failed verification
+                    reload_diff, reload_exc = float("nan"), exc
+                else:
+                    reload_exc = None
+                if reload_exc is not None or not reload_diff <= probe_tolerance:
+                    aside = layout.consolidated / f".failed-{final.name}"
+                    durable_rename(tmp, aside)
+                    why = f"does not load: {reload_exc!r}" if reload_exc is not None else \
+                        f"reproduces the merged probe logits only to {reload_diff:.3g} > {probe_tolerance:.3g}"
+                    raise ConsolidationError(f"the saved merged model {why}; left aside in {aside}; "
+                                             f"nothing was changed")
+                durable_rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # a .failed-* folder aside is kept
+                raise
             _pause_point(home, "published")
             check_fp = base_fingerprint(final, _fingerprint_cache(home))  # also warms the cache
             if check_fp != new_fp:

@@ -295,7 +295,7 @@ def test_refuses_other_base_naming_both(template: dict, tmp_path: Path) -> None:
     assert read_config(home) == cfg
 
 
-def test_refuses_while_daemon_runs_or_job_midway(template: dict, tmp_path: Path) -> None:
+def test_refuses_while_daemon_runs_job_midway_or_probe_fails(template: dict, tmp_path: Path) -> None:
     home = clone(template, tmp_path)
     cfg = read_config(home)
     lock = DaemonLock(Layout(home)).acquire()
@@ -304,6 +304,9 @@ def test_refuses_while_daemon_runs_or_job_midway(template: dict, tmp_path: Path)
             consolidate(home, cfg, "x")
     finally:
         lock.release()
+    # a merge that cannot meet the stated tolerance changes nothing (fp32 merge error is ~1e-6)
+    with pytest.raises(ConsolidationError, match="does not reproduce base\+adapter"):
+        consolidate(home, cfg, "x", probe_tolerance=1e-12)
     (home / "checkpoints" / "job-9" / "step-3").mkdir(parents=True)
     with pytest.raises(ConsolidationError, match="job-9"):
         consolidate(home, cfg, "x")
