@@ -70,3 +70,19 @@ def test_sigkill_daemon_mid_job_resumes_from_checkpoint(home, base_dir):
     home.ctl("stop")
     wait_for(lambda: not alive(home.pid() or 0), timeout=120, what="graceful stop")
     assert home.files("processing") == ["long.jsonl"]
+
+
+def test_missing_base_pauses_daemon_and_keeps_the_queue(home, base_dir, tmp_path):
+    missing = tmp_path / "no-such-base"
+    _config(home, missing)
+    for n in ("a", "b"):
+        write_jsonl(home.path / f"inbox/{n}.jsonl", generate_records(8, seed=ord(n)))
+    home.launch()
+    st = wait_for(lambda: home.status().get("status") == "paused" and home.status(), timeout=120,
+                  what="paused on a missing base")
+    assert str(missing) in st["last_error"]["message"] and "trainer-ctl resume" in st["last_error"]["message"]
+    assert home.files("failed") == [] and sorted(home.files("pending")) == ["a.jsonl", "b.jsonl"]
+    home.ctl("config", "unlock", "base_model")
+    _config(home, base_dir)
+    assert home.ctl("resume").returncode == 0
+    wait_for(lambda: home.files("done") == ["a.jsonl", "b.jsonl"], timeout=240, what="both trained")

@@ -112,7 +112,10 @@ class QLoRATrainer:
             return r.finish()
         except _Finished as done:
             return done.result
-        except (JobFailed, BaseModelError, BaseMismatchError) as exc:
+        except (BaseModelError, BaseMismatchError) as exc:   # the setup, not the data: daemon pauses
+            log.error("job %d blocked: %s", job.job_id, exc)
+            return JobResult(Outcome.FAILED, reason=str(exc), steps=r.step, details={"blocking": True})
+        except JobFailed as exc:
             log.error("job %d failed: %s", job.job_id, exc)
             return JobResult(Outcome.FAILED, reason=str(exc), steps=r.step)
         except Exception as exc:  # data errors and the unexpected: the job fails, not the caller
