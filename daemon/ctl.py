@@ -270,6 +270,102 @@ def cmd_generate(layout: Layout, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- adapters and bases -------------------------------------------------------------------------
+def _raw_config(layout: Layout) -> dict[str, Any]:
+    return json.loads(layout.config.read_text(encoding="utf-8")) if layout.config.exists() else {}
+
+
+def cmd_snapshot(layout: Layout, args: argparse.Namespace) -> int:
+    from trainer.consolidate import ConsolidationError, snapshot_now
+    try:
+        path = snapshot_now(layout.home, args.description)
+    except ConsolidationError as exc:
+        _err(str(exc))
+        return EXIT_FAIL
+    print(f"snapshot written: {path}")
+    return EXIT_OK
+
+
+def cmd_lineage(layout: Layout, args: argparse.Namespace) -> int:
+    from trainer.consolidate import lineage
+    chain = lineage(layout.home, _raw_config(layout))
+    if args.json:
+        print(json.dumps(chain, indent=2, default=str))
+        return EXIT_OK
+    for i, node in enumerate(chain):
+        kind = node.get("kind")
+        where = node.get("path") or "current_model/"
+        desc = f" — {node['description']}" if node.get("description") else ""
+        fp = f" [{str(node.get('fingerprint') or node.get('base_fingerprint') or '')[:12]}]"
+        print(f"{'  ' * i}{'└─ ' if i else ''}{kind}: {where}{fp if fp != ' []' else ''}{desc}")
+        for ds in node.get("datasets") or []:
+            name = ds.get("name") or ds.get("dataset") or "?"
+            print(f"{'  ' * i}     · {name} ({str(ds.get('sha256', ''))[:12]})")
+    return EXIT_OK
+
+
+def cmd_consolidate(layout: Layout, args: argparse.Namespace) -> int:
+    """Merge current_model/ into a new base. Needs no job mid-way; --pause makes it so."""
+    from trainer.consolidate import ConsolidationError, consolidate
+    pid = daemon_running(layout)
+    status = read_status(layout) or {}
+    midway = sorted(p.name for p in layout.checkpoints.glob("job-*") if p.is_dir())
+    busy = status.get("current_file") if pid else None
+    if (busy or midway) and not args.pause:
+        what = f"{busy} is training (step {status.get('current_step')} of {status.get('total_steps')})" \
+            if busy else f"{', '.join(midway)} stopped mid-way (its checkpoints are on the current base)"
+        _err(f"refused: {what}. Rerun with --pause to stop at the next step, consolidate, and restart "
+             "that job from its start on the new base (its checkpoints are kept aside)")
+        return EXIT_FAIL
+    if pid:
+        print(f"stopping the daemon (pid {pid}) for the consolidation")
+        rc = send(layout, "stop")
+        if rc != EXIT_OK:
+            return rc
+        deadline = time.monotonic() + 600
+        while daemon_running(layout) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if daemon_running(layout):
+            _err("the daemon did not stop within 10 minutes; consolidation not started")
+            return EXIT_TIMEOUT
+    rc = EXIT_OK
+    try:
+        midway = sorted(p for p in layout.checkpoints.glob("job-*") if p.is_dir())
+        if midway:
+            aside = layout.checkpoints / f".superseded-{time.strftime('%Y%m%d_%H%M%S')}"
+            aside.mkdir(parents=True)
+            for d in midway:
+                os.rename(d, aside / d.name)
+            fsync_dir(layout.checkpoints)
+            print(f"set aside checkpoints of {', '.join(d.name for d in midway)} in {aside}")
+        result = consolidate(layout.home, _raw_config(layout), args.description)
+        print(f"consolidated into {result['new_base_path']}\n"
+              f"  parent:    {result['parent_base']}\n"
+              f"  datasets:  {len(result['datasets'])}\n"
+              f"  probe:     max |merged - (base+adapter)| = {result['probe_max_abs_diff']:.2e} "
+              f"(tolerance {result['probe_tolerance']:.0e})\n"
+              f"  backup:    {result['backup']}\n"
+              f"config.json base_model is now {result['new_base']}; the next job starts a fresh adapter")
+    except ConsolidationError as exc:
+        _err(f"consolidation refused: {exc}")
+        rc = EXIT_FAIL
+    finally:
+        if pid:
+            from daemon.launcher import launch
+            launch(layout)
+    return rc
+
+
+def cmd_monitor(layout: Layout, args: argparse.Namespace) -> int:
+    from monitor.__main__ import main as monitor_main
+    argv = ["--home", str(layout.home)]
+    if args.host:
+        argv += ["--host", args.host]
+    if args.port is not None:
+        argv += ["--port", str(args.port)]
+    return monitor_main(argv)
+
+
 # ---- health and logs ---------------------------------------------------------------------------
 def cmd_check(layout: Layout, args: argparse.Namespace) -> int:
     from daemon.health import render, run_checks
@@ -370,6 +466,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="folder (default: inbox/)")
     g.add_argument("--seed", type=int)
     g.set_defaults(func=cmd_generate)
+    sn = sub.add_parser("snapshot", help="copy the live adapter to snapshots/ with a description")
+    sn.add_argument("--description", required=True)
+    sn.set_defaults(func=cmd_snapshot)
+    cn = sub.add_parser("consolidate", help="merge the live adapter into a new base (it becomes base_model)")
+    cn.add_argument("--description", required=True)
+    cn.add_argument("--pause", action="store_true",
+                    help="stop a running job at the next step first (it restarts on the new base)")
+    cn.set_defaults(func=cmd_consolidate)
+    li = sub.add_parser("lineage", help="the chain of bases and adapters, with datasets")
+    li.add_argument("--json", action="store_true")
+    li.set_defaults(func=cmd_lineage)
+    mo = sub.add_parser("monitor", help="serve the dashboard and API (default http://127.0.0.1:8080/; "
+                                        "bin/monitor.sh --background to detach)")
+    mo.add_argument("--host")
+    mo.add_argument("--port", type=int)
+    mo.set_defaults(func=cmd_monitor)
     ck = sub.add_parser("check", help="health: config, locked keys, base, queue, disk, checkpoints, GPU")
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(func=cmd_check)
@@ -387,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(layout, args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:          # `trainer-ctl queue list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

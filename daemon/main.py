@@ -85,10 +85,21 @@ class JobRunner(threading.Thread):
             self.wake.set()
 
 
+def recover_interrupted_consolidation(layout: Layout) -> None:
+    """Finish or undo a consolidation that a crash interrupted (its journal says which)."""
+    if not (layout.status_dir / "consolidation.json").exists() and not any(layout.consolidated.glob(".tmp-*")):
+        return          # the common case: no torch import at daemon start
+    from trainer.consolidate import recover_consolidation
+    what = recover_consolidation(layout.home)
+    if what:
+        log.warning("consolidation recovery: %s", what)
+
+
 class Daemon:
     def __init__(self, layout: Layout, *, trainer_factory: Callable[[Config], Trainer] | None = None) -> None:
         layout.ensure()
         self.layout = layout
+        recover_interrupted_consolidation(layout)         # before config and locked keys are read
         self.config = load_config(layout.config)          # ConfigError: refuse to start
         self._config_mtime = self._mtime(layout.config)
         self._config_error: str | None = None
