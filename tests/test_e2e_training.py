@@ -86,3 +86,26 @@ def test_missing_base_pauses_daemon_and_keeps_the_queue(home, base_dir, tmp_path
     _config(home, base_dir)
     assert home.ctl("resume").returncode == 0
     wait_for(lambda: home.files("done") == ["a.jsonl", "b.jsonl"], timeout=240, what="both trained")
+
+
+def test_consolidate_from_the_cli_refuses_mid_job_then_pauses_and_switches_base(home, base_dir):
+    _config(home, base_dir)
+    write_jsonl(home.path / "inbox/first.jsonl", generate_records(24, seed=5))
+    assert home.burst(timeout=300).returncode == 0
+    write_jsonl(home.path / "inbox/second.jsonl", generate_records(400, seed=6))
+    home.launch()
+    wait_for(lambda: home.status().get("current_file") == "second.jsonl"
+             and (home.status().get("current_step") or 0) >= 1, timeout=120, what="second training")
+    r = home.ctl("consolidate", "--description", "arithmetic v1")
+    assert r.returncode == 1 and "second.jsonl is training" in r.stderr and "--pause" in r.stderr
+    r = home.ctl("consolidate", "--description", "arithmetic v1", "--pause")
+    assert r.returncode == 0, r.stderr
+    assert "consolidated into" in r.stdout and "trainerd started" in r.stdout
+    cfg = json.loads((home.path / "config.json").read_text())
+    assert cfg["base_model"] != str(base_dir) and Path(home.path / cfg["base_model"]).is_dir()
+    lineage = home.ctl("lineage").stdout
+    assert "arithmetic v1" in lineage and "first.jsonl" in lineage
+    # the interrupted job restarts on the new base with a fresh adapter and completes
+    wait_for(lambda: home.files("done") == ["first.jsonl", "second.jsonl"], timeout=400, what="second done")
+    state = json.loads((home.path / "current_model/trainer_state.json").read_text())
+    assert state["base_model"].endswith(cfg["base_model"])
