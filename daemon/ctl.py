@@ -76,6 +76,10 @@ def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
               f"step {status.get('current_step') or 0}/{status.get('total_steps') or '?'}  "
               f"loss {_fmt_num(status.get('loss'), '.4f')}  lr {_fmt_num(status.get('learning_rate'), '.2e')}  "
               f"{_fmt_num(status.get('tokens_per_second'), ',.0f')} tok/s  ETA {_fmt_eta(status.get('eta_seconds'))}")
+    elif status.get("last_job"):
+        j = status["last_job"]
+        print(f"last job: {j.get('file')} {j.get('outcome')} after {j.get('steps')} steps, "
+              f"loss {_fmt_num(j.get('loss'), '.4f')} ({j.get('finished_at')})")
     print("queue:    " + " · ".join(f"{k} {v}" for k, v in counts.items()))
     if status.get("last_error"):
         e = status["last_error"]

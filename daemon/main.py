@@ -383,6 +383,10 @@ class Daemon:
                 self.queue.move(job, JobState.FAILED, error=reason, finished_at=time.time(),
                                 error_extra={k: v for k, v in result.details.items() if k != "traceback"})
                 self._report_error(f"{job.name} failed: {reason}", "job_failed")
+        self.board.update(last_job={"file": job.name, "job_id": job.id, "outcome": result.outcome.value,
+                                    "steps": result.steps, "loss": self.board.state.get("loss"),
+                                    "eval_loss": self.board.state.get("eval_loss"),
+                                    "reason": result.reason, "finished_at": iso()})
         self.runner, self.current = None, None
         self.board.clear_job()
         if self._stop_reason is None:

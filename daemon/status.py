@@ -20,7 +20,7 @@ STATUS_KEYS = ("status", "current_file", "current_job_id", "current_step", "tota
                "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "eta_seconds",
                "epoch", "peak_memory_bytes", "queue", "last_error", "last_event", "last_command",
                "layer_activity_summary", "updated_at", "started_at", "daemon_pid", "trainer",
-               "base_model", "model_name", "paused")
+               "base_model", "model_name", "paused", "last_job")
 
 JOB_KEYS = ("current_file", "current_job_id", "current_step", "total_steps", "loss", "eval_loss",
             "learning_rate", "grad_norm", "tokens_per_second", "eta_seconds", "epoch",

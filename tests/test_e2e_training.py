@@ -46,6 +46,9 @@ def test_drop_a_file_and_see_it_trained(home, base_dir):
     meta = json.loads((snap / "snapshot.json").read_text())
     assert meta["dataset_sha256"] == json.loads(home.ctl("queue", "list", "--json").stdout)[0]["sha256"]
     assert (home.path / "logs/training_output.log").stat().st_size > 0
+    last = home.status()["last_job"]
+    assert last["file"] == "arith.jsonl" and last["outcome"] == "completed" and last["loss"] == steps[-1]["loss"]
+    assert f"last job: arith.jsonl completed after {len(steps)} steps" in home.ctl("status").stdout
 
 
 def test_sigkill_daemon_mid_job_resumes_from_checkpoint(home, base_dir):
