@@ -82,6 +82,9 @@ class Config(BaseModel):
     # --- services ---
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     auto_generate: AutoGenerateConfig = Field(default_factory=AutoGenerateConfig)
+    # --- presets: named overrides of the keys above; the active one is merged in on load ---
+    presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    active_preset: str | None = None
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -89,6 +92,11 @@ class Config(BaseModel):
         if isinstance(v, list) and not v:
             raise ValueError("must name at least one module, or be 'all-linear'")
         return v
+
+    @property
+    def locked_namespace(self) -> str:
+        """Locked keys are recorded per preset (state.db); "" when no preset is active."""
+        return self.active_preset or ""
 
     def locked_values(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in LOCKED_KEYS}
@@ -100,18 +108,51 @@ class Config(BaseModel):
         return p if p.is_absolute() else (home / p)
 
 
-def parse_config(raw: Any, source: str = "config.json") -> Config:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: must be a JSON object, got {type(raw).__name__}")
+PRESET_FORBIDDEN = ("presets", "active_preset")
+
+
+def _validate(raw: dict[str, Any], prefix: str = "") -> tuple[Config | None, list[str]]:
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(raw), []
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            key = prefix + (".".join(str(p) for p in err["loc"]) or "(top level)")
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"  {key}: {msg}")
-        raise ConfigError(f"{source}: {len(problems)} problem(s):\n" + "\n".join(problems)) from None
+        return None, problems
+
+
+def parse_config(raw: Any, source: str = "config.json") -> Config:
+    """Validate config.json; with ``active_preset`` the result is the merged (effective) config.
+
+    Every preset is validated too (merged over the top level), so a typo in an inactive preset
+    is reported now, not on the day it is switched to.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a JSON object, got {type(raw).__name__}")
+    cfg, problems = _validate(raw)
+    presets = raw.get("presets") if isinstance(raw.get("presets"), dict) else {}
+    merged_active: Config | None = None
+    for name, over in presets.items():
+        if not isinstance(over, dict):
+            problems.append(f"  presets.{name}: must be an object of config keys")
+            continue
+        bad = [k for k in over if k in PRESET_FORBIDDEN]
+        if bad:
+            problems.append(f"  presets.{name}: cannot set {', '.join(bad)}")
+            continue
+        merged, more = _validate({**raw, **over}, prefix=f"presets.{name}.")
+        problems += more
+        if name == raw.get("active_preset"):
+            merged_active = merged
+    active = raw.get("active_preset")
+    if active is not None and active not in presets:
+        problems.append(f"  active_preset: no preset named {active!r} (have: {', '.join(presets) or 'none'})")
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} problem(s):\n" + "\n".join(problems))
+    assert cfg is not None
+    return merged_active if merged_active is not None else cfg
 
 
 def load_config(path: Path) -> Config:
@@ -130,3 +171,23 @@ def load_config(path: Path) -> Config:
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
+
+
+def base_model_value(raw: dict[str, Any]) -> Any:
+    """The effective raw ``base_model`` of a config.json dict (the active preset's if it sets one)."""
+    preset = (raw.get("presets") or {}).get(raw.get("active_preset") or "") or {}
+    return preset["base_model"] if "base_model" in preset else raw.get("base_model")
+
+
+def set_base_model(raw: dict[str, Any], value: str) -> dict[str, Any]:
+    """Set ``base_model`` where it takes effect (the active preset if it sets one, else top level)."""
+    preset = (raw.get("presets") or {}).get(raw.get("active_preset") or "")
+    if isinstance(preset, dict) and "base_model" in preset:
+        preset["base_model"] = value
+    else:
+        raw["base_model"] = value
+    return raw
+
+
+def locked_namespace(raw: dict[str, Any]) -> str:
+    return raw.get("active_preset") or ""

@@ -21,7 +21,7 @@ log = logging.getLogger("trainerd.control")
 
 TRAINING_COMMANDS = ("pause", "resume", "skip", "stop")
 QUEUE_COMMANDS = ("queue_add", "queue_remove", "queue_retry", "queue_prioritize")
-COMMANDS = TRAINING_COMMANDS + QUEUE_COMMANDS
+COMMANDS = TRAINING_COMMANDS + QUEUE_COMMANDS + ("preset_switch",)
 
 
 class ControlError(ValueError):

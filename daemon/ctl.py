@@ -21,7 +21,7 @@ from typing import Any
 
 from daemon import control as ctl
 from daemon.atomic import atomic_write_json, fsync_dir
-from daemon.config import LOCKED_KEYS, ConfigError, load_config
+from daemon.config import LOCKED_KEYS, ConfigError, base_model_value, load_config, locked_namespace
 from daemon.fsqueue import FsQueue, Intake, QueueError, safe_name
 from daemon.lock import AlreadyRunning, DaemonLock, daemon_running
 from daemon.paths import Layout
@@ -203,12 +203,20 @@ def cmd_queue_prioritize(layout: Layout, args: argparse.Namespace) -> int:
 
 
 # ---- config -----------------------------------------------------------------------------------
+def _namespace(layout: Layout) -> str:
+    try:
+        return locked_namespace(json.loads(layout.config.read_text(encoding="utf-8")))
+    except (FileNotFoundError, ValueError, AttributeError):
+        return ""
+
+
 def cmd_config_unlock(layout: Layout, args: argparse.Namespace) -> int:
     layout.status_dir.mkdir(parents=True, exist_ok=True)
+    ns = _namespace(layout)
     db = StateDB(layout.state_db)
     try:
-        was = db.locked().get(args.key)
-        removed = db.unlock(args.key)
+        was = db.locked(ns).get(args.key)
+        removed = db.unlock(args.key, ns)
         if removed:
             db.add_event("unlocked", f"locked key {args.key} unlocked by trainer-ctl (was {was!r})", level="warning")
     finally:
@@ -227,7 +235,7 @@ def cmd_config_show(layout: Layout, args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_USAGE
     db = _db(layout)
-    locked = db.locked() if db else {}
+    locked = db.locked(cfg.locked_namespace) if db else {}
     if db:
         db.close()
     print(json.dumps({"config": cfg.model_dump(mode="json"), "locked": locked}, indent=2))
@@ -276,7 +284,9 @@ def cmd_generate(layout: Layout, args: argparse.Namespace) -> int:
 
 # ---- adapters and bases -------------------------------------------------------------------------
 def _raw_config(layout: Layout) -> dict[str, Any]:
-    return json.loads(layout.config.read_text(encoding="utf-8")) if layout.config.exists() else {}
+    """config.json as written, with ``base_model`` resolved through the active preset."""
+    raw = json.loads(layout.config.read_text(encoding="utf-8")) if layout.config.exists() else {}
+    return {**raw, "base_model": base_model_value(raw)}
 
 
 def cmd_snapshot(layout: Layout, args: argparse.Namespace) -> int:
@@ -358,6 +368,25 @@ def cmd_consolidate(layout: Layout, args: argparse.Namespace) -> int:
             from daemon.launcher import launch
             launch(layout)
     return rc
+
+
+def cmd_preset(layout: Layout, args: argparse.Namespace) -> int:
+    if args.name is None:
+        raw = json.loads(layout.config.read_text(encoding="utf-8")) if layout.config.exists() else {}
+        active = raw.get("active_preset")
+        for name in raw.get("presets") or {}:
+            print(f"{'*' if name == active else ' '} {name}")
+        if not raw.get("presets"):
+            print("no presets in config.json")
+        return EXIT_OK
+    from daemon.presets import PresetError, switch_preset
+
+    def direct(_q: FsQueue) -> tuple[bool, str]:
+        try:
+            return True, switch_preset(layout, args.name)
+        except PresetError as exc:
+            return False, str(exc)
+    return _direct_or_send(layout, "preset_switch", direct, name=args.name)
 
 
 def cmd_monitor(layout: Layout, args: argparse.Namespace) -> int:
@@ -481,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     li = sub.add_parser("lineage", help="the chain of bases and adapters, with datasets")
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=cmd_lineage)
+    ps = sub.add_parser("preset", help="list presets, or switch to one (only while no job is mid-way)")
+    ps.add_argument("name", nargs="?", help="preset name, or 'none'")
+    ps.set_defaults(func=cmd_preset)
     mo = sub.add_parser("monitor", help="serve the dashboard and API (default http://127.0.0.1:8080/; "
                                         "bin/monitor.sh --background to detach)")
     mo.add_argument("--host")

@@ -55,7 +55,7 @@ def run_checks(layout: Layout) -> list[Finding]:
     db = StateDB(layout.state_db, readonly=True) if layout.state_db.exists() else None
     try:
         if cfg is not None and db is not None:
-            recorded = db.locked()
+            recorded = db.locked(cfg.locked_namespace)
             diffs = [f"{k}: recorded {v!r}, config.json has {getattr(cfg, k)!r}"
                      for k, v in sorted(recorded.items()) if getattr(cfg, k) != v]
             out.append(Finding("locked keys", "problem" if diffs else "ok",

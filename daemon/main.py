@@ -25,6 +25,7 @@ from daemon.fsqueue import FsQueue, Intake, QueueError
 from daemon.lock import AlreadyRunning, DaemonLock
 from daemon.logsetup import setup_logging
 from daemon.paths import Layout
+from daemon.presets import PresetError, recover_preset_switch, switch_preset
 from daemon.statedb import Job, StateDB
 from daemon.states import DaemonStatus, JobState, Priority
 from daemon.status import StatusBoard, iso
@@ -100,6 +101,7 @@ class Daemon:
         layout.ensure()
         self.layout = layout
         recover_interrupted_consolidation(layout)         # before config and locked keys are read
+        recover_preset_switch(layout)
         self.config = load_config(layout.config)          # ConfigError: refuse to start
         self._config_mtime = self._mtime(layout.config)
         self._config_error: str | None = None
@@ -172,14 +174,16 @@ class Daemon:
                     self._config_error = str(exc)
                     self._report_error(f"{exc}\nkeeping the previous valid settings", "config_error")
         cfg = self.config
-        recorded = self.db.locked()
+        ns = cfg.locked_namespace
+        recorded = self.db.locked(ns)
         current = cfg.locked_values()
         fresh = {k: v for k, v in current.items() if k not in recorded and v is not None}
         if fresh:
-            self.db.record_locked(fresh)
+            self.db.record_locked(fresh, ns)
         diffs = {k: (recorded[k], current[k]) for k in recorded if recorded[k] != current[k]}
         if diffs:
-            msg = ("config.json changes locked key(s): " + "; ".join(
+            where = f" (preset {ns!r})" if ns else ""
+            msg = (f"config.json changes locked key(s){where}: " + "; ".join(
                 f"{k}: recorded {a!r}, config.json has {b!r}" for k, (a, b) in sorted(diffs.items()))
                 + ". Refused: training keeps the recorded values. To accept the change run "
                 + " && ".join(f"`trainer-ctl config unlock {k}`" for k in sorted(diffs)))
@@ -257,6 +261,17 @@ class Daemon:
         if command == "queue_prioritize":
             job = self.queue.prioritize(args["name"], Priority(args["level"]))
             return True, f"{job.name} priority is now {job.priority}"
+        if command == "preset_switch":
+            if running:
+                return False, (f"refused: {self.current.name if self.current else 'a job'} is training; "
+                               "switch presets when the queue is idle")
+            try:
+                msg = switch_preset(self.layout, str(args.get("name")))
+            except PresetError as exc:
+                return False, str(exc)
+            self.effective_config()
+            self.db.add_event("preset", msg)
+            return True, msg
         return False, f"unknown command {command}"
 
     # ---- intake ---------------------------------------------------------------------------------

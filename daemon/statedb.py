@@ -214,16 +214,29 @@ class StateDB:
             out.append(d)
         return out
 
-    # ---- locked config keys -----------------------------------------------------------
-    def locked(self) -> dict[str, Any]:
-        return {r["key"]: json.loads(r["value"]) for r in self.conn.execute("SELECT * FROM locked_keys")}
+    # ---- locked config keys (one namespace per preset; "" when none is active) ------------------
+    @staticmethod
+    def _lk(key: str, ns: str) -> str:
+        return f"preset:{ns}:{key}" if ns else key
 
-    def record_locked(self, values: dict[str, Any]) -> None:
+    def locked(self, ns: str = "") -> dict[str, Any]:
+        rows = self.conn.execute("SELECT * FROM locked_keys").fetchall()
+        prefix = f"preset:{ns}:" if ns else None
+        out = {}
+        for r in rows:
+            k = r["key"]
+            if prefix is None and not k.startswith("preset:"):
+                out[k] = json.loads(r["value"])
+            elif prefix is not None and k.startswith(prefix):
+                out[k[len(prefix):]] = json.loads(r["value"])
+        return out
+
+    def record_locked(self, values: dict[str, Any], ns: str = "") -> None:
         with self.tx() as c:
             for k, v in values.items():
                 c.execute("INSERT OR IGNORE INTO locked_keys (key, value, recorded_at) VALUES (?,?,?)",
-                          (k, json.dumps(v), time.time()))
+                          (self._lk(k, ns), json.dumps(v), time.time()))
 
-    def unlock(self, key: str) -> bool:
+    def unlock(self, key: str, ns: str = "") -> bool:
         with self.tx() as c:
-            return c.execute("DELETE FROM locked_keys WHERE key = ?", (key,)).rowcount > 0
+            return c.execute("DELETE FROM locked_keys WHERE key = ?", (self._lk(key, ns),)).rowcount > 0

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from daemon.atomic import atomic_write_json, durable_rename, fsync_dir, read_json
+from daemon.config import base_model_value, locked_namespace, set_base_model
 from daemon.paths import Layout
 
 log = logging.getLogger("trainer.consolidate")
@@ -306,12 +307,13 @@ def _ensure_locked_base(home: Path, value: str) -> bool:
     """state.db's locked base_model = *value*; True if it had to change."""
     from daemon.statedb import StateDB
 
+    ns = locked_namespace(_read_config_raw(home))
     db = StateDB(Layout(Path(home)).state_db)
     try:
-        if db.locked().get("base_model") == value:
+        if db.locked(ns).get("base_model") == value:
             return False
-        db.unlock("base_model")
-        db.record_locked({"base_model": value})
+        db.unlock("base_model", ns)
+        db.record_locked({"base_model": value}, ns)
         return True
     finally:
         db.close()
@@ -379,7 +381,7 @@ def _recover_locked(home: Path) -> str | None:
         journal = None
         log.error("unreadable consolidation journal %s: left in place for a human", jpath)
     if journal is not None:
-        current = _read_config_raw(home).get("base_model")
+        current = base_model_value(_read_config_raw(home))
         if current == journal.get("new_base"):
             _roll_forward(home, journal)
             actions.append("rolled_forward")
@@ -562,7 +564,7 @@ def consolidate(home: Path, config: dict[str, Any], description: str, *,
             datasets = _dataset_entries(state)
             manifest = json.loads((cur / MANIFEST).read_text(encoding="utf-8"))["files"]
             adapter_cfg = json.loads((cur / "adapter_config.json").read_text(encoding="utf-8"))
-            old_value = _read_config_raw(home).get("base_model")
+            old_value = base_model_value(_read_config_raw(home))
             if old_value is not None and _resolve(home, old_value) is not None \
                     and _resolve(home, old_value).resolve() != base:  # type: ignore[union-attr]
                 log.warning("config.json names base %r but the given config names %s; config.json "
@@ -644,7 +646,7 @@ def consolidate(home: Path, config: dict[str, Any], description: str, *,
             durable_rename(cur, backup)
             _pause_point(home, "current_moved")
             raw = _read_config_raw(home)
-            raw["base_model"] = new_value
+            set_base_model(raw, new_value)                     # where it takes effect (preset)
             atomic_write_json(layout.config, raw)              # the commit point
             _pause_point(home, "config_written")
             _ensure_locked_base(home, new_value)
