@@ -7,7 +7,7 @@ import socket
 import sys
 import threading
 
-from conftest import alive, wait_for
+from daemon_helpers import alive, wait_for
 
 
 def test_builtin_generator_fills_an_empty_queue(home):

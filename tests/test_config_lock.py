@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STANDIN, text_records, write_jsonl
+from daemon_helpers import STANDIN, text_records, write_jsonl
 from daemon.config import ConfigError, load_config
 from daemon.main import Daemon
 from daemon.paths import Layout

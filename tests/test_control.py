@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 
-from conftest import alive, text_records, wait_for, write_jsonl
+from daemon_helpers import alive, text_records, wait_for, write_jsonl
 
 
 def _training(home, n=200, name="long.jsonl", step_s=0.05):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import alive, wait_for, write_jsonl
+from daemon_helpers import alive, wait_for, write_jsonl
 from trainer.generator import generate_records
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import text_records, wait_for, write_jsonl
+from daemon_helpers import text_records, wait_for, write_jsonl
 
 
 def test_cp_and_mv_files_are_trained(home, tmp_path):

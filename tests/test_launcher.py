@@ -5,7 +5,7 @@ import datetime as dt
 import subprocess
 import sys
 
-from conftest import REPO, alive, env_for, wait_for
+from daemon_helpers import REPO, alive, env_for, wait_for
 
 
 def test_launch_starts_one_background_daemon_with_pid_and_log(home):

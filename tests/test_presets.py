@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import STANDIN, text_records, wait_for, write_jsonl
+from daemon_helpers import STANDIN, text_records, wait_for, write_jsonl
 from daemon.config import ConfigError, parse_config
 from daemon.paths import Layout
 from daemon.presets import JOURNAL, recover_preset_switch, switch_preset

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import text_records, wait_for, write_jsonl
+from daemon_helpers import text_records, wait_for, write_jsonl
 
 
 def _jobs(home):

@@ -15,7 +15,7 @@ from daemon.logsetup import DailyFileHandler
 from daemon.paths import Layout
 from daemon.statedb import StateDB
 from daemon.states import TRANSITIONS, JobState, Priority, TransitionError, check_transition
-from conftest import text_records, write_jsonl
+from daemon_helpers import text_records, write_jsonl
 
 
 def test_transition_table_is_enforced():

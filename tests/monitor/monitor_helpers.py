@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import httpx
 
-from conftest import REPO, Home, env_for, wait_for
+from daemon_helpers import REPO, Home, env_for, wait_for
 from daemon.paths import Layout
 
 REQ = {"X-Trainer-Request": "1"}

@@ -9,7 +9,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from conftest import text_records, wait_for, write_jsonl
+from daemon_helpers import text_records, wait_for, write_jsonl
 from monitor_helpers import REQ, Monitor, SSEReader, make_home, stop_daemon
 
 STEP_S = 0.1

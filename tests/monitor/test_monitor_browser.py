@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import REPO, text_records, wait_for, write_jsonl
+from daemon_helpers import REPO, text_records, wait_for, write_jsonl
 from monitor_helpers import Monitor, make_home
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -8,7 +8,7 @@ import sys
 
 import httpx
 
-from conftest import REPO, env_for, wait_for
+from daemon_helpers import REPO, env_for, wait_for
 from monitor_helpers import free_port, make_home
 
 

@@ -8,7 +8,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from conftest import REPO, env_for
+from daemon_helpers import REPO, env_for
 from monitor_helpers import REQ, Monitor, free_port, make_home
 
 TOKEN = "s3cret-token-for-tests-0123456789"

@@ -305,7 +305,7 @@ def test_refuses_while_daemon_runs_job_midway_or_probe_fails(template: dict, tmp
     finally:
         lock.release()
     # a merge that cannot meet the stated tolerance changes nothing (fp32 merge error is ~1e-6)
-    with pytest.raises(ConsolidationError, match="does not reproduce base\+adapter"):
+    with pytest.raises(ConsolidationError, match=r"does not reproduce base\+adapter"):
         consolidate(home, cfg, "x", probe_tolerance=1e-12)
     (home / "checkpoints" / "job-9" / "step-3").mkdir(parents=True)
     with pytest.raises(ConsolidationError, match="job-9"):
