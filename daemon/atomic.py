@@ -6,6 +6,7 @@ A failed fsync is never retried: the kernel may already have dropped the dirty p
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -52,6 +53,15 @@ def durable_rename(src: Path, dst: Path) -> None:
     fsync_dir(Path(dst).parent)
     if Path(src).parent != Path(dst).parent:
         fsync_dir(Path(src).parent)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (dataset identity, checkpoint manifests, bases)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: Path, default: Any = None) -> Any:

@@ -8,7 +8,6 @@ user's file: bad input goes to ``failed/`` with ``NAME.error.json`` beside it.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import os
 import re
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.atomic import atomic_write_json, durable_rename
+from daemon.atomic import atomic_write_json, durable_rename, sha256_file
 from daemon.paths import Layout
 from daemon.statedb import Job, StateDB
 from daemon.states import JobState, Priority, check_transition
@@ -50,14 +49,6 @@ def safe_name(name: str) -> str:
     stem = base[: -len(".jsonl")] if base.endswith(".jsonl") else base
     stem = _UNSAFE.sub("_", stem).strip("._") or "dataset"
     return stem[:120] + ".jsonl"
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def now_iso() -> str:
@@ -119,7 +110,7 @@ class FsQueue:
             reason = "not a regular file"
         else:
             size = st.st_size
-            sha = sha256_of(src)
+            sha = sha256_file(src)
             report = validate_file(src)
             extra["validation"] = {k: v for k, v in report.to_json().items() if k != "path"}
             fmt, records = report.format, report.valid_records
@@ -199,7 +190,7 @@ class FsQueue:
         path = self.path(JobState.FAILED, name)
         if path.is_symlink() or not path.is_file():
             raise QueueError(f"'{name}' is not a regular file; it cannot be trained")
-        sha = sha256_of(path)
+        sha = sha256_file(path)
         report = validate_file(path)
         if not report.ok:
             raise QueueError(f"'{name}' is still invalid: {report.reason}")
@@ -247,7 +238,7 @@ class FsQueue:
                     regular = entry.is_file() and not entry.is_symlink()
                     job = self.db.insert_job(
                         name=name, original_name=name, state=state,
-                        sha256=sha256_of(entry) if regular else None, size=entry.lstat().st_size,
+                        sha256=sha256_file(entry) if regular else None, size=entry.lstat().st_size,
                         error="adopted at start-up" if state is JobState.FAILED else None)
                     if state is JobState.FAILED and not self.error_path(name).exists():
                         self._write_error(name, "found in failed/ with no record", job_id=job.id)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from daemon.atomic import read_json

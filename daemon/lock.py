@@ -5,7 +5,6 @@ import errno
 import fcntl
 import os
 import time
-from pathlib import Path
 
 from daemon.atomic import atomic_write
 from daemon.paths import Layout

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon.paths import Layout
 
 REPO = Path(__file__).resolve().parent.parent
 STANDIN = {"trainer": "standin", "standin_step_seconds": 0.05, "inbox_stable_seconds": 0.3,

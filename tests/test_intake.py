@@ -5,7 +5,6 @@ import json
 import os
 import time
 
-import pytest
 
 from daemon_helpers import text_records, wait_for, write_jsonl
 

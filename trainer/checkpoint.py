@@ -19,7 +19,6 @@ load, is logged and skipped in favour of the one before it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from daemon.atomic import fsync_dir
+from daemon.atomic import fsync_dir, sha256_file  # noqa: F401 (sha256_file re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +45,6 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt or cannot be loaded."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def fsync_file(path: Path) -> None:

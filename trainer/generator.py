@@ -22,6 +22,7 @@ import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
+from daemon.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,6 @@ def generate_records(count: int, *, seed: int | None = None, kind: str = "arithm
     return [_syllables(r) for _ in range(count)]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_jsonl_atomic(records: Iterable[dict], out_dir: Path, *, prefix: str = "autogen") -> Path:
     """Write *records* as ``out_dir/PREFIX_<utc timestamp>_<pid>_<rand>.jsonl``, atomically.
 
@@ -107,6 +100,6 @@ def write_jsonl_atomic(records: Iterable[dict], out_dir: Path, *, prefix: str = 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     log.info("wrote %d records to %s", n, final)
     return final

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from daemon.atomic import atomic_write_json
+from daemon.atomic import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,6 @@ def _fingerprint_files(base: Path) -> list[Path]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def base_fingerprint(base: Path, cache_file: Path | None = None) -> str:
     """sha256 of the base's config.json + weight files, using/updating the per-file hash cache."""
     base = Path(base).resolve()
@@ -95,7 +87,7 @@ def base_fingerprint(base: Path, cache_file: Path | None = None) -> str:
             digest = entry["sha256"]
         else:
             log.info("hashing %s (%d bytes)", p, st.st_size)
-            digest = _sha256(p)
+            digest = sha256_file(p, 1 << 22)
             cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
             changed = True
         h.update(f"{p.name}\0{digest}\n".encode())

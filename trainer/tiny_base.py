@@ -17,6 +17,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from daemon.atomic import fsync_dir
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CORPUS = ASSETS / "corpus.txt"
@@ -140,7 +141,7 @@ def build_tiny_base(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024, hid
         if out_dir.exists():
             raise FileExistsError(f"{out_dir} appeared while building; refusing to overwrite")
         os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -149,18 +150,10 @@ def build_tiny_base(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024, hid
     return out_dir
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
     for d in sorted({p.parent for p in root.rglob("*")} | {root}):
-        _fsync_dir(d)
+        fsync_dir(d)

@@ -10,7 +10,6 @@ after Ctrl-C (which checkpoints and stops) resumes where it stopped. Step lines 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -20,22 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from daemon.atomic import sha256_file
 from trainer.interface import Command, JobResult, JobSpec, Outcome
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_job(dataset: Path, home: Path, config: dict[str, Any], job_id: int | None = None,
              attempt: int = 1) -> JobSpec:
     """A JobSpec for *dataset* trained into *home* (job id from the sha256 unless given)."""
     dataset = Path(dataset).resolve()
-    sha = file_sha256(dataset)
+    sha = sha256_file(dataset)
     if job_id is None:
         job_id = int(sha[:7], 16)
     return JobSpec(job_id=job_id, name=dataset.name, dataset=dataset, sha256=sha,

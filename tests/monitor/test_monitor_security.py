@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-from pathlib import Path
 from typing import Iterator
 
 import httpx

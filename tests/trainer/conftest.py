@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,3 +24,13 @@ def tiny_tokenizer(tiny_base: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_base)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_cpu_thread():
+    """One intra-op thread: on a shared 2-core box, OpenMP spin-waiting under contention makes
+    steps 100x slower; one thread is as fast here and stable. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

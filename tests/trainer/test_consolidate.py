@@ -28,39 +28,13 @@ from trainer.interface import Outcome
 from trainer.model import base_fingerprint
 from trainer.recipe import QLoRATrainer
 from trainer.train import make_job
+from trainer_helpers import ListSink, NoControl
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_REL = "consolidated_models/tiny"
 TOL = 1e-4
 EXTRA_KEYS = {"monitor": {"port": 8123, "host": "127.0.0.1"}, "model_display_name": "keep me",
               "warmup_steps": 0, "auto_generate": {"enabled": False, "count": 7}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def emit(self, ev: dict[str, Any]) -> None:
-        self.events.append(ev)
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == kind]
-
-
-class NoControl:
-    def poll(self) -> None:
-        return None
-
-    def wait(self, timeout: float) -> None:
-        return None
 
 
 def read_config(home: Path) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -15,16 +14,7 @@ from trainer.interface import Outcome
 from trainer.layer_activity import lora_delta_norm
 from trainer.recipe import QLoRATrainer
 from trainer.train import make_job
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP spin-waiting under contention makes
-    steps 100x slower; one thread is as fast here and stable. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from trainer_helpers import ListSink, NoControl
 
 
 @pytest.mark.parametrize("r,din,dout", [(1, 7, 5), (4, 64, 128), (16, 300, 40)])
@@ -35,23 +25,6 @@ def test_delta_norm_matches_materialised_product(r: int, din: int, dout: int) ->
     expected = float(torch.linalg.matrix_norm((B.double() @ A.double()) * 0.5, ord="fro"))
     assert lora_delta_norm(A, B, 0.5) == pytest.approx(expected, rel=1e-9)
     assert lora_delta_norm(A, torch.zeros(dout, r), 2.0) == 0.0  # a fresh LoRA (B = 0)
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def emit(self, ev: dict[str, Any]) -> None:
-        json.dumps(ev, allow_nan=False)
-        self.events.append(ev)
-
-
-class NoControl:
-    def poll(self) -> None:
-        return None
-
-    def wait(self, timeout: float) -> None:
-        return None
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from daemon.config import Config, config_to_dict
@@ -19,18 +18,9 @@ from trainer.generator import generate_records
 from trainer.interface import Command, Outcome
 from trainer.recipe import QLoRATrainer
 from trainer.train import make_job
+from trainer_helpers import ListSink
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP spin-waiting under contention makes
-    steps 100x slower; one thread is as fast here and stable. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(base: Path, **over: Any) -> dict[str, Any]:
@@ -40,18 +30,6 @@ def tiny_config(base: Path, **over: Any) -> dict[str, Any]:
                               layer_activity_every_steps=5, seed=0)
     kw.update(over)
     return config_to_dict(Config(**kw))
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def emit(self, ev: dict[str, Any]) -> None:
-        json.dumps(ev, allow_nan=False)  # must be protocol-safe
-        self.events.append(ev)
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == kind]
 
 
 class ScriptedControl:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from daemon.config import Config, config_to_dict
@@ -20,38 +19,10 @@ from trainer.interface import Outcome
 from trainer.recipe import QLoRATrainer
 from trainer.subprocess_trainer import SubprocessTrainer
 from trainer.train import make_job
+from trainer_helpers import ListSink, NoControl
 
 REPO = Path(__file__).resolve().parents[2]
 KILL_AFTER = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP spin-waiting under contention makes
-    steps 100x slower; one thread is as fast here and stable. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def emit(self, ev: dict[str, Any]) -> None:
-        self.events.append(ev)
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == kind]
-
-
-class NoControl:
-    def poll(self) -> None:
-        return None
-
-    def wait(self, timeout: float) -> None:
-        return None
 
 
 def resume_config(base: Path) -> dict[str, Any]:

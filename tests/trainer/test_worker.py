@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import torch
 
 from daemon.config import Config, config_to_dict
 from trainer.generator import generate_records
@@ -22,16 +21,6 @@ from trainer.train import make_job
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP spin-waiting under contention makes
-    steps 100x slower; one thread is as fast here and stable. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def worker_config(base: Path, **over: Any) -> dict[str, Any]:
