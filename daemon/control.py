@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -24,8 +25,25 @@ QUEUE_COMMANDS = ("queue_add", "queue_remove", "queue_retry", "queue_prioritize"
 COMMANDS = TRAINING_COMMANDS + QUEUE_COMMANDS + ("preset_switch",)
 
 
+ID_RE = re.compile(r"^[0-9A-Za-z-]{1,64}$")
+MAX_AGE_S = 300.0      # a request nobody acted on for this long is answered "expired", not applied
+
+
 class ControlError(ValueError):
     pass
+
+
+def check_request(req: object) -> str | None:
+    """Why *req* is not a well-formed request, or None."""
+    if not isinstance(req, dict):
+        return "not a JSON object"
+    if req.get("command") not in COMMANDS:
+        return f"unknown command {req.get('command')!r}"
+    if not isinstance(req.get("id"), str) or not ID_RE.match(req["id"]):
+        return "missing or malformed id"
+    if not isinstance(req.get("args", {}), dict):
+        return "args must be an object"
+    return None
 
 
 def replies_dir(layout: Layout) -> Path:
@@ -45,7 +63,7 @@ def write_request(layout: Layout, command: str, *, source: str = "cli", **args: 
 
 
 def pending_requests(layout: Layout) -> list[tuple[Path, dict[str, Any] | None]]:
-    """Requests waiting, oldest first. An unreadable one comes back as (path, None)."""
+    """Requests waiting, oldest first. A malformed one comes back as (path, None)."""
     out: list[tuple[Path, dict[str, Any] | None]] = []
     try:
         entries = sorted(p for p in layout.control.iterdir()
@@ -55,13 +73,25 @@ def pending_requests(layout: Layout) -> list[tuple[Path, dict[str, Any] | None]]
     for p in entries:
         try:
             req = json.loads(p.read_text(encoding="utf-8"))
-            if not isinstance(req, dict) or req.get("command") not in COMMANDS:
-                raise ValueError("not a known command")
-            out.append((p, req))
+            problem = check_request(req)
         except (ValueError, OSError) as exc:
-            log.warning("unreadable control request %s: %s", p.name, exc)
+            problem = str(exc)
+        if problem is not None:
+            log.warning("malformed control request %s: %s", p.name, problem)
             out.append((p, None))
+        else:
+            out.append((p, req))
     return out
+
+
+def set_aside(layout: Layout, path: Path) -> None:
+    """Move a malformed request to control/rejected/ (kept for a human; never acted on)."""
+    rejected = layout.control / "rejected"
+    rejected.mkdir(exist_ok=True)
+    try:
+        os.replace(path, rejected / path.name)
+    except FileNotFoundError:
+        pass
 
 
 def write_reply(layout: Layout, req_id: str, *, ok: bool, message: str,

@@ -119,7 +119,9 @@ def _direct_or_send(layout: Layout, command: str, direct, **cargs: Any) -> int:
                 layout.ensure()
                 db = StateDB(layout.state_db)
                 try:
-                    ok, msg = direct(FsQueue(layout, db))
+                    queue = FsQueue(layout, db)
+                    queue.reconcile()        # what the daemon would do at start, so rows match files
+                    ok, msg = direct(queue)
                 except QueueError as exc:
                     ok, msg = False, str(exc)
                 finally:
@@ -143,11 +145,6 @@ def cmd_queue_add(layout: Layout, args: argparse.Namespace) -> int:
     layout.inbox.mkdir(parents=True, exist_ok=True)
     staged = f".{name}.{uuid.uuid4().hex[:8]}.part"      # ignored by the inbox watcher
     dst = layout.inbox / staged
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
-    fsync_dir(layout.inbox)
     intake = Intake(priority=Priority(args.priority), force=args.force, original_name=name)
 
     def direct(q: FsQueue) -> tuple[bool, str]:
@@ -155,8 +152,20 @@ def cmd_queue_add(layout: Layout, args: argparse.Namespace) -> int:
         if job.state == JobState.PENDING.value:
             return True, f"queued {name} as {job.name} (job {job.id}, priority {job.priority})"
         return False, f"rejected {name}: {job.error} (kept as queue/failed/{job.name})"
-    return _direct_or_send(layout, "queue_add", direct, staged=staged, name=name,
-                           priority=args.priority, force=args.force)
+    try:
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        fsync_dir(layout.inbox)
+        rc = _direct_or_send(layout, "queue_add", direct, staged=staged, name=name,
+                             priority=args.priority, force=args.force)
+    except BaseException:
+        dst.unlink(missing_ok=True)      # the user's file is untouched; drop our partial copy
+        raise
+    if rc in (EXIT_DOWN, EXIT_USAGE):    # nobody took the staged copy: don't leave it behind
+        dst.unlink(missing_ok=True)
+    return rc
 
 
 def cmd_queue_list(layout: Layout, args: argparse.Namespace) -> int:
@@ -343,6 +352,7 @@ def cmd_consolidate(layout: Layout, args: argparse.Namespace) -> int:
             _err("the daemon did not stop within 10 minutes; consolidation not started")
             return EXIT_TIMEOUT
     rc = EXIT_OK
+    moved: list[tuple[Path, Path]] = []
     try:
         midway = sorted(p for p in layout.checkpoints.glob("job-*") if p.is_dir())
         if midway:
@@ -350,6 +360,7 @@ def cmd_consolidate(layout: Layout, args: argparse.Namespace) -> int:
             aside.mkdir(parents=True)
             for d in midway:
                 os.rename(d, aside / d.name)
+                moved.append((aside / d.name, d))
             fsync_dir(layout.checkpoints)
             print(f"set aside checkpoints of {', '.join(d.name for d in midway)} in {aside}")
         result = consolidate(layout.home, _raw_config(layout), args.description)
@@ -363,6 +374,11 @@ def cmd_consolidate(layout: Layout, args: argparse.Namespace) -> int:
     except ConsolidationError as exc:
         _err(f"consolidation refused: {exc}")
         rc = EXIT_FAIL
+        for src, dst in moved:           # the base did not change: the job resumes as it was
+            os.rename(src, dst)
+        if moved:
+            fsync_dir(layout.checkpoints)
+            print("checkpoints put back; the interrupted job resumes where it stopped")
     finally:
         if pid:
             from daemon.launcher import launch

@@ -15,7 +15,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from daemon.atomic import atomic_write_json, durable_rename, sha256_file
 from daemon.paths import Layout
@@ -32,6 +32,15 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._+@=-]+")
 
 class QueueError(RuntimeError):
     """A queue operation the user asked for cannot be done (unknown name, wrong state...)."""
+
+
+class FileChanged(RuntimeError):
+    """The file changed while it was being taken in: it is still being written; try later."""
+
+
+def printable(name: str) -> str:
+    """A file name as text that SQLite and JSON accept (undecodable bytes become U+FFFD)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def is_ignored(name: str) -> bool:
@@ -75,15 +84,23 @@ class FsQueue:
     def error_path(self, name: str) -> Path:
         return self.layout.state_dir(JobState.FAILED) / (name + ERROR_SUFFIX)
 
-    def _unique_name(self, wanted: str) -> str:
+    @staticmethod
+    def _unique(wanted: str, taken: Callable[[str], bool]) -> str:
+        """safe_name(wanted), or NAME.2.jsonl, NAME.3.jsonl... until *taken* says no."""
         name = safe_name(wanted)
-        stem = name[: -len(".jsonl")]
-        n = 1
-        while self.db.name_taken(name) or any(self.path(s, name).exists() or self.path(s, name).is_symlink()
-                                              for s in JobState):
+        stem, n = name[: -len(".jsonl")], 1
+        while taken(name):
             n += 1
             name = f"{stem}.{n}.jsonl"
         return name
+
+    def _unique_name(self, wanted: str) -> str:
+        """A name no job and no queue folder has (names stay unique across the whole queue)."""
+        return self._unique(wanted, lambda n: self.db.name_taken(n) or any(
+            self.path(s, n).exists() or self.path(s, n).is_symlink() for s in JobState))
+
+    def unique_inbox_name(self, wanted: str) -> str:
+        return self._unique(wanted, lambda n: os.path.lexists(self.layout.inbox / n))
 
     def _write_error(self, name: str, reason: str, *, job_id: int | None = None,
                      extra: dict[str, Any] | None = None) -> None:
@@ -94,7 +111,7 @@ class FsQueue:
     def accept(self, src: Path, intake: Intake | None = None) -> Job:
         """Take a complete file (from inbox/ or a staged copy) into pending/ or failed/."""
         intake = intake or Intake()
-        original = intake.original_name or src.name
+        original = printable(intake.original_name or src.name)
         name = self._unique_name(original)
         st = os.lstat(src)
         sha = size = None
@@ -110,13 +127,20 @@ class FsQueue:
             reason = "not a regular file"
         else:
             size = st.st_size
-            sha = sha256_file(src)
-            report = validate_file(src)
-            extra["validation"] = {k: v for k, v in report.to_json().items() if k != "path"}
-            fmt, records = report.format, report.valid_records
-            if not report.ok:
-                reason = report.reason or "invalid data"
-            elif not intake.force:
+            try:
+                sha = sha256_file(src)
+            except OSError as exc:
+                reason = f"unreadable: {exc.strerror or exc}"
+            if reason is None:
+                report = validate_file(src)
+                extra["validation"] = {k: v for k, v in report.to_json().items() if k != "path"}
+                fmt, records = report.format, report.valid_records
+                after = os.lstat(src)
+                if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                    raise FileChanged(f"{original} changed while it was being read; taken later")
+                if not report.ok:
+                    reason = report.reason or "invalid data"
+            if reason is None and not intake.force:
                 first = self.db.find_trained_or_queued(sha)
                 if first is not None:
                     duplicate_of = first.id
@@ -166,7 +190,14 @@ class FsQueue:
         job = self.db.next_pending()
         if job is None:
             return None
-        return self.move(job, JobState.PROCESSING, attempts=job.attempts + 1, started_at=time.time())
+        try:
+            return self.move(job, JobState.PROCESSING, attempts=job.attempts + 1, started_at=time.time())
+        except FileNotFoundError:       # removed by hand behind our back: record it, go on
+            msg = f"{job.name}: file vanished from queue/pending/ (not moved by trainerd)"
+            self.db.update(job.id, state="missing", error=msg)
+            self.db.add_event("missing", msg, level="error", job_id=job.id)
+            log.error("%s", msg)
+            return None
 
     # ---- user operations ----------------------------------------------------------------
     def get(self, name: str) -> Job:
@@ -214,7 +245,7 @@ class FsQueue:
         return self.get(name)
 
     # ---- start-up reconciliation ----------------------------------------------------------
-    def reconcile(self, *, dry_run: bool = False) -> list[str]:
+    def reconcile(self, *, dry_run: bool = False, max_attempts: int | None = None) -> list[str]:
         """Make state.db agree with the folders; requeue interrupted jobs. Returns the fixes.
 
         With ``dry_run`` nothing is changed: the list says what would be fixed (``trainer-ctl check``).
@@ -249,6 +280,13 @@ class FsQueue:
                         job = self.db.get(job.id)
                         assert job is not None
                 if state is JobState.PROCESSING:
+                    if max_attempts is not None and job.attempts >= max_attempts:
+                        fixes.append(f"{name}: interrupted {job.attempts} times (max_attempts "
+                                     f"{max_attempts}), moved to failed/")
+                        if not dry_run:
+                            self.move(job, JobState.FAILED, error=f"interrupted {job.attempts} times "
+                                      f"(max_attempts {max_attempts}); `trainer-ctl queue retry {name}`")
+                        continue
                     fixes.append(f"{name}: interrupted in processing/, back to the head of pending/")
                     if not dry_run:
                         self.move(job, JobState.PENDING, resume=True)

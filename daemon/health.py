@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -79,6 +80,11 @@ def run_checks(layout: Layout) -> list[Finding]:
         if db is not None:
             db.close()
 
+    stale = [p.name for p in layout.inbox.glob(".*.part")
+             if p.is_file() and time.time() - p.stat().st_mtime > 3600] if layout.inbox.is_dir() else []
+    out.append(Finding("staged uploads", "warning" if stale else "ok",
+                       f"{len(stale)} staged copy(ies) in inbox/ older than an hour, never queued: "
+                       f"{', '.join(stale[:5])} (rename one to NAME.jsonl to queue it)" if stale else "none"))
     free = shutil.disk_usage(layout.home).free
     out.append(Finding("disk", "problem" if free < GIB else "warning" if free < 5 * GIB else "ok",
                        f"{free / GIB:.1f} GiB free in {layout.home}"))

@@ -14,7 +14,7 @@ import sys
 import time
 
 from daemon.atomic import atomic_write
-from daemon.lock import AlreadyRunning, DaemonLock, read_pid
+from daemon.lock import AlreadyRunning, DaemonLock, pid_alive, read_pid
 from daemon.paths import REPO_ROOT, Layout
 from daemon.status import read_status
 
@@ -26,18 +26,33 @@ def _tail(path, n: int = 20) -> str:
         return ""
 
 
+def _acquire_or_report(layout: Layout, max_wait_s: float = 600.0) -> DaemonLock | None:
+    """Take the lock, or say who has it. A live pid in .daemon.pid means a daemon holds it; no
+    live pid after a moment means a short trainer-ctl operation does, and we wait for it."""
+    t0 = time.monotonic()
+    announced = False
+    while True:
+        try:
+            return DaemonLock(layout).acquire(wait_s=0.5)
+        except AlreadyRunning:
+            pid = read_pid(layout)
+        if pid_alive(pid):
+            print(f"trainerd: already running (pid {pid})", file=sys.stderr)
+            return None
+        waited = time.monotonic() - t0
+        if waited > max_wait_s:
+            print(f"trainerd: the base dir has been locked by another process for {max_wait_s:.0f} s; "
+                  "not starting", file=sys.stderr)
+            return None
+        if waited > 3.0 and not announced:
+            announced = True
+            print("trainerd: waiting for a trainer-ctl operation on this base dir to finish", file=sys.stderr)
+
+
 def launch(layout: Layout, *, wait_s: float = 60.0) -> int:
     layout.ensure()
-    try:
-        lock = DaemonLock(layout).acquire(wait_s=1.0)
-    except AlreadyRunning as exc:
-        pid = exc.pid
-        for _ in range(40):          # the winner may not have written the pid file yet
-            if pid is not None:
-                break
-            time.sleep(0.05)
-            pid = read_pid(layout)
-        print(f"trainerd: already running (pid {pid if pid else 'unknown'})", file=sys.stderr)
+    lock = _acquire_or_report(layout)
+    if lock is None:
         return 1
     out_log = layout.logs / "daemon_stdout.log"
     with open(out_log, "ab") as out:

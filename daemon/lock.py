@@ -1,4 +1,9 @@
-"""Single instance: an flock on .daemon.lock is the truth; .daemon.pid only says who holds it."""
+"""Single instance: an flock on the base dir itself is the truth; .daemon.pid says who holds it.
+
+The base directory is locked rather than a lock file: a file can be deleted while locked
+(`rm .daemon.lock` to "clear a stale lock"), after which a second daemon could lock a new file;
+the directory a daemon runs in cannot be swapped out from under it that way.
+"""
 from __future__ import annotations
 
 import errno
@@ -44,7 +49,7 @@ class DaemonLock:
 
     def acquire(self, wait_s: float = 1.0) -> "DaemonLock":
         self.layout.home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.layout.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_home(self.layout)
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -72,23 +77,33 @@ class DaemonLock:
     def write_pid(self, pid: int | None = None) -> None:
         atomic_write(self.layout.pid_file, f"{pid or os.getpid()}\n")
 
-    def release(self) -> None:
+    def release(self, *, remove_pid: bool = False) -> None:
         if self.fd is not None:
-            self.layout.pid_file.unlink(missing_ok=True)
+            if remove_pid:
+                self.layout.pid_file.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
 
 
+def _open_home(layout: Layout) -> int:
+    return os.open(layout.home, os.O_RDONLY | os.O_DIRECTORY)
+
+
 def daemon_running(layout: Layout) -> int | None:
-    """The daemon's pid if one holds the lock, else None. Probes with a shared lock."""
+    """The daemon's pid if one holds the lock, else None. Probes with a shared lock.
+
+    A holder whose pid is not alive is a trainer-ctl (or consolidation) doing a short job
+    under the lock, not a daemon: that counts as not running.
+    """
     try:
-        fd = os.open(layout.lock_file, os.O_RDONLY)
+        fd = _open_home(layout)
     except FileNotFoundError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
-        return read_pid(layout) or -1
+        pid = read_pid(layout)
+        return pid if pid_alive(pid) else None
     finally:
         os.close(fd)   # closing drops the probe's shared lock
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import signal
 import sys
@@ -20,9 +21,10 @@ from typing import Any, Callable
 
 from daemon import control as ctl
 from daemon.autogen import AutoGenerator
+from daemon.atomic import atomic_write, durable_rename
 from daemon.config import Config, ConfigError, config_to_dict, load_config
-from daemon.fsqueue import FsQueue, Intake, QueueError
-from daemon.lock import AlreadyRunning, DaemonLock
+from daemon.fsqueue import FileChanged, FsQueue, Intake, QueueError, printable
+from daemon.lock import AlreadyRunning, DaemonLock, read_pid
 from daemon.logsetup import setup_logging
 from daemon.paths import Layout
 from daemon.presets import PresetError, recover_preset_switch, switch_preset
@@ -157,8 +159,13 @@ class Daemon:
 
     # ---- config ----------------------------------------------------------------------------
     def _report_error(self, msg: str, kind: str) -> None:
+        """Log, record and show an error. Runs on error paths, so it never raises itself."""
+        msg = printable(msg)
         log.error("%s", msg)
-        self.db.add_event(kind, msg, level="error")
+        try:
+            self.db.add_event(kind, msg, level="error")
+        except Exception:
+            log.exception("could not record the error in state.db")
         self.board.update(last_error={"message": msg, "at": iso(), "kind": kind})
 
     def effective_config(self) -> Config:
@@ -199,10 +206,14 @@ class Daemon:
     def _handle_control(self) -> None:
         for path, req in ctl.pending_requests(self.layout):
             if req is None:
-                path.unlink(missing_ok=True)
+                ctl.set_aside(self.layout, path)
                 continue
+            age = time.time() - float(req.get("requested_at") or 0)
             try:
-                ok, message = self._apply(req["command"], req.get("args") or {})
+                if age > ctl.MAX_AGE_S:
+                    ok, message = False, f"expired: sent {age:.0f} s ago and not applied"
+                else:
+                    ok, message = self._apply(req["command"], req.get("args") or {})
             except QueueError as exc:
                 ok, message = False, str(exc)
             except Exception as exc:
@@ -211,8 +222,10 @@ class Daemon:
             log.info("control %s from %s: %s", req["command"], req.get("source"), message)
             self.board.update(last_command={"command": req["command"], "source": req.get("source"),
                                             "ok": ok, "message": message, "at": iso()})
-            ctl.write_reply(self.layout, req["id"], ok=ok, message=message)
-            path.unlink(missing_ok=True)
+            try:
+                ctl.write_reply(self.layout, req["id"], ok=ok, message=message)
+            finally:
+                path.unlink(missing_ok=True)
             self.board.flush(force=True)
 
     def _apply(self, command: str, args: dict[str, Any]) -> tuple[bool, str]:
@@ -249,9 +262,15 @@ class Daemon:
             src = self.layout.inbox / staged
             if not src.exists():
                 return False, f"staged file {staged} not found in inbox/"
-            job = self.queue.accept(src, Intake(priority=Priority(args.get("priority", "normal")),
-                                                force=bool(args.get("force")),
-                                                original_name=str(args.get("name") or "dataset.jsonl")))
+            try:
+                job = self.queue.accept(src, Intake(priority=Priority(args.get("priority", "normal")),
+                                                    force=bool(args.get("force")),
+                                                    original_name=str(args.get("name") or "dataset.jsonl")))
+            except Exception:
+                # keep the (possibly only) copy: make it an ordinary inbox file, taken later
+                visible = self.layout.inbox / self.queue.unique_inbox_name(str(args.get("name") or "dataset.jsonl"))
+                durable_rename(src, visible)
+                raise
             return job.state == JobState.PENDING.value, _describe(job)
         if command == "queue_remove":
             return True, f"removed {self.queue.remove(args['name']).name} (moved to failed/)"
@@ -283,6 +302,9 @@ class Daemon:
                 continue
             try:
                 self.queue.accept(path)
+            except FileChanged as exc:     # still being written: look again after it settles
+                log.info("%s", exc)
+                self.tracker.note(name)
             except Exception as exc:  # the file stays in inbox/ and is seen again at the next scan
                 self._report_error(f"could not queue inbox/{name}: {exc!r}", "intake_error")
 
@@ -411,13 +433,42 @@ class Daemon:
     def _idle(self) -> bool:
         return self.runner is None and self.tracker.waiting() == 0 and self.db.next_pending() is None
 
+    def _tick(self, burst: bool) -> bool:
+        """One pass of the loop; True when the daemon should exit."""
+        self._check_flags()
+        self._handle_control()
+        self._intake()
+        self._drain_events()
+        if self.runner is not None and not self.runner.is_alive():
+            self._finish_job()
+        if self._stop_reason is not None and self.runner is None:
+            return True
+        if self.runner is None and self._stop_reason is None and not self.paused:
+            self._start_next()
+        if burst and self._idle() and not ctl.pending_requests(self.layout):
+            return True
+        if not burst and self._stop_reason is None and not self.paused:
+            self.autogen.maybe_start(self.config.auto_generate, self._idle())
+        err = self.autogen.take_error()
+        if err:
+            self._report_error(err, "autogen")
+        if time.monotonic() - self._last_scan >= self.config.rescan_interval_s:
+            if read_pid(self.layout) != os.getpid():     # deleted or overwritten by hand
+                atomic_write(self.layout.pid_file, f"{os.getpid()}\n")
+            self.tracker.scan()
+            ctl.prune_replies(self.layout)
+            self._last_scan = time.monotonic()
+        self.board.update(queue=self.db.counts())
+        self.board.flush()
+        return False
+
     def run(self, burst: bool = False) -> int:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
         log.info("trainerd starting in %s (pid %s)", self.layout.home, self.board.state["daemon_pid"])
         self.db.add_event("daemon_start", f"daemon started (pid {self.board.state['daemon_pid']})")
-        self.queue.reconcile()
+        self.queue.reconcile(max_attempts=self.config.max_attempts)
         self.effective_config()
         self.tracker.scan()
         watcher = Watcher(self.tracker, self.layout.control, self.wake)
@@ -425,32 +476,16 @@ class Daemon:
         self.board.update(queue=self.db.counts(), trainer=self.config.trainer,
                           base_model=self.config.base_model, model_name=self.config.model_name)
         self.board.set_status(DaemonStatus.PAUSED if self.paused else DaemonStatus.IDLE)
-        last_scan = time.monotonic()
+        self._last_scan = time.monotonic()
         try:
             while True:
-                self._check_flags()
-                self._handle_control()
-                self._intake()
-                self._drain_events()
-                if self.runner is not None and not self.runner.is_alive():
-                    self._finish_job()
-                if self._stop_reason is not None and self.runner is None:
-                    break
-                if self.runner is None and self._stop_reason is None and not self.paused:
-                    self._start_next()
-                if burst and self._idle() and not ctl.pending_requests(self.layout):
-                    break
-                if not burst and self._stop_reason is None and not self.paused:
-                    self.autogen.maybe_start(self.config.auto_generate, self._idle())
-                err = self.autogen.take_error()
-                if err:
-                    self._report_error(err, "autogen")
-                if time.monotonic() - last_scan >= self.config.rescan_interval_s:
-                    self.tracker.scan()
-                    ctl.prune_replies(self.layout)
-                    last_scan = time.monotonic()
-                self.board.update(queue=self.db.counts())
-                self.board.flush()
+                try:
+                    if self._tick(burst):
+                        break
+                except Exception as exc:    # never die on one bad tick: log, show, back off
+                    log.exception("unexpected error in the main loop")
+                    self._report_error(f"internal error: {exc!r} (the daemon goes on)", "internal_error")
+                    time.sleep(1.0)
                 self.wake.wait(TICK_S)
                 self.wake.clear()
         finally:
@@ -502,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return daemon.run(burst=args.burst)
     finally:
-        lock.release()
+        lock.release(remove_pid=True)
 
 
 if __name__ == "__main__":

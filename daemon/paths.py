@@ -57,8 +57,6 @@ class Layout:
     @property
     def pid_file(self) -> Path: return self.home / ".daemon.pid"
     @property
-    def lock_file(self) -> Path: return self.home / ".daemon.lock"
-    @property
     def stop_flag(self) -> Path: return self.home / ".stop"
 
     def ensure(self) -> None:

@@ -7,6 +7,8 @@ not changed for ``stable_seconds``.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import threading
@@ -33,6 +35,30 @@ log = logging.getLogger("trainerd.watcher")
 # watchdog logs this when its observer is stopped during shutdown: noise, not a fault
 logging.getLogger("watchdog.observers.inotify").addFilter(
     lambda r: "thread is inactive" not in r.getMessage())
+
+
+F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+
+
+def open_for_writing(path: Path) -> bool:
+    """True if some process has *path* open for writing (Linux: a read lease is refused then).
+
+    Size-stable alone is not enough: a writer that pauses longer than the interval would keep
+    writing into the file after it was queued. Where leases are unsupported this says False and
+    the stability interval decides.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return False          # a symlink, a vanished file, no permission: accept() reports it
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    except OSError as exc:
+        return exc.errno == errno.EAGAIN
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -93,6 +119,9 @@ class InboxTracker:
                 elif not entry.complete:
                     entry.changed_at = now
             if entry.complete or now - entry.changed_at >= self.stable_seconds:
+                if open_for_writing(self.inbox / name):      # still being written: wait for close
+                    entry.changed_at, entry.complete = now, False
+                    continue
                 out.append((entry.changed_at, name))
         return [name for _, name in sorted(out)]
 

@@ -28,7 +28,7 @@ deletes a non-hidden base folder: no base is ever deleted (a rolled-back consoli
 its complete, verified folder unused).
 
 Exclusion: ``status/.consolidation.lock`` (flock) serialises consolidate/recover; consolidate
-also holds the daemon's ``.daemon.lock`` while it runs, so no daemon starts (or trains) mid-way.
+also holds the daemon lock (see daemon/lock.py) while it runs, so no daemon starts (or trains) mid-way.
 Called from inside the daemon process itself (``.daemon.pid`` is our pid) the daemon lock is
 the caller's already, and the caller must not train at the same time.
 
@@ -52,6 +52,7 @@ from typing import Any, Iterator
 
 from daemon.atomic import atomic_write_json, durable_rename, fsync_dir, read_json
 from daemon.config import base_model_value, locked_namespace, set_base_model
+from daemon.lock import AlreadyRunning, DaemonLock
 from daemon.paths import Layout
 
 log = logging.getLogger("trainer.consolidate")
@@ -175,24 +176,24 @@ def _daemon_lock(home: Path) -> Iterator[bool]:
     if _daemon_pid(layout) == os.getpid():
         yield False
         return
-    fd = _flock(layout.lock_file)
-    if fd is None:
-        pid = _daemon_pid(layout)
+    try:
+        lock = DaemonLock(layout).acquire(wait_s=0)
+    except AlreadyRunning as exc:
         raise ConsolidationError(
-            f"the daemon is running (pid {pid if pid else 'unknown'}, {layout.lock_file} is locked): "
-            f"stop it first (`trainer-ctl stop`), then consolidate")
+            f"the daemon is running (pid {exc.pid if exc.pid else 'unknown'}): "
+            f"stop it first (`trainer-ctl stop`), then consolidate") from None
     try:
         yield True
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def _daemon_lock_free(home: Path) -> int | None:
     """The daemon lock's fd if no other process holds it (caller closes it), else None."""
-    layout = Layout(Path(home))
-    if not layout.lock_file.exists():
-        layout.home.mkdir(parents=True, exist_ok=True)
-    return _flock(layout.lock_file)
+    try:
+        return DaemonLock(Layout(Path(home))).acquire(wait_s=0).fd
+    except AlreadyRunning:
+        return None
 
 
 def _read_config_raw(home: Path) -> dict[str, Any]:
