@@ -32,7 +32,8 @@ def test_unreachable_endpoint_is_logged_and_retried_then_recovers(home):
     home.launch()
     wait_for(lambda: "auto-generate (http) failed" in home.log_text(), what="failure logged")
     assert alive(home.pid())
-    assert "retrying in" in (home.status().get("last_error") or {}).get("message", "")
+    wait_for(lambda: "retrying in" in ((home.status().get("last_error") or {}).get("message") or ""),
+             what="failure shown in status")
 
     body = b'{"text": "from the endpoint"}\n{"text": "second"}\n'
 
