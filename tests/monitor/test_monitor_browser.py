@@ -298,3 +298,39 @@ def test_token_from_the_address_bar(browser, tmp_path: Path) -> None:
     finally:
         pg.close()
         mon.stop()
+
+
+@pytest.mark.slow
+def test_every_panel_has_data_during_a_real_tiny_training_run(browser, tmp_path: Path) -> None:
+    """The real QLoRA worker on the tiny base: loss, lr, tokens/s and layer activity all live."""
+    from trainer.generator import generate_records
+    from trainer.tiny_base import build_tiny_base
+
+    base = build_tiny_base(tmp_path / "tiny-base")
+    home = make_home(tmp_path / "home", trainer="qlora", base_model=str(base), max_length=128,
+                     batch_size=2, learning_rate=3e-3, lr_scheduler="constant", eval_fraction=0.05,
+                     layer_activity_every_steps=3, checkpoint_every_steps=50)
+    write_jsonl(home.path / "inbox/arith.jsonl", generate_records(3000, seed=7))
+    home.launch()
+    mon = Monitor(home.path).start()
+    pg = Page(browser, viewport={"width": 1280, "height": 900})
+    try:
+        wait_for(lambda: (home.status().get("current_step") or 0) >= 6, timeout=180, what="training steps")
+        pg.page.goto(mon.base + "/")
+        pg.wait_loaded()
+        pg.page.wait_for_function("""() => ['loss', 'lr', 'tps', 'layers'].every(k =>
+            document.querySelector(`[data-panel="${k}"]`).dataset.state === 'data')""", timeout=30000)
+        panels = pg.panels()
+        for key, (state, reason) in panels.items():
+            if key == "gpu" and state == "reason":
+                assert reason.startswith("no NVIDIA GPU detected")
+                continue
+            assert state == "data", (key, reason)
+        assert pg.page.locator("#chart-loss canvas").count() == 1
+        time.sleep(1.0)
+        pg.shot("dashboard_real_training.png")
+        assert pg.errors == [] and pg.dialogs == []
+    finally:
+        pg.close()
+        mon.stop()
+        home.kill_all()
