@@ -310,6 +310,8 @@ class Daemon:
 
     # ---- jobs -------------------------------------------------------------------------------
     def _start_next(self) -> None:
+        if self.db.next_pending() is None:     # idle ticks stay cheap: no config or lock reads
+            return
         cfg = self.effective_config()
         job = self.queue.claim_next()
         if job is None:
@@ -325,8 +327,6 @@ class Daemon:
         self.db.add_event("started", f"training {job.name} (attempt {job.attempts})", job_id=job.id)
         log.info("job %s: training %s (attempt %d)", job.id, job.name, job.attempts)
         self.runner = JobRunner(self.trainer_factory(cfg), spec, QueueSink(self.events, self.wake), self.wake)
-        if self.paused:
-            self.runner.control.send(Command.PAUSE)
         self.runner.start()
 
     def _drain_events(self) -> None:
