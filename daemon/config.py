@@ -193,5 +193,15 @@ def set_base_model(raw: dict[str, Any], value: str) -> dict[str, Any]:
     return raw
 
 
+def locked_diffs(recorded: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """Locked keys whose config.json value differs from the recorded one: key -> (recorded, now)."""
+    current = cfg.locked_values()
+    return {k: (v, current[k]) for k, v in sorted(recorded.items()) if k in current and current[k] != v}
+
+
+def describe_locked_diffs(diffs: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: recorded {a!r}, config.json has {b!r}" for k, (a, b) in diffs.items())
+
+
 def locked_namespace(raw: dict[str, Any]) -> str:
     return raw.get("active_preset") or ""

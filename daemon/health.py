@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from daemon.atomic import read_json
-from daemon.config import ConfigError, load_config
+from daemon.config import ConfigError, describe_locked_diffs, load_config, locked_diffs
 from daemon.fsqueue import FsQueue
 from daemon.lock import daemon_running
 from daemon.paths import Layout
@@ -56,10 +56,9 @@ def run_checks(layout: Layout) -> list[Finding]:
     try:
         if cfg is not None and db is not None:
             recorded = db.locked(cfg.locked_namespace)
-            diffs = [f"{k}: recorded {v!r}, config.json has {getattr(cfg, k)!r}"
-                     for k, v in sorted(recorded.items()) if getattr(cfg, k) != v]
+            diffs = locked_diffs(recorded, cfg)
             out.append(Finding("locked keys", "problem" if diffs else "ok",
-                               "; ".join(diffs) + " (refused; `trainer-ctl config unlock KEY` to accept)"
+                               describe_locked_diffs(diffs) + " (refused; `trainer-ctl config unlock KEY` to accept)"
                                if diffs else f"{len(recorded)} recorded, config.json agrees"))
         if cfg is not None:
             out.append(_check_base(layout, cfg))

@@ -22,7 +22,8 @@ from typing import Any, Callable
 from daemon import control as ctl
 from daemon.autogen import AutoGenerator
 from daemon.atomic import atomic_write, durable_rename
-from daemon.config import Config, ConfigError, config_to_dict, load_config
+from daemon.config import (Config, ConfigError, config_to_dict, describe_locked_diffs, load_config,
+                           locked_diffs)
 from daemon.fsqueue import FileChanged, FsQueue, Intake, QueueError, printable
 from daemon.lock import AlreadyRunning, DaemonLock, read_pid
 from daemon.logsetup import setup_logging
@@ -187,13 +188,12 @@ class Daemon:
         fresh = {k: v for k, v in current.items() if k not in recorded and v is not None}
         if fresh:
             self.db.record_locked(fresh, ns)
-        diffs = {k: (recorded[k], current[k]) for k in recorded if recorded[k] != current[k]}
+        diffs = locked_diffs(recorded, cfg)
         if diffs:
             where = f" (preset {ns!r})" if ns else ""
-            msg = (f"config.json changes locked key(s){where}: " + "; ".join(
-                f"{k}: recorded {a!r}, config.json has {b!r}" for k, (a, b) in sorted(diffs.items()))
-                + ". Refused: training keeps the recorded values. To accept the change run "
-                + " && ".join(f"`trainer-ctl config unlock {k}`" for k in sorted(diffs)))
+            msg = (f"config.json changes locked key(s){where}: {describe_locked_diffs(diffs)}. "
+                   "Refused: training keeps the recorded values. To accept the change run "
+                   + " && ".join(f"`trainer-ctl config unlock {k}`" for k in diffs))
             if msg != self._locked_msg:
                 self._locked_msg = msg
                 self._report_error(msg, "locked_key")
