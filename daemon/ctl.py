@@ -107,30 +107,42 @@ def cmd_training(layout: Layout, args: argparse.Namespace) -> int:
 
 
 # ---- queue ------------------------------------------------------------------------------------
+def _lock_unless_daemon(layout: Layout, wait_s: float = 60.0) -> DaemonLock | None:
+    """The daemon lock if no daemon runs (waiting out another trainer-ctl holding it), else None."""
+    deadline = time.monotonic() + wait_s
+    while not daemon_running(layout):
+        try:
+            return DaemonLock(layout).acquire(wait_s=0.5)
+        except AlreadyRunning:
+            if time.monotonic() > deadline:
+                raise
+    return None
+
+
 def _direct_or_send(layout: Layout, command: str, direct, **cargs: Any) -> int:
     """Apply a queue change through the daemon if it runs, else directly under the daemon lock."""
-    if not daemon_running(layout):
+    try:
+        lock = _lock_unless_daemon(layout)
+    except AlreadyRunning:
+        _err("the base dir stayed locked by another trainer-ctl operation for a minute; try again")
+        return EXIT_TIMEOUT
+    if lock is None:
+        return send(layout, command, **cargs)
+    try:
+        layout.ensure()
+        db = StateDB(layout.state_db)
         try:
-            lock = DaemonLock(layout).acquire(wait_s=2.0)
-        except AlreadyRunning:
-            pass          # a daemon started meanwhile: go through it
-        else:
-            try:
-                layout.ensure()
-                db = StateDB(layout.state_db)
-                try:
-                    queue = FsQueue(layout, db)
-                    queue.reconcile()        # what the daemon would do at start, so rows match files
-                    ok, msg = direct(queue)
-                except QueueError as exc:
-                    ok, msg = False, str(exc)
-                finally:
-                    db.close()
-            finally:
-                lock.release()
-            print(msg) if ok else _err(msg)
-            return EXIT_OK if ok else EXIT_FAIL
-    return send(layout, command, **cargs)
+            queue = FsQueue(layout, db)
+            queue.reconcile()        # what the daemon would do at start, so rows match files
+            ok, msg = direct(queue)
+        except QueueError as exc:
+            ok, msg = False, str(exc)
+        finally:
+            db.close()
+    finally:
+        lock.release()
+    print(msg) if ok else _err(msg)
+    return EXIT_OK if ok else EXIT_FAIL
 
 
 def cmd_queue_add(layout: Layout, args: argparse.Namespace) -> int:
