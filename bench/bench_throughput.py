@@ -51,7 +51,7 @@ ROWS = 8                 # rows (A, C: examples) per optimizer step
 LR = 2e-4
 LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": "all-linear"}
 LENGTH_SIGMA = 0.8       # lognormal sigma: median 341 / mean 468 / p90 ~980 at max_length 2048
-REL_TOL = 1e-3
+REL_TOL = 1e-5   # a correct packed forward gives ~5e-8 on CPU; cross-example attention ~7e-5
 RECIPES = ("A", "C", "ours")
 
 # Qwen3-0.6B's shape (shared/ANCHORS.md), random weights.

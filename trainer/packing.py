@@ -71,6 +71,21 @@ class Batch:
                 "attention_mask": None, "use_cache": False}
 
 
+def loss_sum(model: Any, batch: Batch) -> torch.Tensor:
+    """Summed next-token cross-entropy over the trained tokens of a (packed) batch.
+
+    The one forward the trainer uses: block-diagonal attention comes from ``model_inputs()``
+    (restarting position ids, no attention mask, no KV cache). Tests check this very function
+    against the same examples run one by one.
+    """
+    import torch.nn.functional as F
+
+    logits = model(**batch.model_inputs()).logits[:, :-1, :].float()
+    target = batch.labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def _rng(seed: int, epoch: int) -> random.Random:
     # str seeds are hashed with sha512: stable across processes and Python versions
     return random.Random(f"packing:{seed}:{epoch}")

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from daemon.paths import Layout
 from trainer import adapter_store
@@ -326,12 +325,8 @@ class _RecipeRun:
         return None
 
     def _loss_sum(self, batch: Any) -> torch.Tensor:
-        out = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                         attention_mask=None, use_cache=False)
-        logits = out.logits[:, :-1, :].float()
-        target = batch.labels[:, 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                               ignore_index=-100, reduction="sum")
+        from trainer.packing import loss_sum
+        return loss_sum(self.model, batch)
 
     def _optimizer_step(self, group: list[list[list[int]]], capture_grads: bool) -> dict[str, Any]:
         from trainer.packing import collate
@@ -342,13 +337,13 @@ class _RecipeRun:
         n_trained = sum(int((m.labels[:, 1:] != -100).sum()) for m in micro)
         n_tokens = sum(m.num_tokens for m in micro)
         denom = max(n_trained, 1)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         try:
             for m in micro:
                 m = m.to(self.device)
                 loss_sum = self._loss_sum(m)
                 (loss_sum / denom).backward()
-                total += float(loss_sum.detach())
+                total += loss_sum.detach()            # one host sync per step, not per micro-batch
                 del loss_sum
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.get("max_grad_norm", 1.0)))
             if capture_grads:
@@ -360,7 +355,7 @@ class _RecipeRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        return {"loss": total / denom, "grad_norm": float(grad_norm), "lr": lr, "tokens": n_tokens,
+        return {"loss": float(total) / denom, "grad_norm": float(grad_norm), "lr": lr, "tokens": n_tokens,
                 "trained_tokens": n_trained, "dt": dt}
 
     def _peak_memory(self) -> int:
