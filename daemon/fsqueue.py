@@ -76,6 +76,7 @@ class FsQueue:
     def __init__(self, layout: Layout, db: StateDB) -> None:
         self.layout = layout
         self.db = db
+        self.changes = 0        # bumped on every change of a job's state or priority
 
     # ---- paths ------------------------------------------------------------------------
     def path(self, state: JobState | str, name: str) -> Path:
@@ -156,6 +157,7 @@ class FsQueue:
                                      sha256=sha, size=size, priority=intake.priority,
                                      forced=intake.force, duplicate_of=duplicate_of, error=reason,
                                      fmt=fmt, records=records)
+            self.changes += 1
             self.db.add_event("rejected", f"{original}: {reason}", level="warning", job_id=job.id)
             log.warning("rejected %s -> failed/%s: %s", original, name, reason)
             return job
@@ -163,6 +165,7 @@ class FsQueue:
         job = self.db.insert_job(name=name, original_name=original, state=JobState.PENDING,
                                  sha256=sha, size=size, priority=intake.priority,
                                  forced=intake.force, fmt=fmt, records=records)
+        self.changes += 1
         self.db.add_event("accepted", f"{original} queued as {name} ({records} records, {fmt}, "
                           f"priority {intake.priority.value})", job_id=job.id)
         log.info("accepted %s -> pending/%s (%s records, %s)", original, name, records, fmt)
@@ -181,6 +184,7 @@ class FsQueue:
         if src is JobState.FAILED:
             self.error_path(job.name).unlink(missing_ok=True)
         self.db.update(job.id, state=dst, error=error if dst is JobState.FAILED else None, **fields)
+        self.changes += 1
         new = self.db.get(job.id)
         assert new is not None
         return new
@@ -195,6 +199,7 @@ class FsQueue:
         except FileNotFoundError:       # removed by hand behind our back: record it, go on
             msg = f"{job.name}: file vanished from queue/pending/ (not moved by trainerd)"
             self.db.update(job.id, state="missing", error=msg)
+            self.changes += 1
             self.db.add_event("missing", msg, level="error", job_id=job.id)
             log.error("%s", msg)
             return None
@@ -241,6 +246,7 @@ class FsQueue:
         if job.state != JobState.PENDING.value:
             raise QueueError(f"'{name}' is {job.state}; only pending jobs can be re-prioritized")
         self.db.update(job.id, priority=level, seq=self.db.next_seq())   # joins the back of that level
+        self.changes += 1
         self.db.add_event("prioritized", f"{name} priority set to {level.value}", job_id=job.id)
         return self.get(name)
 
@@ -252,6 +258,7 @@ class FsQueue:
         """
         fixes: list[str] = []
         seen: set[str] = set()
+        rows = {j.name: j for j in self.db.jobs()}      # one query, not one per file
         for state in JobState:
             folder = self.layout.state_dir(state)
             for entry in sorted(folder.iterdir(), key=lambda p: p.name):
@@ -259,7 +266,7 @@ class FsQueue:
                 if is_ignored(name) or name.endswith(ERROR_SUFFIX):
                     continue
                 seen.add(name)
-                job = self.db.by_name(name)
+                job = rows.get(name)
                 if job is None:
                     fixes.append(f"adopted {state.value}/{name} (no record in state.db)")
                     if dry_run:
@@ -290,13 +297,14 @@ class FsQueue:
                     fixes.append(f"{name}: interrupted in processing/, back to the head of pending/")
                     if not dry_run:
                         self.move(job, JobState.PENDING, resume=True)
-        for job in self.db.jobs():
+        for job in rows.values():
             if job.name not in seen and job.state in {s.value for s in JobState}:
                 fixes.append(f"{job.name}: recorded as {job.state} but not found in any queue folder")
                 if not dry_run:
                     self.db.update(job.id, state="missing",
                                    error=f"file vanished from queue/{job.state}/ (not moved by trainerd)")
         if not dry_run:
+            self.changes += 1
             for fix in fixes:
                 log.warning("reconcile: %s", fix)
                 self.db.add_event("reconciled", fix, level="warning")

@@ -376,7 +376,6 @@ class Daemon:
         elif kind == "log":
             level = logging.getLevelName(str(ev.get("level", "INFO")).upper())
             log.log(level if isinstance(level, int) else logging.INFO, "trainer: %s", ev.get("message"))
-        self.wake.set()
 
     def _finish_job(self) -> None:
         assert self.runner is not None and self.current is not None
@@ -447,7 +446,8 @@ class Daemon:
             self._start_next()
         if burst and self._idle() and not ctl.pending_requests(self.layout):
             return True
-        if not burst and self._stop_reason is None and not self.paused:
+        if self.config.auto_generate.enabled and not burst and self._stop_reason is None \
+                and not self.paused:
             self.autogen.maybe_start(self.config.auto_generate, self._idle())
         err = self.autogen.take_error()
         if err:
@@ -458,7 +458,9 @@ class Daemon:
             self.tracker.scan()
             ctl.prune_replies(self.layout)
             self._last_scan = time.monotonic()
-        self.board.update(queue=self.db.counts())
+        if self.queue.changes != self._counted:          # only the daemon moves jobs: count on change
+            self._counted = self.queue.changes
+            self.board.update(queue=self.db.counts())
         self.board.flush()
         return False
 
@@ -477,6 +479,7 @@ class Daemon:
                           base_model=self.config.base_model, model_name=self.config.model_name)
         self.board.set_status(DaemonStatus.PAUSED if self.paused else DaemonStatus.IDLE)
         self._last_scan = time.monotonic()
+        self._counted = -1
         try:
             while True:
                 try:

@@ -6,6 +6,7 @@ import json
 import socket
 import sys
 import threading
+import time
 
 from daemon_helpers import alive, wait_for
 
@@ -16,7 +17,9 @@ def test_builtin_generator_fills_an_empty_queue(home):
     done = wait_for(lambda: [n for n in home.files("done") if n.startswith("autogen")], what="autogen trained")
     jobs = json.loads(home.ctl("queue", "list", "--json").stdout)
     assert jobs[0]["records"] == 5 and jobs[0]["format"] == "messages"
-    assert len(done) == 1     # min_interval_s holds back the next batch
+    time.sleep(2.0)           # several idle ticks: min_interval_s must hold back the next batch
+    made = [p.name for p in home.path.rglob("autogen*.jsonl")]
+    assert len(done) == 1 and len(made) == 1, made
 
 
 def _free_port() -> int:
