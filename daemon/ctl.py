@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import control as ctl
-from daemon.atomic import atomic_write_json, fsync_dir
+from daemon.atomic import atomic_write_json, durable_rename, fsync_dir
 from daemon.config import LOCKED_KEYS, ConfigError, base_model_value, load_config, locked_namespace
 from daemon.fsqueue import FsQueue, Intake, QueueError, safe_name
 from daemon.lock import AlreadyRunning, DaemonLock, daemon_running
@@ -370,10 +370,10 @@ def cmd_consolidate(layout: Layout, args: argparse.Namespace) -> int:
         if midway:
             aside = layout.checkpoints / f".superseded-{time.strftime('%Y%m%d_%H%M%S')}"
             aside.mkdir(parents=True)
-            for d in midway:
-                os.rename(d, aside / d.name)
-                moved.append((aside / d.name, d))
             fsync_dir(layout.checkpoints)
+            for d in midway:
+                durable_rename(d, aside / d.name)
+                moved.append((aside / d.name, d))
             print(f"set aside checkpoints of {', '.join(d.name for d in midway)} in {aside}")
         result = consolidate(layout.home, _raw_config(layout), args.description)
         print(f"consolidated into {result['new_base_path']}\n"
@@ -387,9 +387,8 @@ def cmd_consolidate(layout: Layout, args: argparse.Namespace) -> int:
         _err(f"consolidation refused: {exc}")
         rc = EXIT_FAIL
         for src, dst in moved:           # the base did not change: the job resumes as it was
-            os.rename(src, dst)
+            durable_rename(src, dst)
         if moved:
-            fsync_dir(layout.checkpoints)
             print("checkpoints put back; the interrupted job resumes where it stopped")
     finally:
         if pid:

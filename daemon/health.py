@@ -99,8 +99,7 @@ def _check_base(layout: Layout, cfg: Any) -> Finding:
                        "config.json has no base_model (bin/start_all.sh builds the tiny one)")
     if not (base / "config.json").is_file():
         return Finding("base model", "problem", f"{base} is not a model folder (no config.json)")
-    from trainer.model import base_fingerprint
-    from trainer.recipe import FINGERPRINT_CACHE_NAME
+    from trainer.model import FINGERPRINT_CACHE_NAME, base_fingerprint
     fp = base_fingerprint(base, layout.checkpoints / FINGERPRINT_CACHE_NAME)
     state = read_json(layout.current_model / "trainer_state.json", {}) or {}
     recorded = state.get("base_fingerprint")

@@ -76,11 +76,10 @@ def test_non_utf8_config_is_a_clear_error_at_start_and_survivable_while_running(
     assert alive(home.pid()) and "not UTF-8" in home.status()["last_error"]["message"]
 
 
-def test_deleting_lock_or_pid_file_never_allows_a_second_daemon(home):
+def test_deleting_the_pid_file_never_allows_a_second_daemon(home):
     home.launch()
     first = home.pid()
-    for name in (".daemon.lock", ".daemon.pid"):
-        (home.path / name).unlink(missing_ok=True)
+    (home.path / ".daemon.pid").unlink()         # the lock is on the base dir itself, not a file
     r = home.launch(check=False)                 # the daemon re-writes its pid file within a rescan
     assert r.returncode == 1 and f"already running (pid {first})" in r.stderr
     assert alive(first)

@@ -52,7 +52,7 @@ from typing import Any, Iterator
 
 from daemon.atomic import atomic_write_json, durable_rename, fsync_dir, read_json
 from daemon.config import base_model_value, locked_namespace, set_base_model
-from daemon.lock import AlreadyRunning, DaemonLock
+from daemon.lock import AlreadyRunning, DaemonLock, read_pid
 from daemon.paths import Layout
 
 log = logging.getLogger("trainer.consolidate")
@@ -150,13 +150,6 @@ def _flock(path: Path) -> int | None:
     return fd
 
 
-def _daemon_pid(layout: Layout) -> int | None:
-    try:
-        return int(layout.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
 @contextmanager
 def _consolidation_lock(home: Path) -> Iterator[bool]:
     """Hold status/.consolidation.lock; yields False (holding nothing) if another process has it."""
@@ -173,7 +166,7 @@ def _daemon_lock(home: Path) -> Iterator[bool]:
     """Hold the daemon lock if free. Yields True when held (no daemon runs), False when we are
     the daemon itself; raises ConsolidationError when another process (a daemon) holds it."""
     layout = Layout(Path(home))
-    if _daemon_pid(layout) == os.getpid():
+    if read_pid(layout) == os.getpid():
         yield False
         return
     try:

@@ -21,6 +21,7 @@ uninterrupted run (bitwise on CPU).
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from daemon.paths import Layout
 from trainer import adapter_store
 from trainer.checkpoint import (CheckpointManager, CheckpointPayload, capture_rng_state,
                                 restore_rng_state, save_torch)
+from daemon.config import LOCKED_KEYS
 from trainer.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
 from trainer.layer_activity import LayerActivityTracker
 from trainer.model import (FINGERPRINT_CACHE_NAME, BaseMismatchError, BaseModelError, attach_lora,
@@ -52,7 +54,6 @@ TRAINING_KEYS = ("base_model", "model_name", "max_length", "batch_size", "gradie
                  "use_qlora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
                  "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
                  "epochs", "seed", "truncation", "eval_fraction", "packing", "attn_implementation")
-LOCKED_KEYS = ("base_model", "model_name", "max_length", "batch_size", "gradient_accumulation")
 PAUSE_WAIT_S = 3600.0
 
 
@@ -139,7 +140,7 @@ class _RecipeRun:
         self.last_loss: float | None = None
         self.eval_loss: float | None = None
         self.peak_rss = 0
-        self._step_times: list[float] = []
+        self._step_times: collections.deque[float] = collections.deque(maxlen=50)   # for the ETA
 
     # ================================================================== helpers
     def emit(self, event: str, **fields: Any) -> None:
@@ -367,7 +368,7 @@ class _RecipeRun:
     def _emit_step(self, info: dict[str, Any], epoch_progress: float) -> None:
         self.last_loss = info["loss"]
         self._step_times.append(info["dt"])
-        recent = self._step_times[-50:]
+        recent = self._step_times
         eta = sum(recent) / len(recent) * (self.total_steps - self.step)
         tps = info["tokens"] / info["dt"] if info["dt"] > 0 else None
         self.emit("step", step=self.step, total_steps=self.total_steps, loss=info["loss"],
