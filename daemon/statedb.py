@@ -171,13 +171,17 @@ class StateDB:
     def name_taken(self, name: str) -> bool:
         return self.conn.execute("SELECT 1 FROM jobs WHERE name = ?", (name,)).fetchone() is not None
 
-    def jobs(self, state: JobState | None = None) -> list[Job]:
+    def jobs(self, state: JobState | None = None, *, limit: int = -1, newest_first: bool = False) -> list[Job]:
+        """Jobs in queue order (pending: training order; others: by id), at most *limit* (-1: all)."""
+        order = "ORDER BY id DESC" if newest_first else "ORDER BY id"
         if state is None:
-            rows = self.conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+            rows = self.conn.execute(f"SELECT * FROM jobs {order} LIMIT ?", (limit,)).fetchall()
         elif state is JobState.PENDING:
-            rows = self.conn.execute(f"SELECT * FROM jobs WHERE state = 'pending' {PENDING_ORDER}").fetchall()
+            rows = self.conn.execute(f"SELECT * FROM jobs WHERE state = 'pending' {PENDING_ORDER} LIMIT ?",
+                                     (limit,)).fetchall()
         else:
-            rows = self.conn.execute("SELECT * FROM jobs WHERE state = ? ORDER BY id", (state.value,)).fetchall()
+            rows = self.conn.execute(f"SELECT * FROM jobs WHERE state = ? {order} LIMIT ?",
+                                     (state.value, limit)).fetchall()
         return [j for j in map(self._job, rows) if j is not None]
 
     def next_pending(self) -> Job | None:

@@ -403,11 +403,9 @@ def queue_snapshot(layout: Layout, limit_per_state: int = 1000) -> dict[str, Any
         counts = db.counts()
         jobs: dict[str, list[dict[str, Any]]] = {}
         for st in JobState:
-            rows = db.jobs(st)
-            if st in (JobState.DONE, JobState.FAILED):
-                rows = rows[::-1]
+            rows = db.jobs(st, limit=limit_per_state, newest_first=st in (JobState.DONE, JobState.FAILED))
             out = []
-            for pos, j in enumerate(rows[:limit_per_state]):
+            for pos, j in enumerate(rows):
                 d = {k: getattr(j, k) for k in JOB_FIELDS}
                 if st is JobState.PENDING:
                     d["position"] = pos + 1
