@@ -438,14 +438,14 @@ def cmd_check(layout: Layout, args: argparse.Namespace) -> int:
 
 
 def cmd_logs(layout: Layout, args: argparse.Namespace) -> int:
-    daily = sorted(layout.logs.glob("daemon_2*.log"))
-    files = ([("daemon", daily[-1])] if daily else []) + [("train", layout.training_log)]
+    from daemon.logsetup import daemon_log_path, tail_lines
+    daily = daemon_log_path(layout)
+    files = ([("daemon", daily)] if daily else []) + [("train", layout.training_log)]
     offsets: dict[Path, int] = {}
     for tag, path in files:
         if not path.exists():
             continue
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[-args.lines:]
-        for line in lines:
+        for line in tail_lines(path, args.lines):
             print(f"[{tag}] {line}")
         offsets[path] = path.stat().st_size
     if not args.follow:

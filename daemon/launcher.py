@@ -14,16 +14,14 @@ import sys
 import time
 
 from daemon.atomic import atomic_write
+from daemon.logsetup import tail_lines
 from daemon.lock import AlreadyRunning, DaemonLock, pid_alive, read_pid
 from daemon.paths import REPO_ROOT, Layout
 from daemon.status import read_status
 
 
 def _tail(path, n: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
-    except FileNotFoundError:
-        return ""
+    return "\n".join(tail_lines(path, n))
 
 
 def _acquire_or_report(layout: Layout, max_wait_s: float = 600.0) -> DaemonLock | None:

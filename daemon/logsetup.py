@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import re
 from pathlib import Path
+
+from daemon.paths import Layout
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -61,3 +65,39 @@ def setup_logging(log_dir: Path, *, console: bool = True, level: int = logging.I
     for noisy in ("watchdog", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+
+
+def tail_lines(path: Path, n: int, max_bytes: int = 512 * 1024) -> list[str]:
+    """The last *n* lines of a text file (reads at most *max_bytes* from its end)."""
+    if n <= 0:
+        return []
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            end = fh.tell()
+            pos = end
+            data = b""
+            while pos > 0 and data.count(b"\n") <= n and end - pos < max_bytes:
+                step = min(64 * 1024, pos, max_bytes - (end - pos))
+                pos -= step
+                fh.seek(pos)
+                data = fh.read(step) + data
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if pos > 0 and lines:       # the first line is probably cut
+        lines = lines[1:]
+    return lines[-n:]
+
+
+_DAILY_LOG = re.compile(r"^daemon_\d{8}\.log$")
+
+
+def daemon_log_path(layout: Layout) -> Path | None:
+    """Today's (or the newest) logs/daemon_YYYYMMDD.log."""
+    try:
+        logs = sorted(p for p in layout.logs.glob("daemon_*.log")
+                      if _DAILY_LOG.match(p.name) and p.is_file())
+    except OSError:
+        return None
+    return logs[-1] if logs else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from daemon.logsetup import daemon_log_path, tail_lines  # noqa: F401 (re-exported)
 from daemon.paths import Layout
 from daemon.statedb import StateDB
 from daemon.states import JobState
@@ -273,42 +273,6 @@ def _as_int(v: Any) -> int:
 
 
 # ---- logs ---------------------------------------------------------------------------------------
-def tail_lines(path: Path, n: int, max_bytes: int = 512 * 1024) -> list[str]:
-    """The last *n* lines of a text file (reads at most *max_bytes* from its end)."""
-    if n <= 0:
-        return []
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            end = fh.tell()
-            pos = end
-            data = b""
-            while pos > 0 and data.count(b"\n") <= n and end - pos < max_bytes:
-                step = min(64 * 1024, pos, max_bytes - (end - pos))
-                pos -= step
-                fh.seek(pos)
-                data = fh.read(step) + data
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        return []
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    if pos > 0 and lines:       # the first line is probably cut
-        lines = lines[1:]
-    return lines[-n:]
-
-
-_DAILY_LOG = re.compile(r"^daemon_\d{8}\.log$")
-
-
-def daemon_log_path(layout: Layout) -> Path | None:
-    """Today's (or the newest) logs/daemon_YYYYMMDD.log."""
-    try:
-        logs = sorted(p for p in layout.logs.glob("daemon_*.log")
-                      if _DAILY_LOG.match(p.name) and p.is_file())
-    except OSError:
-        return None
-    return logs[-1] if logs else None
-
-
 def log_paths(layout: Layout) -> dict[str, Path | None]:
     return {"daemon": daemon_log_path(layout), "training": layout.training_log}
 
