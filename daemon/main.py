@@ -33,33 +33,11 @@ from daemon.statedb import Job, StateDB
 from daemon.states import DaemonStatus, JobState, Priority
 from daemon.status import StatusBoard, iso
 from daemon.watcher import InboxTracker, Watcher
-from trainer.interface import Command, JobResult, JobSpec, Outcome, Trainer
+from trainer.interface import Command, JobResult, JobSpec, Outcome, QueueControl, Trainer
 
 log = logging.getLogger("trainerd")
 
 TICK_S = 0.2
-
-
-class ChannelControl:
-    """ControlSource over a thread-safe queue: the loop sends, the trainer polls/waits."""
-
-    def __init__(self) -> None:
-        self._q: "queue.Queue[Command]" = queue.Queue()
-
-    def send(self, cmd: Command) -> None:
-        self._q.put(cmd)
-
-    def poll(self) -> Command | None:
-        try:
-            return self._q.get_nowait()
-        except queue.Empty:
-            return None
-
-    def wait(self, timeout: float) -> Command | None:
-        try:
-            return self._q.get(timeout=timeout)
-        except queue.Empty:
-            return None
 
 
 class QueueSink:
@@ -75,7 +53,7 @@ class JobRunner(threading.Thread):
     def __init__(self, trainer: Trainer, spec: JobSpec, sink: QueueSink, wake: threading.Event) -> None:
         super().__init__(name=f"job-{spec.job_id}", daemon=True)
         self.trainer, self.spec, self.sink, self.wake = trainer, spec, sink, wake
-        self.control = ChannelControl()
+        self.control = QueueControl()
         self.result: JobResult | None = None
 
     def run(self) -> None:

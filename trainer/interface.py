@@ -14,6 +14,8 @@ object per line on stdout, commands come in as one JSON object per line on stdin
 from __future__ import annotations
 
 import enum
+import queue
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,6 +95,32 @@ class ControlSource(Protocol):
 
     def wait(self, timeout: float) -> Command | None:
         """Block up to *timeout* seconds for the next command."""
+
+
+class QueueControl:
+    """A ControlSource fed through a thread-safe queue (the daemon loop, a stdin reader thread,
+    signal handlers). STOP is sticky: once sent, every later poll/wait answers STOP."""
+
+    def __init__(self) -> None:
+        self._q: "queue.Queue[Command]" = queue.Queue()
+        self._stopped = threading.Event()
+
+    def send(self, cmd: Command) -> None:
+        if cmd is Command.STOP:
+            self._stopped.set()
+        self._q.put(cmd)
+
+    def poll(self) -> Command | None:
+        try:
+            return self._q.get_nowait()
+        except queue.Empty:
+            return Command.STOP if self._stopped.is_set() else None
+
+    def wait(self, timeout: float) -> Command | None:
+        try:
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            return Command.STOP if self._stopped.is_set() else None
 
 
 class Trainer(Protocol):

@@ -13,14 +13,13 @@ import argparse
 import json
 import logging
 import os
-import queue
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from daemon.atomic import sha256_file
-from trainer.interface import Command, JobResult, JobSpec, Outcome
+from trainer.interface import Command, JobResult, JobSpec, Outcome, QueueControl
 
 
 def make_job(dataset: Path, home: Path, config: dict[str, Any], job_id: int | None = None,
@@ -67,25 +66,12 @@ class PrintSink:
         print(line, file=self.stream, flush=True)
 
 
-class SignalControl:
+def signal_control() -> QueueControl:
     """Ctrl-C / SIGTERM -> STOP (checkpoint, then exit); nothing else."""
-
-    def __init__(self) -> None:
-        self.q: queue.Queue[Command] = queue.Queue()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.q.put(Command.STOP))
-
-    def poll(self) -> Command | None:
-        try:
-            return self.q.get_nowait()
-        except queue.Empty:
-            return None
-
-    def wait(self, timeout: float) -> Command | None:
-        try:
-            return self.q.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    control = QueueControl()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: control.send(Command.STOP))
+    return control
 
 
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -134,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer.recipe import QLoRATrainer
 
-    result: JobResult = QLoRATrainer().run(job, PrintSink(json_lines=args.json), SignalControl())
+    result: JobResult = QLoRATrainer().run(job, PrintSink(json_lines=args.json), signal_control())
     print(f"result: {result.outcome.value}" + (f" ({result.reason})" if result.reason else "")
           + f", {result.steps} steps", flush=True)
     if result.details:

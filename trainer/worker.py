@@ -21,7 +21,6 @@ import ctypes
 import json
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -29,7 +28,7 @@ import traceback
 from pathlib import Path
 from typing import IO, Any
 
-from trainer.interface import Command, JobResult, JobSpec, Outcome
+from trainer.interface import Command, JobResult, JobSpec, Outcome, QueueControl
 
 log = logging.getLogger("trainer.worker")
 
@@ -99,31 +98,6 @@ class SanitizingSink:
         self.inner.emit(_sanitize(event))
 
 
-class QueueControl:
-    """ControlSource fed by a queue (stdin reader thread, signal handlers). STOP is sticky."""
-
-    def __init__(self) -> None:
-        self.q: queue.Queue[Command] = queue.Queue()
-        self._stopped = threading.Event()
-
-    def put(self, cmd: Command) -> None:
-        if cmd is Command.STOP:
-            self._stopped.set()
-        self.q.put(cmd)
-
-    def poll(self) -> Command | None:
-        try:
-            return self.q.get_nowait()
-        except queue.Empty:
-            return Command.STOP if self._stopped.is_set() else None
-
-    def wait(self, timeout: float) -> Command | None:
-        try:
-            return self.q.get(timeout=timeout)
-        except queue.Empty:
-            return Command.STOP if self._stopped.is_set() else None
-
-
 def parse_command(line: str) -> Command | None:
     line = line.strip()
     if not line:
@@ -147,11 +121,11 @@ def start_stdin_reader(stream: IO[str], control: QueueControl) -> threading.Thre
                 cmd = parse_command(line)
                 if cmd is not None:
                     log.info("command from daemon: %s", cmd.value)
-                    control.put(cmd)
+                    control.send(cmd)
         except (OSError, ValueError):
             pass
         log.info("stdin closed: stopping at the next step boundary")
-        control.put(Command.STOP)
+        control.send(Command.STOP)
 
     t = threading.Thread(target=run, name="stdin-commands", daemon=True)
     t.start()
@@ -185,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     sink = SanitizingSink(JsonLineSink(out))
     control = QueueControl()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: control.put(Command.STOP))
+        signal.signal(sig, lambda *_: control.send(Command.STOP))
     start_stdin_reader(sys.stdin, control)
 
     sink.emit({"event": "log", "level": "info", "message": f"worker pid {os.getpid()} starting"})
