@@ -23,6 +23,25 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under *root*, then every directory, deepest first (before a rename)."""
+    root = Path(root)
+    paths = sorted(root.rglob("*"))
+    for p in paths:
+        if p.is_file() and not p.is_symlink():
+            fsync_file(p)
+    for d in sorted({p.parent for p in paths} | {root}, key=lambda x: len(x.parts), reverse=True):
+        fsync_dir(d)
+
+
 def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
     """Replace *path* with *data* so that readers see the old or the new file, never a torn one."""
     path = Path(path)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from daemon.atomic import fsync_dir, sha256_file  # noqa: F401 (sha256_file re-exported)
+from daemon.atomic import fsync_dir, fsync_file, sha256_file  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,6 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt or cannot be loaded."""
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_manifest(directory: Path) -> dict[str, Any]:

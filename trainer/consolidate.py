@@ -50,7 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.atomic import atomic_write_json, durable_rename, fsync_dir, read_json
+from daemon.atomic import atomic_write_json, durable_rename, fsync_dir, fsync_tree, read_json
 from daemon.config import base_model_value, locked_namespace, set_base_model
 from daemon.lock import AlreadyRunning, DaemonLock, read_pid
 from daemon.paths import Layout
@@ -113,16 +113,6 @@ def _config_value(path: Path, home: Path) -> str:
         return str(Path(path).resolve().relative_to(Path(home).resolve()))
     except ValueError:
         return str(Path(path).resolve())
-
-
-def _fsync_tree(root: Path) -> None:
-    from trainer.checkpoint import fsync_file
-
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            fsync_file(p)
-    for d in sorted({p.parent for p in root.rglob("*")} | {root}, key=lambda x: len(x.parts), reverse=True):
-        fsync_dir(d)
 
 
 def _pause_point(home: Path, stage: str) -> None:
@@ -598,7 +588,7 @@ def consolidate(home: Path, config: dict[str, Any], description: str, *,
                 }
                 with open(tmp / CONSOLIDATION_META, "w", encoding="utf-8") as fh:
                     fh.write(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-                _fsync_tree(tmp)
+                fsync_tree(tmp)
                 fsync_dir(layout.consolidated)
                 _pause_point(home, "tmp_written")
                 try:

@@ -22,7 +22,7 @@ import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
-from daemon.atomic import fsync_dir
+from daemon.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,8 @@ def generate_records(count: int, *, seed: int | None = None, kind: str = "arithm
 def write_jsonl_atomic(records: Iterable[dict], out_dir: Path, *, prefix: str = "autogen") -> Path:
     """Write *records* as ``out_dir/PREFIX_<utc timestamp>_<pid>_<rand>.jsonl``, atomically.
 
-    The data goes to ``.NAME.tmp`` (ignored by the inbox), is fsynced, renamed to
-    ``NAME.jsonl`` and the directory is fsynced. A failed write leaves no file behind. A failed
-    fsync is not retried (the error propagates).
+    Through daemon.atomic.atomic_write: a hidden temp name (ignored by the inbox), fsync,
+    rename, fsync of the directory. A failed write leaves no file behind.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,22 +83,8 @@ def write_jsonl_atomic(records: Iterable[dict], out_dir: Path, *, prefix: str = 
         raise ValueError(f"bad prefix {prefix!r}")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     name = f"{prefix}_{stamp}_{os.getpid()}_{secrets.token_hex(3)}"
-    tmp, final = out_dir / f".{name}.tmp", out_dir / f"{name}.jsonl"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                n += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        if final.exists():
-            raise FileExistsError(final)
-        os.rename(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(out_dir)
-    log.info("wrote %d records to %s", n, final)
+    final = out_dir / f"{name}.jsonl"
+    lines = [json.dumps(rec, ensure_ascii=False) + "\n" for rec in records]
+    atomic_write(final, "".join(lines))      # hidden temp name, fsync, rename, fsync dir
+    log.info("wrote %d records to %s", len(lines), final)
     return final

@@ -17,7 +17,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from daemon.atomic import fsync_dir
+from daemon.atomic import fsync_dir, fsync_tree
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CORPUS = ASSETS / "corpus.txt"
@@ -137,7 +137,7 @@ def build_tiny_base(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024, hid
                 "tokenizer_tokens": len(tokenizer)}
         (tmp / "base.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n",
                                        encoding="utf-8")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out_dir.exists():
             raise FileExistsError(f"{out_dir} appeared while building; refusing to overwrite")
         os.rename(tmp, out_dir)
@@ -148,12 +148,3 @@ def build_tiny_base(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024, hid
     log.info("built tiny Qwen3 base (%d parameters, %d tokens) at %s", n_params, len(tokenizer),
              out_dir)
     return out_dir
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    for d in sorted({p.parent for p in root.rglob("*")} | {root}):
-        fsync_dir(d)
