@@ -7,7 +7,6 @@ user's file: bad input goes to ``failed/`` with ``NAME.error.json`` beside it.
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import re
@@ -21,6 +20,7 @@ from daemon.atomic import atomic_write_json, durable_rename, sha256_file
 from daemon.paths import Layout
 from daemon.statedb import Job, StateDB
 from daemon.states import JobState, Priority, check_transition
+from daemon.status import iso
 from daemon.validation import validate_file
 
 log = logging.getLogger("trainerd.queue")
@@ -58,10 +58,6 @@ def safe_name(name: str) -> str:
     stem = base[: -len(".jsonl")] if base.endswith(".jsonl") else base
     stem = _UNSAFE.sub("_", stem).strip("._") or "dataset"
     return stem[:120] + ".jsonl"
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -106,7 +102,7 @@ class FsQueue:
     def _write_error(self, name: str, reason: str, *, job_id: int | None = None,
                      extra: dict[str, Any] | None = None) -> None:
         atomic_write_json(self.error_path(name), {
-            "file": name, "reason": reason, "job_id": job_id, "at": now_iso(), **(extra or {})})
+            "file": name, "reason": reason, "job_id": job_id, "at": iso(), **(extra or {})})
 
     # ---- intake -----------------------------------------------------------------------
     def accept(self, src: Path, intake: Intake | None = None) -> Job:

@@ -25,10 +25,6 @@ class Priority(str, enum.Enum):
     NORMAL = "normal"
     LOW = "low"
 
-    @property
-    def rank(self) -> int:
-        return {"high": 0, "normal": 1, "low": 2}[self.value]
-
 
 # from-state -> allowed to-states. Entering the queue (inbox -> pending/failed) is `ACCEPT`.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {

@@ -17,7 +17,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,6 @@ class JsonFileReader:
         self._key: StatKey = None
         self._value: Any = None
         self._reason: str | None = "not read yet"
-        self._read_at: float | None = None
 
     def read(self) -> tuple[Any, str | None]:
         """(value, reason): reason is None when value is the file's current content."""
@@ -71,11 +69,7 @@ class JsonFileReader:
                 log.debug("unreadable %s: %s", self.path, exc)
                 return self._value, f"{self.path.name} is unreadable right now ({exc.__class__.__name__})"
             self._key, self._value, self._reason = key, value, None
-            self._read_at = time.time()
             return value, None
-
-    def version(self) -> StatKey:
-        return stat_key(self.path)
 
 
 # ---- metrics.jsonl ------------------------------------------------------------------------------

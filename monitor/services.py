@@ -1,7 +1,6 @@
 """What the routes share: the layout, settings, tolerant readers and the system sampler."""
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import time
@@ -14,6 +13,7 @@ from daemon import control as ctl
 from daemon.config import Config, ConfigError, MonitorConfig, load_config
 from daemon.lock import daemon_running
 from daemon.paths import Layout
+from daemon.status import iso
 from monitor.readers import JsonFileReader, MetricsIndex, job_counts, stat_key
 from monitor.system import GpuProbe, SystemSampler
 
@@ -83,7 +83,7 @@ class Services:
         counts = job_counts(self.layout)
         if counts is not None:
             out["queue"] = counts
-        out["now"] = _iso(time.time())
+        out["now"] = iso(time.time())
         return out
 
     def layers(self) -> dict[str, Any]:
@@ -125,10 +125,6 @@ class Services:
 
 def services(request: Request) -> Services:
     return request.app.state.services
-
-
-def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def resolve_token(monitor: MonitorConfig) -> str | None:

@@ -61,7 +61,6 @@ CONSOLIDATION_META = "consolidation.json"
 JOURNAL_NAME = "consolidation.json"          # under status/
 LOCK_NAME = ".consolidation.lock"            # under status/
 BACKUP_SUFFIX = "__pre-consolidation"
-MANUAL_SUFFIX = "__manual"
 PAUSE_ENV = "TRAINER_CONSOLIDATE_PAUSE_AT"
 PAUSE_MARKER_ENV = "TRAINER_CONSOLIDATE_PAUSE_MARKER"
 PAUSE_STAGES = ("merged", "tmp_written", "published", "journal_written", "current_moved",

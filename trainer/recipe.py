@@ -168,7 +168,6 @@ class _RecipeRun:
             if done and done[-1].get("job_id") == job.job_id and done[-1].get("sha256") == job.sha256:
                 raise _Finished(self._already_completed(cur_dir, cur_state))
         self.parent_state = cur_state
-        self.parent_dir = cur_dir
 
         # --- newest valid checkpoint of this job (corrupt ones fall back to the previous)
         self.ckpts = CheckpointManager.for_job(self.layout.checkpoints, job.job_id,

@@ -2,9 +2,7 @@
 a home dir with a real daemon (stand-in trainer), and a tiny SSE reader."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -12,11 +10,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
-from daemon_helpers import REPO, Home, env_for, wait_for
+from daemon_helpers import REPO, Home, alive, env_for, wait_for
 from daemon.paths import Layout
 
 REQ = {"X-Trainer-Request": "1"}
@@ -97,21 +95,9 @@ def stop_daemon(home: Home) -> None:
         return
     home.ctl("stop")
     try:
-        wait_for(lambda: home.pid() is None and not _alive(pid), timeout=10, what="daemon exit")
+        wait_for(lambda: home.pid() is None and not alive(pid), timeout=10, what="daemon exit")
     except AssertionError:
         home.kill_all()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 class SSEReader:
@@ -156,12 +142,3 @@ class SSEReader:
     def of(self, name: str) -> list[tuple[float, Any]]:
         with self.lock:
             return [(t, d) for t, e, d in self.events if e == name]
-
-
-@contextlib.contextmanager
-def running_monitor(home: Path, **kw: Any) -> Iterator[Monitor]:
-    m = Monitor(home, **kw).start()
-    try:
-        yield m
-    finally:
-        m.stop()
