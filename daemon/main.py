@@ -29,6 +29,7 @@ from daemon.lock import AlreadyRunning, DaemonLock, read_pid
 from daemon.logsetup import setup_logging
 from daemon.paths import Layout
 from daemon.presets import PresetError, recover_preset_switch, switch_preset
+from daemon import retention
 from daemon.statedb import Job, StateDB
 from daemon.states import DaemonStatus, JobState, Priority
 from daemon.status import StatusBoard, iso
@@ -403,6 +404,8 @@ class Daemon:
                                     "reason": result.reason, "finished_at": iso()})
         self.runner, self.current = None, None
         self.board.clear_job()
+        for what in retention.after_job(self.layout, self.db, self.config):
+            log.info("retention: %s", what)
         if self._stop_reason is None:
             self.board.set_status(DaemonStatus.PAUSED if self.paused else DaemonStatus.IDLE)
 
@@ -449,6 +452,8 @@ class Daemon:
         log.info("trainerd starting in %s (pid %s)", self.layout.home, self.board.state["daemon_pid"])
         self.db.add_event("daemon_start", f"daemon started (pid {self.board.state['daemon_pid']})")
         self.queue.reconcile(max_attempts=self.config.max_attempts)
+        for what in retention.startup_cleanup(self.layout):
+            log.info("start-up cleanup: %s", what)
         self.effective_config()
         self.tracker.scan()
         watcher = Watcher(self.tracker, self.layout.control, self.wake)
