@@ -62,6 +62,7 @@ class Config(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    max_nonfinite_steps: int = Field(10, ge=1)   # NaN/inf steps in a row that fail the job
     epochs: int = Field(1, ge=1)
     seed: int = 0
     truncation: Literal["truncate", "drop"] = "truncate"
@@ -73,12 +74,15 @@ class Config(BaseModel):
     keep_checkpoints: int = Field(3, ge=1)
     layer_activity_every_steps: int = Field(10, ge=1)
     worker_timeout_s: float = Field(600.0, gt=0)
-    max_attempts: int = Field(3, ge=1)
+    max_attempts: int = Field(3, ge=1)     # attempts in a row that crash without a new checkpoint
+    retry_backoff_s: float = Field(30.0, ge=0)   # wait after such a crash; doubles each time (x64 max)
     standin_step_seconds: float = Field(0.05, ge=0)
     # --- queue / daemon ---
     inbox_stable_seconds: float = Field(1.0, ge=0)
     rescan_interval_s: float = Field(5.0, gt=0)
     status_interval_s: float = Field(1.0, gt=0)
+    min_free_disk_mb: float = Field(256.0, ge=0)   # below this no job starts: paused, disk full
+    disk_retry_interval_s: float = Field(10.0, gt=0)   # how often a disk-full pause looks again
     # --- services ---
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     auto_generate: AutoGenerateConfig = Field(default_factory=AutoGenerateConfig)

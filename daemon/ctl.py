@@ -21,7 +21,8 @@ from typing import Any
 
 from daemon import control as ctl
 from daemon.atomic import atomic_write_json, durable_rename, fsync_dir
-from daemon.config import LOCKED_KEYS, ConfigError, base_model_value, load_config, locked_namespace
+from daemon.diskfull import MIB, describe as describe_disk, free_bytes, is_disk_full
+from daemon.config import LOCKED_KEYS, Config, ConfigError, base_model_value, load_config, locked_namespace
 from daemon.fsqueue import FsQueue, Intake, QueueError, safe_name
 from daemon.lock import AlreadyRunning, DaemonLock, daemon_running
 from daemon.paths import Layout
@@ -67,7 +68,10 @@ def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
                           "queue": counts}, indent=2, default=str))
         return EXIT_OK if pid else EXIT_DOWN
     if pid:
-        print(f"trainerd: {status.get('status', 'starting')} (pid {pid}, up since {status.get('started_at', '?')})")
+        state = status.get("status", "starting")
+        if state == "paused" and status.get("paused_reason"):
+            state = f"paused: {status['paused_reason']}"
+        print(f"trainerd: {state} (pid {pid}, up since {status.get('started_at', '?')})")
     else:
         last = f"last status '{status.get('status')}' at {status.get('updated_at')}" if status else "no status yet"
         print(f"trainerd: daemon not running ({last})")
@@ -84,7 +88,16 @@ def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
     if status.get("last_error"):
         e = status["last_error"]
         print(f"last error ({e.get('at')}): {e.get('message')}")
+    if free_bytes(layout.home) < _min_free_mb(layout) * MIB:
+        print(f"disk:     {describe_disk(layout.home)}: no job starts until min_free_disk_mb is free")
     return EXIT_OK if pid else EXIT_DOWN
+
+
+def _min_free_mb(layout: Layout) -> float:
+    try:
+        return load_config(layout.config).min_free_disk_mb
+    except ConfigError:
+        return Config().min_free_disk_mb
 
 
 # ---- training commands ------------------------------------------------------------------------
@@ -565,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:          # `trainer-ctl queue list | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except Exception as exc:         # a full disk is one clear line, never a traceback
+        if not is_disk_full(exc):
+            raise
+        _err(f"{describe_disk(layout.home)}: {getattr(exc, 'strerror', None) or exc}; nothing was changed")
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

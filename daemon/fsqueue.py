@@ -1,8 +1,9 @@
 """The job queue: one folder per state, one ``os.rename`` per transition (like Maildir).
 
 The folder a file sits in is the truth for where it is; state.db records everything else.
-The rename happens first and the row follows, so a crash between the two leaves a file whose
-row is stale or missing, which ``reconcile`` repairs at start-up. Nothing here deletes a
+Each transition is the row change and the rename in one transaction (``StateDB.commit_with``):
+a failed write (a full disk) leaves both as they were, and a crash between the rename and the
+commit leaves a file whose row is stale or missing, which ``reconcile`` repairs at start-up. Nothing here deletes a
 user's file: bad input goes to ``failed/`` with ``NAME.error.json`` beside it.
 """
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon.atomic import atomic_write_json, durable_rename, sha256_file
+from daemon.atomic import atomic_write_json, fsync_dir, sha256_file
 from daemon.paths import Layout
 from daemon.statedb import Job, StateDB
 from daemon.states import JobState, Priority, check_transition
@@ -24,6 +26,15 @@ from daemon.status import iso
 from daemon.validation import validate_file
 
 log = logging.getLogger("trainerd.queue")
+
+
+def _fsync_dirs(src: Path, dst: Path) -> None:
+    """Make a committed rename durable; a failure here is logged (reconcile repairs a lost one)."""
+    for d in {src.parent, dst.parent}:
+        try:
+            fsync_dir(d)
+        except OSError as exc:
+            log.error("fsync of %s failed after a committed move: %s", d, exc)
 
 IGNORED_SUFFIXES = (".tmp", ".part")
 ERROR_SUFFIX = ".error.json"
@@ -148,23 +159,34 @@ class FsQueue:
         extra["sha256"] = sha
         if reason is not None:
             self._write_error(name, reason, extra=extra)
-            durable_rename(src, self.path(JobState.FAILED, name))
-            job = self.db.insert_job(name=name, original_name=original, state=JobState.FAILED,
-                                     sha256=sha, size=size, priority=intake.priority,
-                                     forced=intake.force, duplicate_of=duplicate_of, error=reason,
-                                     fmt=fmt, records=records)
-            self.changes += 1
+            try:
+                job = self._enter(src, name, dict(
+                    name=name, original_name=original, state=JobState.FAILED, sha256=sha, size=size,
+                    priority=intake.priority, forced=intake.force, duplicate_of=duplicate_of,
+                    error=reason, fmt=fmt, records=records))
+            except BaseException:
+                self.error_path(name).unlink(missing_ok=True)
+                raise
             self.db.add_event("rejected", f"{original}: {reason}", level="warning", job_id=job.id)
             log.warning("rejected %s -> failed/%s: %s", original, name, reason)
             return job
-        durable_rename(src, self.path(JobState.PENDING, name))
-        job = self.db.insert_job(name=name, original_name=original, state=JobState.PENDING,
-                                 sha256=sha, size=size, priority=intake.priority,
-                                 forced=intake.force, fmt=fmt, records=records)
-        self.changes += 1
+        job = self._enter(src, name, dict(
+            name=name, original_name=original, state=JobState.PENDING, sha256=sha, size=size,
+            priority=intake.priority, forced=intake.force, fmt=fmt, records=records))
         self.db.add_event("accepted", f"{original} queued as {name} ({records} records, {fmt}, "
                           f"priority {intake.priority.value})", job_id=job.id)
         log.info("accepted %s -> pending/%s (%s records, %s)", original, name, records, fmt)
+        return job
+
+    def _enter(self, src: Path, name: str, row: dict[str, Any]) -> Job:
+        """Insert the row and rename the file into its folder: together, or neither."""
+        dst = self.path(row["state"], name)
+        job_id = self.db.commit_with(lambda c: self.db.insert_job_in(c, **row),
+                                     effect=lambda: os.rename(src, dst), undo=lambda: os.rename(dst, src))
+        _fsync_dirs(src, dst)
+        self.changes += 1
+        job = self.db.get(job_id)
+        assert job is not None
         return job
 
     # ---- transitions ------------------------------------------------------------------
@@ -176,14 +198,45 @@ class FsQueue:
             self._write_error(job.name, error or "failed", job_id=job.id,
                               extra={"original_name": job.original_name, "sha256": job.sha256,
                                      **(error_extra or {})})
-        durable_rename(self.path(src, job.name), self.path(dst, job.name))
+        a, b = self.path(src, job.name), self.path(dst, job.name)
+        try:
+            self.db.commit_with(
+                lambda c: self.db.update_in(c, job.id, state=dst,
+                                            error=error if dst is JobState.FAILED else None, **fields),
+                effect=lambda: os.rename(a, b), undo=lambda: os.rename(b, a))
+        except BaseException:
+            if dst is JobState.FAILED:
+                self.error_path(job.name).unlink(missing_ok=True)
+            raise
+        _fsync_dirs(a, b)
         if src is JobState.FAILED:
             self.error_path(job.name).unlink(missing_ok=True)
-        self.db.update(job.id, state=dst, error=error if dst is JobState.FAILED else None, **fields)
+        if dst is JobState.FAILED:
+            self._move_checkpoints(job.id, aside=True)
+        elif src is JobState.FAILED:
+            self._move_checkpoints(job.id, aside=False)
         self.changes += 1
         new = self.db.get(job.id)
         assert new is not None
         return new
+
+    def _move_checkpoints(self, job_id: int, *, aside: bool) -> None:
+        """A job entering failed/ (skipped, removed, failed) has its checkpoints set aside, so
+        they never count as a job "mid-way" (consolidation, preset switch); a retry puts them
+        back, and the trainer resumes from them if they still fit the current adapter."""
+        live, parked = self.layout.job_checkpoints(job_id), self.layout.set_aside_checkpoints(job_id)
+        src, dst = (live, parked) if aside else (parked, live)
+        if not src.is_dir():
+            return
+        try:
+            if dst.exists():                  # an older copy: the newer one wins
+                shutil.rmtree(dst)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dst)
+            _fsync_dirs(src, dst)
+            log.info("job %d: checkpoints %s %s", job_id, "set aside in" if aside else "restored to", dst)
+        except OSError as exc:     # the move is done; only the checkpoints stay where they were
+            log.error("job %d: could not move checkpoints %s -> %s: %s", job_id, src, dst, exc)
 
     def claim_next(self) -> Job | None:
         """Move the head of pending/ into processing/ and return it (None if empty)."""
@@ -247,8 +300,12 @@ class FsQueue:
         return self.get(name)
 
     # ---- start-up reconciliation ----------------------------------------------------------
-    def reconcile(self, *, dry_run: bool = False, max_attempts: int | None = None) -> list[str]:
+    def reconcile(self, *, dry_run: bool = False) -> list[str]:
         """Make state.db agree with the folders; requeue interrupted jobs. Returns the fixes.
+
+        A job found in processing/ was interrupted by a daemon restart (a stop, a crash, a
+        SIGKILL): it goes back to the head of the queue and resumes from its checkpoint. A restart
+        is not a failure of the job, so it never counts towards ``max_attempts``.
 
         With ``dry_run`` nothing is changed: the list says what would be fixed (``trainer-ctl check``).
         """
@@ -283,16 +340,13 @@ class FsQueue:
                         job = self.db.get(job.id)
                         assert job is not None
                 if state is JobState.PROCESSING:
-                    if max_attempts is not None and job.attempts >= max_attempts:
-                        fixes.append(f"{name}: interrupted {job.attempts} times (max_attempts "
-                                     f"{max_attempts}), moved to failed/")
-                        if not dry_run:
-                            self.move(job, JobState.FAILED, error=f"interrupted {job.attempts} times "
-                                      f"(max_attempts {max_attempts}); `trainer-ctl queue retry {name}`")
-                        continue
                     fixes.append(f"{name}: interrupted in processing/, back to the head of pending/")
                     if not dry_run:
                         self.move(job, JobState.PENDING, resume=True)
+        for job in self.db.jobs(JobState.FAILED) if not dry_run else []:
+            if self.layout.job_checkpoints(job.id).is_dir():
+                fixes.append(f"{job.name}: failed, its checkpoints set aside")
+                self._move_checkpoints(job.id, aside=True)
         for job in rows.values():
             if job.name not in seen and job.state in {s.value for s in JobState}:
                 fixes.append(f"{job.name}: recorded as {job.state} but not found in any queue folder")

@@ -14,6 +14,7 @@ import sys
 import time
 
 from daemon.atomic import atomic_write
+from daemon.diskfull import MIB, describe as describe_disk, free_bytes, is_disk_full
 from daemon.logsetup import tail_lines
 from daemon.lock import AlreadyRunning, DaemonLock, pid_alive, read_pid
 from daemon.paths import REPO_ROOT, Layout
@@ -66,7 +67,8 @@ def launch(layout: Layout, *, wait_s: float = 60.0) -> int:
     while time.monotonic() < deadline:
         rc = proc.poll()
         if rc is not None:
-            print(f"trainerd: failed to start (exit {rc}). Last output:\n{_tail(out_log)}", file=sys.stderr)
+            hint = f"\n{describe_disk(layout.home)}" if free_bytes(layout.home) < 16 * MIB else ""
+            print(f"trainerd: failed to start (exit {rc}). Last output:\n{_tail(out_log)}{hint}", file=sys.stderr)
             return 2
         status = read_status(layout)
         if status and status.get("daemon_pid") == proc.pid and status.get("status") != "stopped":
@@ -89,7 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", help="base dir (default: $TRAINER_HOME or the repo root)")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the daemon to report")
     args = p.parse_args(argv)
-    return launch(Layout.from_env(args.home), wait_s=args.wait)
+    layout = Layout.from_env(args.home)
+    try:
+        return launch(layout, wait_s=args.wait)
+    except Exception as exc:      # a full disk is one clear line, never a traceback
+        if not is_disk_full(exc):
+            raise
+        print(f"trainerd: cannot start: {describe_disk(layout.home)}: "
+              f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

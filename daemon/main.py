@@ -24,6 +24,7 @@ from daemon.autogen import AutoGenerator
 from daemon.atomic import atomic_write, durable_rename
 from daemon.config import (Config, ConfigError, config_to_dict, describe_locked_diffs, load_config,
                            locked_diffs)
+from daemon.diskfull import MIB, Reserve, describe as describe_disk, free_bytes, is_disk_full
 from daemon.fsqueue import FileChanged, FsQueue, Intake, QueueError, printable
 from daemon.lock import AlreadyRunning, DaemonLock, read_pid
 from daemon.logsetup import setup_logging
@@ -39,6 +40,7 @@ from trainer.interface import Command, JobResult, JobSpec, Outcome, QueueControl
 log = logging.getLogger("trainerd")
 
 TICK_S = 0.2
+MAX_BACKOFF_FACTOR = 64         # a crash-looping job waits retry_backoff_s x 1, 2, 4 ... 64 at most
 
 
 class QueueSink:
@@ -61,9 +63,13 @@ class JobRunner(threading.Thread):
         try:
             self.result = self.trainer.run(self.spec, self.sink, self.control)
         except Exception as exc:  # a trainer bug must not take the daemon down
-            log.exception("trainer raised")
-            self.result = JobResult(Outcome.FAILED, f"trainer error: {exc!r}",
-                                    details={"crash": True, "traceback": traceback.format_exc()})
+            if is_disk_full(exc):
+                log.error("trainer could not write: %s", exc)
+                self.result = JobResult(Outcome.FAILED, f"disk full: {exc}", details={"disk_full": True})
+            else:
+                log.exception("trainer raised")
+                self.result = JobResult(Outcome.FAILED, f"trainer error: {exc!r}",
+                                        details={"crash": True, "traceback": traceback.format_exc()})
         finally:
             self.wake.set()
 
@@ -101,7 +107,12 @@ class Daemon:
         self.autogen = AutoGenerator(layout.inbox)
         self.runner: JobRunner | None = None
         self.current: Job | None = None
-        self.paused = False
+        self.paused = False                       # by the user (trainer-ctl pause)
+        self._disk_full: str | None = None        # "disk full (N MiB free in DIR)" while paused for it
+        self._disk_check_at = 0.0
+        self.reserve = Reserve(layout.status_dir)
+        self._resumed_from = 0                    # the step the running attempt started from
+        self._progress = False                    # the running attempt wrote a checkpoint past it
         self._stop_reason: str | None = None
         self._signal: int | None = None
 
@@ -211,16 +222,22 @@ class Daemon:
         running = self.runner is not None
         if command == "pause":
             self.paused = True
-            self.board.update(paused=True)
+            self.board.update(paused=True, paused_reason=self._disk_full or "paused by user")
+            if self._disk_full is not None:
+                return True, f"paused (also {self._disk_full}): stays paused when space is back"
             if running:
                 self.runner.control.send(Command.PAUSE)
                 return True, "pause requested: takes effect at the next step boundary"
             self.board.set_status(DaemonStatus.PAUSED)
             return True, "paused: no job will start until resume"
         if command == "resume":
+            if self._disk_full is not None:
+                self.paused = False
+                return False, (f"{self._disk_full}: training resumes by itself when space is back "
+                               f"(at least min_free_disk_mb {self.config.min_free_disk_mb:g} MiB free)")
             was = self.paused
             self.paused = False
-            self.board.update(paused=False)
+            self.board.update(paused=False, paused_reason=None)
             if running:
                 self.runner.control.send(Command.RESUME)
             elif self._stop_reason is None:
@@ -285,6 +302,9 @@ class Daemon:
                 log.info("%s", exc)
                 self.tracker.note(name)
             except Exception as exc:  # the file stays in inbox/ and is seen again at the next scan
+                if is_disk_full(exc):
+                    self.tracker.note(name)     # nothing moved: take it again once space is back
+                    raise
                 self._report_error(f"could not queue inbox/{name}: {exc!r}", "intake_error")
 
     # ---- jobs -------------------------------------------------------------------------------
@@ -292,9 +312,14 @@ class Daemon:
         if self.db.next_pending() is None:     # idle ticks stay cheap: no config or lock reads
             return
         cfg = self.effective_config()
+        if free_bytes(self.layout.home) < cfg.min_free_disk_mb * MIB:
+            self._enter_disk_full(f"less than min_free_disk_mb ({cfg.min_free_disk_mb:g} MiB) free "
+                                  "to start a job")
+            return
         job = self.queue.claim_next()
         if job is None:
             return
+        self._resumed_from, self._progress = 0, False
         spec = JobSpec(job_id=job.id, name=job.name, dataset=self.queue.path(JobState.PROCESSING, job.name),
                        sha256=job.sha256 or "", home=self.layout.home, config=config_to_dict(cfg),
                        attempt=job.attempts)
@@ -320,6 +345,7 @@ class Daemon:
         kind = ev.get("event")
         job_id = self.current.id if self.current else None
         if kind == "started":
+            self._resumed_from = int(ev.get("resumed_from_step") or 0)
             self.board.update(total_steps=ev.get("total_steps"),
                               current_step=ev.get("resumed_from_step") or 0)
         elif kind == "step":
@@ -344,12 +370,17 @@ class Daemon:
             if ev.get("table") is not None:
                 self.board.write_layer_activity({"step": ev.get("step"), "job_id": job_id,
                                                  "updated_at": iso(), **_as_dict(ev["table"])})
-        elif kind in ("checkpoint", "snapshot", "oom_backoff"):
+        elif kind in ("checkpoint", "snapshot", "oom_backoff", "nonfinite", "restarted"):
+            if kind == "checkpoint" and int(ev.get("step") or 0) > self._resumed_from:
+                self._progress = True
             msg = {"checkpoint": f"checkpoint at step {ev.get('step')} ({ev.get('reason')})",
                    "snapshot": f"snapshot saved: {ev.get('path')}",
                    "oom_backoff": f"CUDA out of memory: micro-batch {ev.get('micro_batch')}, "
-                                  f"gradient accumulation {ev.get('gradient_accumulation')}"}[kind]
-            self.db.add_event(kind, msg, level="warning" if kind == "oom_backoff" else "info",
+                                  f"gradient accumulation {ev.get('gradient_accumulation')}",
+                   "nonfinite": f"non-finite step {ev.get('step')} skipped (loss {ev.get('loss')}, "
+                                f"grad norm {ev.get('grad_norm')}; {ev.get('consecutive')} in a row)",
+                   "restarted": f"restarted from the start: {ev.get('reason')}"}[kind]
+            self.db.add_event(kind, msg, level="info" if kind in ("checkpoint", "snapshot") else "warning",
                               job_id=job_id, data=ev)
             self.board.update(last_event={"kind": kind, "message": msg, "at": iso()})
         elif kind == "log":
@@ -357,6 +388,8 @@ class Daemon:
             log.log(level if isinstance(level, int) else logging.INFO, "trainer: %s", ev.get("message"))
 
     def _finish_job(self) -> None:
+        """Record how the attempt ended. The queue move comes first and is atomic: if it fails
+        (a full disk) nothing has changed and the loop calls this again once space is back."""
         assert self.runner is not None and self.current is not None
         self.runner.join()
         self._drain_events()
@@ -364,9 +397,15 @@ class Daemon:
                                                  details={"crash": True})
         job = self.db.get(self.current.id)
         assert job is not None
-        cfg = self.config
-        if result.outcome is Outcome.COMPLETED:
-            self.queue.move(job, JobState.DONE, steps=result.steps, finished_at=time.time())
+        if result.details.get("disk_full"):
+            # the disk, not the job: back to the head of the queue, resumed from its checkpoint
+            self.queue.move(job, JobState.PENDING, resume=True, steps=result.steps)
+            self.db.add_event("interrupted", f"{job.name}: {result.reason}; it resumes from its last "
+                              "checkpoint when space is back", level="warning", job_id=job.id)
+            self._enter_disk_full(result.reason or "the trainer could not write")
+        elif result.outcome is Outcome.COMPLETED:
+            self.queue.move(job, JobState.DONE, steps=result.steps, finished_at=time.time(), crashes=0,
+                            not_before=None)
             self.db.add_event("completed", f"{job.name} trained ({result.steps} steps)", job_id=job.id)
             log.info("job %s: %s done (%d steps)", job.id, job.name, result.steps)
         elif result.outcome is Outcome.SKIPPED:
@@ -381,42 +420,118 @@ class Daemon:
             else:
                 self.queue.move(job, JobState.PENDING, resume=True, steps=result.steps)
         else:
-            reason = result.reason or "failed"
-            if result.details.get("blocking"):
-                # the setup is wrong (base missing or mismatched), not the data: every job would
-                # fail the same way, so keep this one at the head of the queue and pause
-                self.queue.move(job, JobState.PENDING, resume=True, attempts=max(0, job.attempts - 1))
-                self.paused = True
-                self.board.update(paused=True)
-                self._report_error(f"training paused: {reason}. Fix it, then `trainer-ctl resume`",
-                                   "blocked")
-            elif result.details.get("crash") and job.attempts < cfg.max_attempts:
-                self.queue.move(job, JobState.PENDING, resume=True, error=None)
-                self._report_error(f"{job.name}: {reason}; retrying (attempt {job.attempts} of "
-                                   f"{cfg.max_attempts})", "job_retry")
-            else:
-                self.queue.move(job, JobState.FAILED, error=reason, finished_at=time.time(),
-                                error_extra={k: v for k, v in result.details.items() if k != "traceback"})
-                self._report_error(f"{job.name} failed: {reason}", "job_failed")
+            self._job_failed(job, result)
         self.board.update(last_job={"file": job.name, "job_id": job.id, "outcome": result.outcome.value,
                                     "steps": result.steps, "loss": self.board.state.get("loss"),
                                     "eval_loss": self.board.state.get("eval_loss"),
                                     "reason": result.reason, "finished_at": iso()})
         self.runner, self.current = None, None
         self.board.clear_job()
-        for what in retention.after_job(self.layout, self.db, self.config):
-            log.info("retention: %s", what)
-        if self._stop_reason is None:
+        if self._stop_reason is None and self._disk_full is None:
             self.board.set_status(DaemonStatus.PAUSED if self.paused else DaemonStatus.IDLE)
+        try:
+            for what in retention.after_job(self.layout, self.db, self.config):
+                log.info("retention: %s", what)
+        except Exception:  # noqa: BLE001 - housekeeping never fails a finished job
+            log.exception("retention after job %s", job.id)
+
+    def _job_failed(self, job: Job, result: JobResult) -> None:
+        cfg = self.config
+        reason = result.reason or "failed"
+        if result.details.get("blocking"):
+            # the setup is wrong (base missing or mismatched), not the data: every job would
+            # fail the same way, so keep this one at the head of the queue and pause
+            self.queue.move(job, JobState.PENDING, resume=True)
+            self.paused = True
+            self.board.update(paused=True, paused_reason=f"blocked: {reason}")
+            self._report_error(f"training paused: {reason}. Fix it, then `trainer-ctl resume`", "blocked")
+        elif result.details.get("crash") and self._progress:
+            # it died, but after a new checkpoint: it is getting somewhere, so this is no strike
+            self.queue.move(job, JobState.PENDING, resume=True, crashes=0, not_before=None)
+            self._report_error(f"{job.name}: {reason}; it made progress (checkpoint past step "
+                               f"{self._resumed_from}), resuming from it", "job_retry")
+        elif result.details.get("crash") and job.crashes + 1 < cfg.max_attempts:
+            crashes = job.crashes + 1
+            delay = cfg.retry_backoff_s * min(2 ** (crashes - 1), MAX_BACKOFF_FACTOR)
+            self.queue.move(job, JobState.PENDING, resume=True, crashes=crashes,
+                            not_before=time.time() + delay)
+            self._report_error(f"{job.name}: {reason}; {crashes} attempt(s) in a row crashed without "
+                               f"progress (max_attempts {cfg.max_attempts}); retrying in {delay:g} s, "
+                               "other jobs go first meanwhile", "job_retry")
+        else:
+            if result.details.get("crash"):
+                reason = (f"{reason} ({job.crashes + 1} attempts in a row crashed without progress, "
+                          f"max_attempts {cfg.max_attempts}); `trainer-ctl queue retry {job.name}`")
+            self.queue.move(job, JobState.FAILED, error=reason, finished_at=time.time(),
+                            crashes=job.crashes + int(bool(result.details.get("crash"))), not_before=None,
+                            error_extra={k: v for k, v in result.details.items() if k != "traceback"})
+            self._report_error(f"{job.name} failed: {reason}", "job_failed")
+
+    # ---- a full disk ----------------------------------------------------------------------------
+    def _enter_disk_full(self, cause: str) -> None:
+        """Pause for a full disk: say so everywhere we still can, pause the worker. Never raises."""
+        msg = describe_disk(self.layout.home)
+        self._disk_check_at = time.monotonic() + self.config.disk_retry_interval_s
+        if self._disk_full is not None:
+            self._disk_full = msg
+            return
+        self._disk_full = msg
+        self.reserve.release()          # room to write the status and the event that say so
+        log.error("paused: %s (%s); training resumes by itself when space is back", msg, cause)
+        if self.runner is not None and self.runner.is_alive():
+            self.runner.control.send(Command.PAUSE)
+        try:
+            self.db.add_event("disk_full", f"paused: {msg} ({cause})", level="error")
+            self.board.update(paused=True, paused_reason=msg,
+                              last_error={"message": f"paused: {msg}", "at": iso(), "kind": "disk_full"})
+            self.board.set_status(DaemonStatus.PAUSED)
+        except Exception:   # noqa: BLE001 - the log line above is all we can do
+            log.exception("could not record the disk-full pause")
+
+    def _disk_recovered(self) -> bool:
+        """In a disk-full pause: look again every disk_retry_interval_s; True once space is back."""
+        if time.monotonic() < self._disk_check_at:
+            return False
+        self._disk_check_at = time.monotonic() + self.config.disk_retry_interval_s
+        need = self.config.min_free_disk_mb * MIB
+        if free_bytes(self.layout.home) < need or not self.reserve.ensure():
+            msg = describe_disk(self.layout.home)
+            if msg != self._disk_full:
+                self._disk_full = msg
+                self.board.update(paused_reason=msg)
+            return False
+        self.board.update(paused=self.paused, paused_reason="paused by user" if self.paused else None)
+        self.board.flush(force=True)
+        if self.board.write_error is not None:
+            return False
+        log.warning("disk space is back (%s): %s", describe_disk(self.layout.home).replace("disk full ", ""),
+                    "staying paused (paused by user)" if self.paused else "resuming")
+        self.db.add_event("disk_ok", f"disk space is back ({free_bytes(self.layout.home) / MIB:.0f} MiB "
+                          f"free); {'still paused by user' if self.paused else 'resuming'}")
+        self._disk_full = None
+        if self.runner is not None and self.runner.is_alive():
+            if not self.paused:
+                self.runner.control.send(Command.RESUME)
+        elif self._stop_reason is None:
+            self.board.set_status(DaemonStatus.PAUSED if self.paused else DaemonStatus.IDLE)
+        return True
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _idle(self) -> bool:
-        return self.runner is None and self.tracker.waiting() == 0 and self.db.next_pending() is None
+        """Nothing to do now or later (a job backing off after a crash still counts as work)."""
+        return self.runner is None and self.tracker.waiting() == 0 and not self.db.has_pending()
 
     def _tick(self, burst: bool) -> bool:
         """One pass of the loop; True when the daemon should exit."""
         self._check_flags()
         self._handle_control()
+        if self._disk_full is not None and not self._disk_recovered():
+            # paused for a full disk: relay events, obey stop, write nothing else until space is back
+            self._drain_events()
+            if self._stop_reason is not None and (self.runner is None or not self.runner.is_alive()):
+                return True     # a result not yet recorded: the job is in processing/, redone at next start
+            self.board.flush()
+            return False
         self._intake()
         self._drain_events()
         if self.runner is not None and not self.runner.is_alive():
@@ -443,6 +558,8 @@ class Daemon:
             self._counted = self.queue.changes
             self.board.update(queue=self.db.counts())
         self.board.flush()
+        if self.board.write_error is not None:
+            self._enter_disk_full(self.board.write_error)
         return False
 
     def run(self, burst: bool = False) -> int:
@@ -450,8 +567,9 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
         log.info("trainerd starting in %s (pid %s)", self.layout.home, self.board.state["daemon_pid"])
+        self.reserve.ensure()
         self.db.add_event("daemon_start", f"daemon started (pid {self.board.state['daemon_pid']})")
-        self.queue.reconcile(max_attempts=self.config.max_attempts)
+        self.queue.reconcile()
         for what in retention.startup_cleanup(self.layout):
             log.info("start-up cleanup: %s", what)
         self.effective_config()
@@ -469,9 +587,12 @@ class Daemon:
                     if self._tick(burst):
                         break
                 except Exception as exc:    # never die on one bad tick: log, show, back off
-                    log.exception("unexpected error in the main loop")
-                    self._report_error(f"internal error: {exc!r} (the daemon goes on)", "internal_error")
-                    time.sleep(1.0)
+                    if is_disk_full(exc):   # nothing half-done: each write is atomic or transactional
+                        self._enter_disk_full(f"{type(exc).__name__}: {exc}")
+                    else:
+                        log.exception("unexpected error in the main loop")
+                        self._report_error(f"internal error: {exc!r} (the daemon goes on)", "internal_error")
+                        time.sleep(1.0)
                 self.wake.wait(TICK_S)
                 self.wake.clear()
         finally:
@@ -479,10 +600,15 @@ class Daemon:
             if self.runner is not None and self.runner.is_alive():   # only on an exception path
                 self.runner.control.send(Command.STOP)
                 self.runner.join(timeout=60)
-            self.board.update(queue=self.db.counts())
-            self.board.set_status(DaemonStatus.STOPPED)
-            self.board.close()
-            self.db.add_event("daemon_stop", f"daemon stopped ({self._stop_reason or 'queue drained'})")
+            for last_write in (lambda: self.board.update(queue=self.db.counts()),
+                               lambda: self.board.set_status(DaemonStatus.STOPPED),
+                               self.board.close,
+                               lambda: self.db.add_event("daemon_stop", "daemon stopped "
+                                                         f"({self._stop_reason or 'queue drained'})")):
+                try:
+                    last_write()
+                except Exception:   # noqa: BLE001 - a full disk must not turn a stop into a crash
+                    log.exception("while stopping")
             log.info("trainerd stopped (%s)", self._stop_reason or "queue drained")
             self.db.close()
         return 0
@@ -513,8 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyRunning as exc:
         print(f"trainerd: {exc}", file=sys.stderr)
         return 1
-    lock.write_pid()
     try:
+        lock.write_pid()
         try:
             daemon = Daemon(layout)
         except ConfigError as exc:
@@ -522,6 +648,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trainerd: refusing to start: {exc}", file=sys.stderr)
             return 2
         return daemon.run(burst=args.burst)
+    except Exception as exc:     # only start-up can get here; a full disk is one clear line
+        if not is_disk_full(exc):
+            raise
+        log.error("cannot start: %s: %s", describe_disk(layout.home), exc)
+        print(f"trainerd: cannot start: {describe_disk(layout.home)}: "
+              f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 2
     finally:
         lock.release(remove_pid=True)
 

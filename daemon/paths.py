@@ -39,6 +39,8 @@ class Layout:
     @property
     def layer_activity_file(self) -> Path: return self.status_dir / "layer_activity.json"
     @property
+    def job_specs(self) -> Path: return self.status_dir / "jobs"   # a running attempt's JobSpec
+    @property
     def state_db(self) -> Path: return self.status_dir / "state.db"
     @property
     def logs(self) -> Path: return self.home / "logs"
@@ -50,6 +52,10 @@ class Layout:
     def current_model(self) -> Path: return self.home / "current_model"
     @property
     def checkpoints(self) -> Path: return self.home / "checkpoints"
+    def job_checkpoints(self, job_id: int) -> Path: return self.checkpoints / f"job-{job_id}"
+    def set_aside_checkpoints(self, job_id: int) -> Path:
+        """Where a skipped or failed job's checkpoints wait for a retry (never 'mid-way')."""
+        return self.checkpoints / "set-aside" / f"job-{job_id}"
     @property
     def snapshots(self) -> Path: return self.home / "snapshots"
     @property

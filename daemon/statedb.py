@@ -7,14 +7,19 @@ errors, history). ``FsQueue.reconcile`` makes the two agree at start-up.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
+from daemon.diskfull import is_disk_full
 from daemon.states import JobState, Priority
+
+log = logging.getLogger("trainerd.statedb")
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -27,7 +32,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     priority      TEXT NOT NULL DEFAULT 'normal',
     seq           INTEGER NOT NULL,              -- FIFO order inside a priority
     resume        INTEGER NOT NULL DEFAULT 0,    -- 1: interrupted job, goes to the head
-    attempts      INTEGER NOT NULL DEFAULT 0,
+    attempts      INTEGER NOT NULL DEFAULT 0,    -- times claimed (shown as "attempt N")
+    crashes       INTEGER NOT NULL DEFAULT 0,    -- attempts in a row that crashed without progress
+    not_before    REAL,                          -- back-off after a crash: not claimed before this
     forced        INTEGER NOT NULL DEFAULT 0,
     duplicate_of  INTEGER REFERENCES jobs(id),
     error         TEXT,
@@ -70,6 +77,8 @@ class Job:
     seq: int
     resume: bool
     attempts: int
+    crashes: int
+    not_before: float | None
     forced: bool
     duplicate_of: int | None
     error: str | None
@@ -104,7 +113,17 @@ class StateDB:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(SCHEMA)
+            self._migrate()
         self.conn.row_factory = sqlite3.Row
+
+    # columns added after the first release: (name, SQL type + default)
+    _ADDED_COLUMNS = (("crashes", "INTEGER NOT NULL DEFAULT 0"), ("not_before", "REAL"))
+
+    def _migrate(self) -> None:
+        have = {row[1] for row in self.conn.execute("PRAGMA table_info(jobs)")}
+        for name, decl in self._ADDED_COLUMNS:
+            if name not in have:
+                self.conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         self.conn.close()
@@ -118,6 +137,39 @@ class StateDB:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:       # SQLite may have rolled back already (SQLITE_FULL)
+                pass
+
+    def commit_with(self, change: Callable[[sqlite3.Connection], T], effect: Callable[[], None],
+                    undo: Callable[[], None]) -> T:
+        """Row change and file-system effect together, or neither.
+
+        ``change`` runs inside a transaction, then ``effect`` (one rename); then COMMIT. If the
+        change or the effect fails, the transaction rolls back; if the COMMIT fails (a full disk),
+        ``undo`` reverses the effect before the error propagates. A crash between the effect and
+        the commit leaves the folder ahead of the row, which start-up reconciliation repairs.
+        """
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            out = change(self.conn)
+            effect()
+        except BaseException:
+            self._rollback()
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            try:
+                undo()
+            finally:
+                self._rollback()
+            raise
+        return out
 
     # ---- jobs -------------------------------------------------------------------------
     def _job(self, row: sqlite3.Row | None) -> Job | None:
@@ -135,23 +187,37 @@ class StateDB:
                    size: int | None, priority: Priority = Priority.NORMAL, forced: bool = False,
                    duplicate_of: int | None = None, error: str | None = None,
                    fmt: str | None = None, records: int | None = None) -> Job:
-        now = time.time()
         with self.tx() as c:
-            seq = self.next_seq()
-            cur = c.execute(
-                "INSERT INTO jobs (name, original_name, sha256, size, state, priority, seq, forced,"
-                " duplicate_of, error, format, records, created_at, updated_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (name, original_name, sha256, size, state.value, priority.value, seq, int(forced),
-                 duplicate_of, error, fmt, records, now, now))
-            job_id = cur.lastrowid
+            job_id = self.insert_job_in(c, name=name, original_name=original_name, state=state,
+                                        sha256=sha256, size=size, priority=priority, forced=forced,
+                                        duplicate_of=duplicate_of, error=error, fmt=fmt, records=records)
         job = self.get(job_id)
         assert job is not None
         return job
 
+    def insert_job_in(self, c: sqlite3.Connection, *, name: str, original_name: str, state: JobState,
+                      sha256: str | None, size: int | None, priority: Priority = Priority.NORMAL,
+                      forced: bool = False, duplicate_of: int | None = None, error: str | None = None,
+                      fmt: str | None = None, records: int | None = None) -> int:
+        """INSERT a job inside the caller's transaction; returns its id."""
+        now = time.time()
+        cur = c.execute(
+            "INSERT INTO jobs (name, original_name, sha256, size, state, priority, seq, forced,"
+            " duplicate_of, error, format, records, created_at, updated_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (name, original_name, sha256, size, state.value, priority.value, self.next_seq(),
+             int(forced), duplicate_of, error, fmt, records, now, now))
+        return int(cur.lastrowid)
+
     def update(self, job_id: int, **fields: Any) -> None:
         if not fields:
             return
+        with self.tx() as c:
+            self.update_in(c, job_id, **fields)
+
+    @staticmethod
+    def update_in(c: sqlite3.Connection, job_id: int, **fields: Any) -> None:
+        """UPDATE a job inside the caller's transaction."""
         fields["updated_at"] = time.time()
         for k, v in list(fields.items()):
             if isinstance(v, (JobState, Priority)):
@@ -159,8 +225,7 @@ class StateDB:
             elif isinstance(v, bool):
                 fields[k] = int(v)
         cols = ", ".join(f"{k} = ?" for k in fields)
-        with self.tx() as c:
-            c.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+        c.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
 
     def get(self, job_id: int) -> Job | None:
         return self._job(self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
@@ -184,9 +249,16 @@ class StateDB:
                                      (state.value, limit)).fetchall()
         return [j for j in map(self._job, rows) if j is not None]
 
-    def next_pending(self) -> Job | None:
+    def next_pending(self, now: float | None = None) -> Job | None:
+        """The job to train next: the head of pending/ among those not backing off after a crash."""
+        now = time.time() if now is None else now
         return self._job(self.conn.execute(
-            f"SELECT * FROM jobs WHERE state = 'pending' {PENDING_ORDER} LIMIT 1").fetchone())
+            "SELECT * FROM jobs WHERE state = 'pending' AND (not_before IS NULL OR not_before <= ?) "
+            f"{PENDING_ORDER} LIMIT 1", (now,)).fetchone())
+
+    def has_pending(self) -> bool:
+        """Any job in pending/, including one backing off."""
+        return self.conn.execute("SELECT 1 FROM jobs WHERE state = 'pending' LIMIT 1").fetchone() is not None
 
     def find_trained_or_queued(self, sha256: str) -> Job | None:
         """The first job with this content that is queued, running or done (not failed)."""
@@ -203,10 +275,17 @@ class StateDB:
     # ---- events -----------------------------------------------------------------------
     def add_event(self, kind: str, message: str, *, level: str = "info", job_id: int | None = None,
                   data: dict[str, Any] | None = None) -> None:
-        with self.tx() as c:
-            c.execute("INSERT INTO events (ts, level, kind, job_id, message, data) VALUES (?,?,?,?,?,?)",
-                      (time.time(), level, kind, job_id, message,
-                       json.dumps(data, default=str) if data else None))
+        """Record an event. On a full disk the event goes to the log only: losing a line of
+        history must not undo (or block) the state change it describes."""
+        try:
+            with self.tx() as c:
+                c.execute("INSERT INTO events (ts, level, kind, job_id, message, data) VALUES (?,?,?,?,?,?)",
+                          (time.time(), level, kind, job_id, message,
+                           json.dumps(data, default=str) if data else None))
+        except sqlite3.Error as exc:
+            if not is_disk_full(exc):
+                raise
+            log.warning("event not recorded in state.db (%s): %s %s", exc, kind, message)
 
     def events(self, limit: int = 100, since_id: int = 0) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM events WHERE id > ? ORDER BY id DESC LIMIT ?",

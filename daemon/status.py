@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from daemon.atomic import atomic_write_json
+from daemon.diskfull import is_disk_full
 from daemon.paths import Layout
 from daemon.states import DaemonStatus
+
+log = logging.getLogger("trainerd.status")
 
 STATUS_KEYS = ("status", "current_file", "current_job_id", "current_step", "total_steps", "loss",
                "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "eta_seconds",
                "epoch", "peak_memory_bytes", "queue", "last_error", "last_event", "last_command",
                "layer_activity_summary", "updated_at", "started_at", "daemon_pid", "trainer",
-               "base_model", "model_name", "paused", "last_job")
+               "base_model", "model_name", "paused", "paused_reason", "last_job")
 
 JOB_KEYS = ("current_file", "current_job_id", "current_step", "total_steps", "loss", "eval_loss",
             "learning_rate", "grad_norm", "tokens_per_second", "eta_seconds", "epoch",
@@ -41,6 +45,7 @@ class StatusBoard:
                           started_at=iso(), paused=False, queue={})
         self._dirty = True
         self._last_write = 0.0
+        self.write_error: str | None = None     # set while the status file cannot be written
         self._metrics_fh = None
 
     def update(self, **fields: Any) -> None:
@@ -65,7 +70,19 @@ class StatusBoard:
         if not self._dirty or (not force and now - self._last_write < self.interval):
             return
         self.state["updated_at"] = iso(now)
-        atomic_write_json(self.layout.status_file, self.state)
+        try:
+            atomic_write_json(self.layout.status_file, self.state)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            # a full disk: keep the state in memory (still dirty) and say so once; the daemon
+            # notices ``write_error`` and pauses until space is back
+            if self.write_error is None:
+                log.error("status file not written: %s", exc)
+            self.write_error = f"{exc.strerror or exc} writing {self.layout.status_file}"
+            self._last_write = now
+            return
+        self.write_error = None
         if self._metrics_fh is not None:
             self._metrics_fh.flush()
             os.fsync(self._metrics_fh.fileno())

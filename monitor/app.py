@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from daemon.config import Config, MonitorConfig
+from daemon.diskfull import describe as describe_disk, is_disk_full
 from daemon.paths import REPO_ROOT, Layout
 from monitor import routes_control, routes_events, routes_metrics, routes_queue, routes_status, routes_system
 from monitor.security import SecurityMiddleware
@@ -54,6 +56,17 @@ def create_app(layout: Layout, config: Config | MonitorConfig | None = None, *,
                               "`X-Trainer-Request: 1`.",
                   version="1.0", lifespan=lifespan)
     app.state.services = svc
+
+    # a full disk (an upload, a control request) is 507 Insufficient Storage with the free space,
+    # never a 500 with a traceback
+    async def disk_full(request: Request, exc: Exception) -> JSONResponse:
+        if not is_disk_full(exc):
+            raise exc
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": f"{describe_disk(layout.home)}: {getattr(exc, 'strerror', None) or exc}; "
+                                       "nothing was queued or changed"}, status_code=507)
+    app.add_exception_handler(OSError, disk_full)
+    app.add_exception_handler(sqlite3.Error, disk_full)
     for module in (routes_status, routes_queue, routes_control, routes_metrics, routes_system,
                    routes_events):
         app.include_router(module.router)

@@ -112,18 +112,19 @@ def test_direct_mode_reconciles_before_acting(home):
     assert home.files("failed") == ["c.jsonl"] and home.files("processing") == []
 
 
-def test_a_job_interrupted_max_attempts_times_is_not_requeued_forever(tmp_path):
+def test_daemon_restarts_never_count_as_failed_attempts(tmp_path):
+    """Three daemons killed mid-job: the job is interrupted, not broken; it resumes, never fails."""
     layout = Layout(tmp_path / "h")
     layout.ensure()
     db = StateDB(layout.state_db)
     q = FsQueue(layout, db)
-    write_jsonl(layout.inbox / "crashy.jsonl", text_records(1))
-    q.accept(layout.inbox / "crashy.jsonl")
-    for _ in range(3):                       # three starts, each killed mid-job
+    write_jsonl(layout.inbox / "healthy.jsonl", text_records(1))
+    q.accept(layout.inbox / "healthy.jsonl")
+    for _ in range(5):                       # five starts, each killed mid-job
         q.claim_next()
-        q.reconcile(max_attempts=3)
-    job = db.by_name("crashy.jsonl")
-    assert job.state == "failed" and "interrupted 3 times" in job.error
+        q.reconcile()
+    job = db.by_name("healthy.jsonl")
+    assert job.state == "pending" and job.resume and job.crashes == 0 and job.attempts == 5
 
 
 def test_check_reports_staged_copies_nobody_queued(home):

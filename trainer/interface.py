@@ -45,9 +45,16 @@ class Outcome(str, enum.Enum):
 #   paused / resumed   step
 #   snapshot       path
 #   oom_backoff    micro_batch, gradient_accumulation
+#   nonfinite      step, loss, grad_norm (None where NaN/inf), consecutive, total: that step's loss
+#                  or gradient norm was not finite, so it was skipped (no optimizer update; the
+#                  data position and lr schedule still advance); its "step" event has loss and
+#                  grad_norm None. max_nonfinite_steps in a row fail the job.
+#   restarted      reason: the job's checkpoints could not be continued (current_model/ moved on
+#                  since they were written, another base, another dataset): it starts again
+#                  from the current adapter
 #   log            level, message
 EVENT_KINDS = frozenset({"started", "step", "eval", "checkpoint", "layer_activity", "paused",
-                         "resumed", "snapshot", "oom_backoff", "log"})
+                         "resumed", "snapshot", "oom_backoff", "nonfinite", "restarted", "log"})
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,11 @@ class JobSpec:
 
 
 # JobResult.details keys the daemon acts on:
-#   crash: True     the attempt died (worker crash, hang, OOM at the smallest batch): retry up to
-#                   max_attempts, then failed/
+#   crash: True     the attempt died (worker crash, hang, OOM at the smallest batch): retried at
+#                   once if it wrote a new checkpoint, else after a growing back-off; max_attempts
+#                   such attempts in a row without progress send it to failed/
+#   disk_full: True a write failed for lack of space: the job goes back to the head of the queue
+#                   (no attempt counted) and the daemon pauses until space is back
 #   blocking: True  the setup is wrong, not the data (base missing or mismatched): the job stays
 #                   queued and the daemon pauses until the user fixes it and resumes
 

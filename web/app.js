@@ -225,6 +225,7 @@
     const detail = [];
     if (!running) detail.push(s.message || "daemon not running");
     else if (s.daemon_pid) detail.push(`daemon pid ${s.daemon_pid}` + (s.started_at ? `, up since ${when(s.started_at)}` : ""));
+    if (running && s.paused_reason && st === "paused") detail.push("paused: " + s.paused_reason);
     if (s.last_error && s.last_error.message) detail.push("last error: " + s.last_error.message);
     const lc = s.last_command;
     if (lc && lc.message && ["pause", "resume", "skip", "stop"].includes(lc.command)) {
