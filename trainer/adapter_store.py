@@ -20,6 +20,10 @@ Recovery (``recover_current_model``, run before anything reads current_model/):
 
 Snapshots are written the same way (temp dir, manifest, rename) as
 ``snapshots/<YYYYmmdd_HHMMSS>__<dataset stem>/`` with ``snapshot.json``.
+
+Neither is ever made from an adapter holding a NaN or an infinity: the written temp dir's
+``adapter_model.safetensors`` is checked before its manifest and the rename; a bad one is removed
+and ``NonFiniteAdapter`` raised, so current_model/ and snapshots/ stay what they were.
 """
 from __future__ import annotations
 
@@ -39,6 +43,52 @@ log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 SNAPSHOT_META = "snapshot.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class NonFiniteAdapter(ValueError):
+    """An adapter holding NaN/inf values: never published, never snapshotted."""
+
+
+def nonfinite_tensors(tensors: Any) -> list[tuple[str, int]]:
+    """(name, count of non-finite values) for each tensor of *tensors* (name -> tensor) that has any."""
+    import torch
+
+    bad = []
+    for name, t in tensors:
+        if t.is_floating_point() or t.is_complex():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append((name, n))
+    return bad
+
+
+def describe_nonfinite(bad: list[tuple[str, int]]) -> str:
+    total = sum(n for _, n in bad)
+    shown = ", ".join(f"{name} ({n})" for name, n in bad[:3])
+    more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+    return f"{total} non-finite values (NaN/inf) in {len(bad)} tensors: {shown}{more}"
+
+
+def check_finite(directory: Path) -> None:
+    """Raise NonFiniteAdapter if *directory*'s adapter weights hold a NaN or an inf.
+
+    A file that is not safetensors at all is not judged here (the manifest guards integrity).
+    """
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        return
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as exc:  # noqa: BLE001  (not a safetensors file)
+        log.debug("not checking %s for non-finite values: %s", path, exc)
+        return
+    with f:
+        bad = nonfinite_tensors((k, f.get_tensor(k)) for k in f.keys())
+    if bad:
+        raise NonFiniteAdapter(f"refusing an adapter with {describe_nonfinite(bad)}")
 
 
 def _paths(home: Path) -> tuple[Path, Path, Path]:
@@ -101,6 +151,7 @@ def _write_dir(target_tmp: Path, write_files: Callable[[Path], None], meta_name:
         shutil.rmtree(target_tmp)
     target_tmp.mkdir(parents=True)
     write_files(target_tmp)
+    check_finite(target_tmp)    # before the manifest: a refused dir is never "complete"
     (target_tmp / meta_name).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n",
                                         encoding="utf-8")
     write_manifest(target_tmp)  # fsyncs every file and the dir
@@ -111,11 +162,16 @@ def publish_current(home: Path, write_files: Callable[[Path], None], state: dict
     """Replace current_model/ atomically with the adapter written by ``write_files(dir)``.
 
     ``_crash_after`` ("new" | "old") stops the swap half way: only for the recovery tests.
+    Raises NonFiniteAdapter (current_model/ untouched, no temp dir left) for NaN/inf weights.
     """
     home = Path(home)
     recover_current_model(home)
     cur, new, old = _paths(home)
-    _write_dir(new, write_files, TRAINER_STATE, state)
+    try:
+        _write_dir(new, write_files, TRAINER_STATE, state)
+    except NonFiniteAdapter:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     fsync_dir(home)
     if _crash_after == "new":
         return new
@@ -141,7 +197,9 @@ def _stem(name: str) -> str:
 
 
 def write_snapshot(home: Path, dataset_name: str, source: Path, meta: dict[str, Any]) -> Path:
-    """Copy the adapter in *source* (normally current_model/) to a new snapshot folder."""
+    """Copy the adapter in *source* (normally current_model/) to a new snapshot folder.
+
+    Raises NonFiniteAdapter (nothing written) if the adapter holds NaN/inf weights."""
     snaps = Path(home) / "snapshots"
     snaps.mkdir(parents=True, exist_ok=True)
     base_name = f"{datetime.now().strftime('%Y%m%d_%H%M%S')}__{_stem(dataset_name)}"

@@ -265,6 +265,8 @@ def snapshot_now(home: Path, description: str) -> Path:
                     "total_steps": state.get("total_steps"),
                     "source": str(cur), "snapshot_time": _now_iso()}
             snap = adapter_store.write_snapshot(home, "manual", private, meta)
+        except adapter_store.NonFiniteAdapter as exc:   # not a race: no retry makes it finite
+            raise ConsolidationError(f"{cur}: {exc}") from exc
         except (OSError, ValueError, KeyError, CheckpointError) as exc:
             last_exc = exc
             log.info("snapshot copy raced with a current_model/ swap (%s); retrying", exc)

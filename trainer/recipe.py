@@ -27,6 +27,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,19 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _lineage(state: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies one version of current_model/: its datasets in order and when it was written."""
+    return (tuple((d.get("job_id"), d.get("sha256")) for d in state.get("datasets") or []),
+            state.get("total_steps"), state.get("updated_at"))
+
+
+def _describe_lineage(state: dict[str, Any]) -> str:
+    ds = state.get("datasets") or []
+    if not ds:
+        return "no adapter"
+    return f"{len(ds)} dataset(s), last {ds[-1].get('name')} (job {ds[-1].get('job_id')})"
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int) -> Any:
     from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
                               get_linear_schedule_with_warmup)
@@ -140,6 +154,8 @@ class _RecipeRun:
         self.last_loss: float | None = None
         self.eval_loss: float | None = None
         self.peak_rss = 0
+        self.nonfinite_run = 0       # NaN/inf steps skipped in a row
+        self.nonfinite_total = 0     # ... in this job (kept in checkpoints)
         self._step_times: collections.deque[float] = collections.deque(maxlen=50)   # for the ETA
 
     # ================================================================== helpers
@@ -218,15 +234,36 @@ class _RecipeRun:
                                   "current_model" if cur_dir is not None else "fresh"))
         self.t_start = time.monotonic()
 
+    def _restart(self, why: str) -> None:
+        """This job's checkpoints cannot be continued: start it again from current_model/."""
+        self.note(f"job {self.job.job_id}: {why}; restarting this job from the current adapter "
+                  "(its old checkpoints are removed)", "warning")
+        self.emit("restarted", reason=why)
+        self.ckpts.remove_all()
+
     def _check_checkpoint(self, payload: CheckpointPayload) -> CheckpointPayload | None:
+        """The checkpoint if it continues what current_model/ holds now, else None (restart).
+
+        A checkpoint extends the adapter its job started from. If current_model/ has moved on
+        since (another job finished, a consolidation made a new base and a fresh adapter), going
+        on from the checkpoint and publishing would erase that training: the job restarts from
+        the current adapter instead, so lineage stays [..., the other job, this job].
+        """
         st = payload.state
-        check_same_base(f"checkpoint {payload.path}", st.get("base_model"), st.get("base_fingerprint"),
-                        self.base, self.fingerprint)
+        try:
+            check_same_base(f"checkpoint {payload.path}", st.get("base_model"), st.get("base_fingerprint"),
+                            self.base, self.fingerprint)
+        except BaseMismatchError as exc:
+            self._restart(f"its checkpoint is on another base ({exc})")
+            return None
+        if _lineage(st.get("parent_state") or {}) != _lineage(self.parent_state):
+            self._restart("current_model/ changed since its checkpoint was written (now "
+                          f"{_describe_lineage(self.parent_state)}, then "
+                          f"{_describe_lineage(st.get('parent_state') or {})})")
+            return None
         if st.get("dataset_sha256") != self.job.sha256:
-            self.note(f"checkpoints in {self.ckpts.root} belong to another dataset "
-                      f"({str(st.get('dataset_sha256'))[:12]}); starting this job from the beginning",
-                      "warning")
-            self.ckpts.remove_all()
+            self._restart(f"its checkpoints in {self.ckpts.root} belong to another dataset "
+                          f"({str(st.get('dataset_sha256'))[:12]})")
             return None
         saved = st.get("config") or {}
         changed = {k: (saved[k], self.cfg.get(k)) for k in TRAINING_KEYS
@@ -236,11 +273,6 @@ class _RecipeRun:
                       "(changes apply to the next job): "
                       + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in changed.items()), "warning")
             self.cfg.update({k: saved[k] for k in changed})
-        parent = st.get("parent_state") or {}
-        if len(parent.get("datasets") or []) != len(self.parent_state.get("datasets") or []):
-            self.note("current_model/ changed since this job started; continuing from the "
-                      "job's checkpoint", "warning")
-        self.parent_state = parent
         return payload
 
     def _load_data(self) -> None:
@@ -281,6 +313,7 @@ class _RecipeRun:
         self.micro_rows = int(st.get("micro_rows", self.micro_rows))
         self.last_loss = st.get("last_loss")
         self.eval_loss = st.get("eval_loss")
+        self.nonfinite_total = int(st.get("nonfinite_steps") or 0)
         self.note(f"resumed from {payload.path} (step {self.step}, epoch {self.epoch}, "
                   f"batch {self.batch_index})")
 
@@ -312,10 +345,17 @@ class _RecipeRun:
                 self.step += 1
                 self.epoch, self.batch_index = epoch, b
                 self._emit_step(info, epoch + b / len(plan))
+                if info["finite"]:
+                    self.nonfinite_run = 0
+                else:
+                    self._nonfinite_step(info)      # raises JobFailed after max_nonfinite_steps in a row
                 if report_la:
                     self.emit("layer_activity", **self.tracker.report(self.step))
                 if b >= len(plan) and self.eval_ex:
-                    self.eval_loss = self.evaluate()
+                    ev = self.evaluate()
+                    self.eval_loss = ev if math.isfinite(ev) else None
+                    if self.eval_loss is None:
+                        self.note(f"eval loss at step {self.step} is not finite ({ev})", "warning")
                     self.emit("eval", step=self.step, eval_loss=self.eval_loss, epoch=epoch + 1)
                 if self.step % every_ckpt == 0 and self.step < self.total_steps:
                     self.save_checkpoint("periodic")
@@ -323,6 +363,29 @@ class _RecipeRun:
                 if outcome is not None:
                     return outcome
         return None
+
+    def _nonfinite_step(self, info: dict[str, Any]) -> None:
+        """A skipped NaN/inf step: count it, report it; too many in a row fail the job."""
+        self.nonfinite_run += 1
+        self.nonfinite_total += 1
+        loss = info["loss"] if math.isfinite(info["loss"]) else None
+        gnorm = info["grad_norm"] if math.isfinite(info["grad_norm"]) else None
+        self.emit("nonfinite", step=self.step, loss=loss, grad_norm=gnorm,
+                  consecutive=self.nonfinite_run, total=self.nonfinite_total)
+        limit = int(self.cfg.get("max_nonfinite_steps", 10))
+        what = f"loss {info['loss']:.4g}, grad norm {info['grad_norm']:.4g}"
+        self.note(f"step {self.step}: non-finite {what}; step skipped (no update), "
+                  f"{self.nonfinite_run} in a row (limit {limit}), {self.nonfinite_total} in this job",
+                  "warning")
+        if self.nonfinite_run >= limit:
+            # the checkpoints pin this job's config (and may hold a diverged adapter): a retry
+            # after lowering learning_rate must start the job afresh from current_model/
+            self.ckpts.remove_all()
+            first = self.step - self.nonfinite_run + 1
+            raise JobFailed(f"{self.nonfinite_run} non-finite steps in a row (steps {first}-{self.step}, "
+                            f"last {what}); the training diverged or the data yields NaN/inf: lower "
+                            f"learning_rate (now {float(self.cfg.get('learning_rate', 2e-4)):g}) or check "
+                            f"the data; nothing was published (current_model/ unchanged)")
 
     def _loss_sum(self, batch: Any) -> torch.Tensor:
         from trainer.packing import loss_sum
@@ -346,17 +409,24 @@ class _RecipeRun:
                 total += loss_sum.detach()            # one host sync per step, not per micro-batch
                 del loss_sum
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.get("max_grad_norm", 1.0)))
-            if capture_grads:
-                self.tracker.capture_grads()
             lr = float(self.scheduler.get_last_lr()[0])
-            self.optimizer.step()
+            # The step's one host sync: loss and grad norm together, before the update. A NaN/inf
+            # step is skipped (no optimizer.step: AdamW state stays clean; grads dropped below).
+            loss_sum, gnorm = torch.stack([total.float(), grad_norm.detach().float().to(total.device)]).tolist()
+            finite = math.isfinite(loss_sum) and math.isfinite(gnorm)
+            if finite:
+                if capture_grads:
+                    self.tracker.capture_grads()
+                self.optimizer.step()
         except torch.cuda.OutOfMemoryError as exc:  # the step is redone from the last checkpoint
             raise _OOM() from exc
-        self.scheduler.step()
+        with warnings.catch_warnings():   # a skipped first step: the schedule still advances
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        return {"loss": float(total) / denom, "grad_norm": float(grad_norm), "lr": lr, "tokens": n_tokens,
-                "trained_tokens": n_trained, "dt": dt}
+        return {"loss": loss_sum / denom, "grad_norm": gnorm, "finite": finite, "lr": lr,
+                "tokens": n_tokens, "trained_tokens": n_trained, "dt": dt}
 
     def _peak_memory(self) -> int:
         if self.device.type == "cuda":
@@ -365,13 +435,17 @@ class _RecipeRun:
         return self.peak_rss
 
     def _emit_step(self, info: dict[str, Any], epoch_progress: float) -> None:
-        self.last_loss = info["loss"]
+        # a skipped (non-finite) step reports loss and grad_norm None: charts show a gap
+        loss = info["loss"] if info["finite"] else None
+        gnorm = info["grad_norm"] if info["finite"] else None
+        if loss is not None:
+            self.last_loss = loss
         self._step_times.append(info["dt"])
         recent = self._step_times
         eta = sum(recent) / len(recent) * (self.total_steps - self.step)
         tps = info["tokens"] / info["dt"] if info["dt"] > 0 else None
-        self.emit("step", step=self.step, total_steps=self.total_steps, loss=info["loss"],
-                  learning_rate=info["lr"], grad_norm=info["grad_norm"], tokens_per_second=tps,
+        self.emit("step", step=self.step, total_steps=self.total_steps, loss=loss,
+                  learning_rate=info["lr"], grad_norm=gnorm, tokens_per_second=tps,
                   step_time_s=info["dt"], epoch=round(epoch_progress, 4), tokens=info["tokens"],
                   trained_tokens=info["trained_tokens"], peak_memory_bytes=self._peak_memory(),
                   eta_seconds=eta)
@@ -455,6 +529,7 @@ class _RecipeRun:
                 "locked": {k: self.cfg.get(k) for k in LOCKED_KEYS},
                 "config": {k: self.cfg.get(k) for k in TRAINING_KEYS},
                 "last_loss": self.last_loss, "eval_loss": self.eval_loss,
+                "nonfinite_steps": self.nonfinite_total,
                 "parent_state": self.parent_state, "reason": reason, "saved_at": _now()}
 
     def save_checkpoint(self, reason: str) -> Path:
@@ -490,20 +565,43 @@ class _RecipeRun:
                                             if isinstance(targets, (set, list)) else targets)},
                 "updated_at": _now()}
 
+    def _check_adapter_finite(self) -> None:
+        """JobFailed if the in-memory adapter holds NaN/inf (one host sync; details only then)."""
+        named = [(n, p.detach()) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+            return
+        bad = adapter_store.nonfinite_tensors(named)
+        self.ckpts.remove_all()   # a retry must not resume from this state
+        raise JobFailed(f"the trained adapter holds {adapter_store.describe_nonfinite(bad)}; "
+                        f"nothing was published (current_model/ unchanged): lower learning_rate "
+                        f"(now {float(self.cfg.get('learning_rate', 2e-4)):g}) or check the data")
+
     def finish(self) -> JobResult:
+        self._check_adapter_finite()
         self.save_checkpoint("final")
         state = self._trainer_state()
-        cur = adapter_store.publish_current(Path(self.job.home), lambda d: save_adapter(self.model, d), state)
+        try:
+            cur = adapter_store.publish_current(Path(self.job.home), lambda d: save_adapter(self.model, d),
+                                                state)
+        except adapter_store.NonFiniteAdapter as exc:   # the in-memory check makes this a last guard
+            self.ckpts.remove_all()
+            raise JobFailed(f"{exc}; nothing was published (current_model/ unchanged)") from exc
         self.note(f"current_model/ updated ({len(state['datasets'])} datasets, {state['total_steps']} steps)")
-        snap = adapter_store.write_snapshot(Path(self.job.home), self.job.name, cur,
-                                            self._snapshot_meta(state["datasets"][-1]))
+        try:
+            snap = adapter_store.write_snapshot(Path(self.job.home), self.job.name, cur,
+                                                self._snapshot_meta(state["datasets"][-1]))
+        except adapter_store.NonFiniteAdapter as exc:
+            raise JobFailed(f"snapshot of {cur}: {exc}") from exc
         self.emit("snapshot", path=str(snap))
         self.ckpts.remove_all()
         elapsed = time.monotonic() - self.t_start
+        if self.nonfinite_total:
+            self.note(f"{self.nonfinite_total} non-finite steps were skipped in this job", "warning")
         return JobResult(Outcome.COMPLETED, steps=self.step, details={
             "final_loss": self.last_loss, "eval_loss": self.eval_loss, "snapshot": str(snap),
             "current_model": str(cur), "base_fingerprint": self.fingerprint,
-            "data": self.report.to_json(), "train_seconds": round(elapsed, 3)})
+            "data": self.report.to_json(), "train_seconds": round(elapsed, 3),
+            "nonfinite_steps": self.nonfinite_total})
 
     def _snapshot_meta(self, entry: dict[str, Any]) -> dict[str, Any]:
         return {"job_id": self.job.job_id, "dataset": self.job.name, "dataset_sha256": self.job.sha256,

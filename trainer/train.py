@@ -46,8 +46,10 @@ class PrintSink:
             line = json.dumps(ev, default=str)
         elif kind == "step":
             tps = ev.get("tokens_per_second") or 0.0
-            line = (f"step {ev['step']}/{ev['total_steps']}  loss {ev['loss']:.4f}  "
-                    f"lr {ev['learning_rate']:.3g}  grad {ev['grad_norm']:.3f}  {tps:.0f} tok/s  "
+            loss = "skipped" if ev["loss"] is None else f"{ev['loss']:.4f}"   # None: a non-finite step
+            grad = "-" if ev["grad_norm"] is None else f"{ev['grad_norm']:.3f}"
+            line = (f"step {ev['step']}/{ev['total_steps']}  loss {loss}  "
+                    f"lr {ev['learning_rate']:.3g}  grad {grad}  {tps:.0f} tok/s  "
                     f"eta {ev['eta_seconds']:.0f}s")
         elif kind == "eval":
             line = f"eval  step {ev['step']}  eval_loss {ev['eval_loss']:.4f}"
