@@ -83,6 +83,11 @@ class Config(BaseModel):
     status_interval_s: float = Field(1.0, gt=0)
     min_free_disk_mb: float = Field(256.0, ge=0)   # below this no job starts: paused, disk full
     disk_retry_interval_s: float = Field(10.0, gt=0)   # how often a disk-full pause looks again
+    # --- retention (bounded growth; see daemon/retention.py) ---
+    keep_snapshots: int = Field(50, ge=1)        # newest snapshots kept (+ consolidation/manual ones)
+    keep_events: int = Field(100_000, ge=100)    # newest rows kept in state.db's events table
+    metrics_max_mb: float = Field(64.0, gt=0)    # metrics.jsonl is rotated before it grows past this
+    metrics_keep_files: int = Field(3, ge=1)     # rotated metrics.jsonl.N files kept (read at start)
     # --- services ---
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     auto_generate: AutoGenerateConfig = Field(default_factory=AutoGenerateConfig)

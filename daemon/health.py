@@ -1,9 +1,11 @@
 """trainer-ctl check: is this base dir healthy? Each check gives ok / warning / problem."""
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from daemon.atomic import read_json
@@ -15,6 +17,7 @@ from daemon.statedb import StateDB
 from daemon.states import JobState
 
 GIB = 1 << 30
+MIB = 1 << 20
 
 
 @dataclass
@@ -88,8 +91,62 @@ def run_checks(layout: Layout) -> list[Finding]:
     out.append(Finding("disk", "problem" if free < GIB else "warning" if free < 5 * GIB else "ok",
                        f"{free / GIB:.1f} GiB free in {layout.home}"))
     out.append(_check_checkpoints(layout))
+    out.append(_check_sizes(layout, cfg))
     out.append(gpu_visibility())
     return out
+
+
+def _tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:.1f} MiB"
+
+
+def _check_sizes(layout: Layout, cfg: Any) -> Finding:
+    """What grows with use, against its retention setting (daemon/retention.py, daemon/status.py)."""
+    from daemon.config import Config
+    from daemon.status import metrics_files
+
+    def setting(key: str) -> Any:
+        return getattr(cfg, key) if cfg is not None else Config.model_fields[key].default
+
+    parts: list[str] = []
+    level = "ok"
+    snaps = [d for d in layout.snapshots.iterdir() if d.is_dir() and not d.name.startswith(".")] \
+        if layout.snapshots.is_dir() else []
+    parts.append(f"snapshots/ {len(snaps)} ({_mib(sum(_tree_size(d) for d in snaps))}; "
+                 f"keep_snapshots {setting('keep_snapshots')} + consolidation/manual ones)")
+    ck = layout.checkpoints
+    live = [d for d in ck.glob("job-*") if d.is_dir()] if ck.is_dir() else []
+    aside = [d for d in (ck / "set-aside").glob("job-*") if d.is_dir()] if ck.is_dir() else []
+    parts.append(f"checkpoints/ {len(live)} job(s) {_mib(sum(_tree_size(d) for d in live))}, "
+                 f"set aside (failed/skipped, kept for a retry) {len(aside)} job(s) "
+                 f"{_mib(sum(_tree_size(d) for d in aside))}")
+    mfiles = metrics_files(layout.metrics_file)
+    msize = sum(_tree_size(f) for f in mfiles)
+    cap = setting("metrics_max_mb") * (setting("metrics_keep_files") + 1) * MIB
+    parts.append(f"metrics.jsonl {len(mfiles)} file(s) {_mib(msize)} (at most ~{_mib(int(cap))}: "
+                 f"metrics_max_mb {setting('metrics_max_mb')} x {setting('metrics_keep_files')} + 1)")
+    if msize > cap * 1.5:
+        level = "warning"
+    db_files = [p for p in (layout.state_db, layout.state_db.with_name(layout.state_db.name + "-wal"))
+                if p.exists()]
+    parts.append(f"state.db {_mib(sum(p.stat().st_size for p in db_files))} "
+                 f"(events keep_events {setting('keep_events')})")
+    if layout.logs.is_dir():
+        parts.append(f"logs/ {_mib(_tree_size(layout.logs))}")
+    return Finding("sizes", level, "; ".join(parts))
 
 
 def _check_base(layout: Layout, cfg: Any) -> Finding:

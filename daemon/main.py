@@ -96,7 +96,9 @@ class Daemon:
         self._locked_msg: str | None = None
         self.db = StateDB(layout.state_db)
         self.queue = FsQueue(layout, self.db)
-        self.board = StatusBoard(layout, interval=self.config.status_interval_s)
+        self.board = StatusBoard(layout, interval=self.config.status_interval_s,
+                                 metrics_max_mb=self.config.metrics_max_mb,
+                                 metrics_keep_files=self.config.metrics_keep_files)
         self.wake = threading.Event()
         self.tracker = InboxTracker(layout.inbox, self.config.inbox_stable_seconds)
         self.events: "queue.Queue[dict[str, Any]]" = queue.Queue()
@@ -166,6 +168,7 @@ class Daemon:
             try:
                 self.config = load_config(self.layout.config)
                 self._config_mtime, self._config_error = mtime, None
+                self.board.set_metrics_retention(self.config.metrics_max_mb, self.config.metrics_keep_files)
                 log.info("config.json reloaded")
             except ConfigError as exc:
                 if str(exc) != self._config_error:

@@ -1,11 +1,42 @@
 """Bounded growth: leftovers of killed runs removed at start-up, retention after each job.
 
-(Filled in by the retention work of issue 9 item 6.)
+``startup_cleanup`` (once, at daemon start, after the queue is reconciled; no worker runs then:
+a worker dies with its daemon, PR_SET_PDEATHSIG) removes only what is clearly a leftover:
+
+- ``status/jobs/job-N-*.json``: the JobSpec of an attempt whose daemon was killed (a live attempt
+  removes its own when it ends), and the same files a release before this one wrote to
+  ``$TMPDIR`` (only those naming this base dir as their ``home``: ours, since we hold its lock);
+- ``checkpoints/[set-aside/]job-*/.tmp-step-*``: checkpoints a killed worker never finished;
+- ``snapshots/.deleting-*``: a snapshot whose removal (below) was interrupted.
+
+``after_job`` (after each job ends, so its worker is gone) removes the ended attempt's
+``.tmp-step-*`` leftovers again and applies the retention settings:
+
+- ``keep_snapshots``: snapshots/ keeps its newest ``keep_snapshots`` snapshot folders (by
+  ``snapshot.json`` ``created_at``, else the folder's mtime) and, whatever their age, every
+  snapshot a consolidation made or names (``kind`` "pre-consolidation", a ``consolidated_into``
+  key, a path in a ``consolidated_models/*/consolidation.json``, the backup of a consolidation in
+  progress), every ``kind`` "manual" one (``trainer-ctl snapshot``: asked for by hand), and any
+  folder without a readable ``snapshot.json`` (not ours to judge). A removal renames the folder
+  to ``.deleting-NAME`` first (one rename), so a crash never leaves half a snapshot that looks
+  whole.
+- ``keep_events``: the events table keeps its newest ``keep_events`` rows.
+
+metrics.jsonl is rotated by its single writer (daemon/status.py, ``metrics_max_mb``,
+``metrics_keep_files``), not here.
 """
 from __future__ import annotations
 
+import json
 import logging
-from typing import TYPE_CHECKING
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from daemon.paths import Layout
 
@@ -15,12 +46,221 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainerd.retention")
 
+SNAPSHOT_META = "snapshot.json"          # trainer/adapter_store.py
+CONSOLIDATION_META = "consolidation.json"  # trainer/consolidate.py (also its journal in status/)
+BACKUP_SUFFIX = "__pre-consolidation"    # trainer/consolidate.py
+PROTECTED_KINDS = ("pre-consolidation", "manual")
+DELETING_PREFIX = ".deleting-"
+# tempfile.mkstemp(prefix="job-N-", suffix=".json"): 8 random characters in between
+JOB_SPEC_RE = re.compile(r"job-[0-9]+-[A-Za-z0-9_]{6,16}\.json")
+
+
+def _rel(layout: Layout, path: Path) -> str:
+    try:
+        return str(path.relative_to(layout.home))
+    except ValueError:
+        return str(path)
+
+
+def _guarded(what: str, step: Callable[[], list[str]]) -> list[str]:
+    """Housekeeping never stops the daemon: a failing step is logged and the others go on."""
+    try:
+        return step()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("%s failed: %r", what, exc)
+        return [f"{what} failed: {exc}"]
+
+
+# ---- leftovers ------------------------------------------------------------------------------------
+def _remove_job_specs(layout: Layout) -> list[str]:
+    out: list[str] = []
+    d = layout.job_specs
+    if d.is_dir():
+        for p in sorted(d.iterdir()):
+            if p.is_file() and not p.is_symlink() and JOB_SPEC_RE.fullmatch(p.name):
+                p.unlink(missing_ok=True)
+                out.append(f"removed stale job spec {_rel(layout, p)}")
+    return out
+
+
+def _remove_legacy_tmp_specs(layout: Layout) -> list[str]:
+    """Job specs an earlier release left in $TMPDIR, for this base dir only."""
+    out: list[str] = []
+    tmp = Path(tempfile.gettempdir())
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        return out
+    home = str(layout.home)
+    for e in entries:
+        if not JOB_SPEC_RE.fullmatch(e.name) or not e.is_file(follow_symlinks=False):
+            continue
+        try:
+            if e.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            with open(e.path, encoding="utf-8") as fh:
+                spec = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if isinstance(spec, dict) and spec.get("home") == home and "job_id" in spec:
+            Path(e.path).unlink(missing_ok=True)
+            out.append(f"removed stale job spec {e.path}")
+    return out
+
+
+def _tmp_steps(layout: Layout) -> Iterator[Path]:
+    ck = layout.checkpoints
+    for pattern in ("job-*/.tmp-step-*", "set-aside/job-*/.tmp-step-*"):
+        yield from ck.glob(pattern)
+
+
+def remove_tmp_steps(layout: Layout) -> list[str]:
+    """Half-written checkpoints: only while no worker runs (at start-up, after a job)."""
+    out: list[str] = []
+    for p in sorted(_tmp_steps(layout)):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        out.append(f"removed unfinished checkpoint {_rel(layout, p)}")
+    return out
+
+
+def _remove_deleting(layout: Layout) -> list[str]:
+    out: list[str] = []
+    if layout.snapshots.is_dir():
+        for p in sorted(layout.snapshots.glob(DELETING_PREFIX + "*")):
+            shutil.rmtree(p, ignore_errors=True)
+            out.append(f"finished removing {_rel(layout, p)}")
+    return out
+
 
 def startup_cleanup(layout: Layout) -> list[str]:
     """Remove what a killed daemon or worker left behind (no worker runs at daemon start)."""
-    return []
+    out: list[str] = []
+    out += _guarded("removing stale job specs", lambda: _remove_job_specs(layout))
+    out += _guarded("removing stale job specs in $TMPDIR", lambda: _remove_legacy_tmp_specs(layout))
+    out += _guarded("removing unfinished checkpoints", lambda: remove_tmp_steps(layout))
+    out += _guarded("removing interrupted snapshot removals", lambda: _remove_deleting(layout))
+    return out
+
+
+# ---- snapshots ------------------------------------------------------------------------------------
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _strings(obj: Any) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _named_snapshots(layout: Layout, meta: Any) -> set[str]:
+    """Folder names in snapshots/ that the paths inside a JSON document point at."""
+    snaps = layout.snapshots.resolve()
+    out: set[str] = set()
+    for s in _strings(meta):
+        if "snapshots" not in s:
+            continue
+        try:
+            p = Path(s).expanduser()
+            p = (p if p.is_absolute() else layout.home / p).resolve()
+        except (OSError, ValueError, RuntimeError):
+            continue
+        if p.parent == snaps:
+            out.add(p.name)
+    return out
+
+
+def consolidation_snapshots(layout: Layout) -> set[str]:
+    """Snapshot names a consolidation names: in its consolidation.json, or its running journal."""
+    names: set[str] = set()
+    if layout.consolidated.is_dir():
+        for d in layout.consolidated.iterdir():
+            if not d.name.startswith(".") and d.is_dir():
+                names |= _named_snapshots(layout, _read_json(d / CONSOLIDATION_META))
+    names |= _named_snapshots(layout, _read_json(layout.status_dir / CONSOLIDATION_META))
+    return names
+
+
+def _created(path: Path, meta: Any) -> float:
+    raw = meta.get("created_at") if isinstance(meta, dict) else None
+    if isinstance(raw, str):
+        try:
+            return datetime.fromisoformat(raw).timestamp()
+        except ValueError:
+            pass
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _protected(name: str, meta: Any, named: set[str]) -> bool:
+    if not isinstance(meta, dict):
+        return True                       # no readable snapshot.json: not ours to judge
+    if name in named or re.search(re.escape(BACKUP_SUFFIX) + r"(-[0-9]+)?$", name):
+        return True
+    return meta.get("kind") in PROTECTED_KINDS or "consolidated_into" in meta
+
+
+def prune_snapshots(layout: Layout, keep: int) -> list[str]:
+    """Remove snapshots beyond the newest *keep*, except protected ones (see the module doc)."""
+    if not layout.snapshots.is_dir():
+        return []
+    found = []
+    for d in layout.snapshots.iterdir():
+        if d.name.startswith(".") or d.is_symlink() or not d.is_dir():
+            continue
+        meta = _read_json(d / SNAPSHOT_META)
+        found.append((_created(d, meta), d.name, d, meta))
+    if len(found) <= keep:
+        return []
+    found.sort(key=lambda t: (t[0], t[1]))
+    named = consolidation_snapshots(layout)
+    out: list[str] = []
+    for _, name, d, meta in found[: len(found) - keep]:       # the newest *keep* always stay
+        if _protected(name, meta, named):
+            continue
+        aside = d.with_name(DELETING_PREFIX + name)
+        try:
+            os.rename(d, aside)
+        except OSError as exc:
+            log.warning("could not remove snapshot %s: %s", d, exc)
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+        out.append(f"removed snapshot {_rel(layout, d)} (keep_snapshots {keep})")
+    return out
+
+
+# ---- events ---------------------------------------------------------------------------------------
+def prune_events(db: "StateDB", keep: int) -> list[str]:
+    """Delete the oldest events beyond the newest *keep* (one short transaction)."""
+    row = db.conn.execute("SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?", (keep,)).fetchone()
+    if row is None:
+        return []
+    try:
+        with db.tx() as c:
+            n = c.execute("DELETE FROM events WHERE id <= ?", (row[0],)).rowcount
+    except sqlite3.Error as exc:          # a full disk, a busy database: next time
+        log.warning("could not prune events: %s", exc)
+        return []
+    return [f"removed {n} oldest event(s) (keep_events {keep})"]
 
 
 def after_job(layout: Layout, db: "StateDB", cfg: "Config") -> list[str]:
     """Apply the retention settings; returns what was removed or rotated."""
-    return []
+    out: list[str] = []
+    out += _guarded("removing unfinished checkpoints", lambda: remove_tmp_steps(layout))
+    out += _guarded("pruning snapshots", lambda: prune_snapshots(layout, cfg.keep_snapshots))
+    out += _guarded("pruning events", lambda: prune_events(db, cfg.keep_events))
+    return out

@@ -2,6 +2,12 @@
 
 The daemon is their single writer. The status file is rewritten atomically at most every
 ``interval`` seconds (and at once on a state change), so readers never see a torn file.
+
+metrics.jsonl is appended to, one complete line per record. Before a record would take it past
+``metrics_max_mb`` it is rotated: ``metrics.jsonl.N`` -> ``.N+1`` (the oldest beyond
+``metrics_keep_files`` goes), ``metrics.jsonl`` -> ``metrics.jsonl.1``, each one rename, and a new
+file is started. Readers (monitor/readers.py ``MetricsIndex``) read the rotated files, oldest
+first, then the current one: ``metrics_files``.
 """
 from __future__ import annotations
 
@@ -9,11 +15,12 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-from daemon.atomic import atomic_write_json
+from daemon.atomic import atomic_write_json, fsync_dir
 from daemon.diskfull import is_disk_full
 from daemon.paths import Layout
 from daemon.states import DaemonStatus
@@ -36,10 +43,34 @@ def iso(ts: float | None = None) -> str:
                                      dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def rotated_metrics(path: Path) -> list[tuple[int, Path]]:
+    """The rotated files of *path* (``NAME.N``) that exist, as (N, path), oldest (highest N) first."""
+    pat = re.compile(re.escape(path.name) + r"\.([0-9]{1,6})")
+    try:
+        names = os.listdir(path.parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = [(int(m.group(1)), path.parent / n) for n in names if (m := pat.fullmatch(n))]
+    return sorted(found, reverse=True)
+
+
+def metrics_files(path: Path) -> list[Path]:
+    """All of the metrics history: the rotated files oldest first, then *path* (those that exist)."""
+    return [p for _, p in rotated_metrics(path)] + ([path] if path.exists() else [])
+
+
 class StatusBoard:
-    def __init__(self, layout: Layout, *, interval: float = 1.0) -> None:
+    def __init__(self, layout: Layout, *, interval: float = 1.0, metrics_max_mb: float | None = None,
+                 metrics_keep_files: int | None = None) -> None:
+        from daemon.config import Config       # the defaults live in one place
+
         self.layout = layout
         self.interval = interval
+        fields = Config.model_fields
+        self._metrics_size = 0
+        self.set_metrics_retention(fields["metrics_max_mb"].default if metrics_max_mb is None else metrics_max_mb,
+                                   fields["metrics_keep_files"].default if metrics_keep_files is None
+                                   else metrics_keep_files)
         self.state: dict[str, Any] = {k: None for k in STATUS_KEYS}
         self.state.update(status=DaemonStatus.IDLE.value, daemon_pid=os.getpid(),
                           started_at=iso(), paused=False, queue={})
@@ -89,10 +120,55 @@ class StatusBoard:
         self._dirty = False
         self._last_write = now
 
+    def set_metrics_retention(self, max_mb: float, keep_files: int) -> None:
+        """metrics_max_mb / metrics_keep_files (again after a config.json reload)."""
+        self.metrics_max_bytes = max(1, int(max_mb * (1 << 20)))
+        self.metrics_keep_files = max(1, int(keep_files))
+        self._metrics_limit = self.metrics_max_bytes     # the size at which the next rotation is due
+
     def append_metric(self, record: dict[str, Any]) -> None:
+        line = json.dumps({"time": time.time(), **record}, default=str) + "\n"   # ASCII: len = bytes
         if self._metrics_fh is None:
-            self._metrics_fh = open(self.layout.metrics_file, "a", encoding="utf-8")
-        self._metrics_fh.write(json.dumps({"time": time.time(), **record}, default=str) + "\n")
+            self._open_metrics()
+        if self._metrics_size and self._metrics_size + len(line) > self._metrics_limit:
+            self._rotate_metrics()
+        assert self._metrics_fh is not None
+        self._metrics_fh.write(line)
+        self._metrics_size += len(line)
+
+    def _open_metrics(self) -> None:
+        self._metrics_fh = open(self.layout.metrics_file, "a", encoding="utf-8")
+        self._metrics_size = os.fstat(self._metrics_fh.fileno()).st_size
+        self._metrics_limit = self.metrics_max_bytes
+
+    def _rotate_metrics(self) -> None:
+        """metrics.jsonl -> .1 -> .2 ... (see the module doc); the writer then starts a new file."""
+        path = self.layout.metrics_file
+        fh, self._metrics_fh = self._metrics_fh, None
+        assert fh is not None
+        try:
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fh.close()
+        keep = self.metrics_keep_files
+        try:
+            for n, old in rotated_metrics(path):      # oldest first
+                if n >= keep:                          # the oldest kept one is replaced below
+                    if n > keep:
+                        old.unlink(missing_ok=True)
+                    continue
+                os.replace(old, path.with_name(f"{path.name}.{n + 1}"))
+            os.replace(path, path.with_name(f"{path.name}.1"))
+            fsync_dir(path.parent)
+        except OSError as exc:       # keep appending to the file we have; try again later
+            log.warning("could not rotate %s: %s", path, exc)
+            self._open_metrics()
+            self._metrics_limit = self._metrics_size + self.metrics_max_bytes
+            return
+        log.info("rotated %s (%d MiB); keeping %d older file(s)", path.name,
+                 self._metrics_size >> 20, keep)
+        self._open_metrics()
 
     def write_layer_activity(self, table: Any) -> None:
         atomic_write_json(self.layout.layer_activity_file, table)

@@ -1,6 +1,8 @@
 """SubprocessTrainer: the daemon's Trainer, running each job in a worker subprocess.
 
-``run(job, sink, control)`` starts ``python -m trainer.worker --job JOB.json`` (cwd = repo root,
+``run(job, sink, control)`` writes the JobSpec to ``home/status/jobs/job-N-*.json`` (removed when the
+attempt ends; a file left by a killed daemon is removed at its next start, daemon/retention.py)
+and starts ``python -m trainer.worker --job JOB.json`` (cwd = repo root,
 HF_HUB_OFFLINE=1, TOKENIZERS_PARALLELISM=false, stderr appended to home/logs/training_output.log,
 PR_SET_PDEATHSIG=SIGKILL so the worker dies with the calling thread), then until the worker ends:
 
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from daemon.paths import Layout
 from trainer.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
 from trainer.worker import set_pdeathsig
 
@@ -118,15 +121,16 @@ class SubprocessTrainer:
         (home / "logs").mkdir(parents=True, exist_ok=True)
         timeout = float(self.worker_timeout_s if self.worker_timeout_s is not None
                         else job.config.get("worker_timeout_s", 600.0))
-        fd, job_file = tempfile.mkstemp(prefix=f"job-{job.job_id}-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(job.to_json(), fh)
-        log_fh = open(home / "logs" / "training_output.log", "ab")
+        specs = Layout(home).job_specs
+        specs.mkdir(parents=True, exist_ok=True)
+        fd, job_file = tempfile.mkstemp(prefix=f"job-{job.job_id}-", suffix=".json", dir=specs)
         try:
-            startup = float(self.startup_timeout_s) if self.startup_timeout_s is not None else timeout
-            return self._run(job, sink, control, Path(job_file), log_fh, timeout, startup)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(job.to_json(), fh)
+            with open(home / "logs" / "training_output.log", "ab") as log_fh:
+                startup = float(self.startup_timeout_s) if self.startup_timeout_s is not None else timeout
+                return self._run(job, sink, control, Path(job_file), log_fh, timeout, startup)
         finally:
-            log_fh.close()
             Path(job_file).unlink(missing_ok=True)
 
     def _run(self, job: JobSpec, sink: EventSink, control: ControlSource, job_file: Path,
