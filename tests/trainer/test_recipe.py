@@ -168,15 +168,21 @@ def test_base_mismatch_is_refused_for_adapter_and_checkpoint(tiny_base: Path, tm
     assert "current_model" in result.reason and not sink.of("step")
     assert (home / "current_model" / "adapter_model.safetensors").read_bytes() == before
 
-    # resuming a checkpoint made on another base (fresh home: no current_model in the way)
+    # a checkpoint made on another base (fresh home: no current_model in the way) cannot be
+    # continued: the job starts again on the configured base, and says so
     home2 = tmp_path / "home2"
     job = make_job(data2, home2, tiny_config(tiny_base), job_id=3)
     stopped, _ = run(job, {2: [Command.STOP]})
     assert stopped.outcome is Outcome.STOPPED and stopped.steps == 2
     assert (home2 / "checkpoints" / "job-3" / "step-2").is_dir()
     result, sink = run(make_job(data2, home2, tiny_config(other), job_id=3))
-    assert result.outcome is Outcome.FAILED and "checkpoint" in result.reason
-    assert str(tiny_base.resolve()) in result.reason and str(other.resolve()) in result.reason
+    assert result.outcome is Outcome.COMPLETED, result.reason
+    (restarted,) = sink.of("restarted")
+    assert "another base" in restarted["reason"]
+    assert str(tiny_base.resolve()) in restarted["reason"] and str(other.resolve()) in restarted["reason"]
+    assert sink.of("started")[0]["resumed_from_step"] == 0 and sink.of("step")[0]["step"] == 1
+    state = json.loads((home2 / "current_model" / "trainer_state.json").read_text())
+    assert state["base_fingerprint"] == result.details["base_fingerprint"]
 
 
 @pytest.mark.slow
