@@ -233,6 +233,8 @@ class MetricsIndex:
                 if i + 1 < len(self._segs) and len(self._offsets) > self._segs[i + 1].first:
                     return False             # records must stay in file order
                 self._index(seg, size)
+                for later in self._segs[i + 1:]:
+                    later.first = len(self._offsets)   # none of theirs indexed yet (checked above)
         return True
 
     def _index(self, seg: _Segment, size: int) -> None:
