@@ -12,6 +12,8 @@ import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+
 from daemon.statedb import StateDB
 from daemon_helpers import alive, text_records, wait_for, write_jsonl
 from trainer.interface import JobSpec
@@ -317,3 +319,41 @@ def test_check_reports_what_grows_against_its_retention_setting(home):
     table = home.ctl("check").stdout.splitlines()
     (line,) = [x for x in table if " sizes " in x]
     assert line.startswith("WARN  sizes") and "metrics.jsonl 8 file(s)" in line, line
+
+
+# ---- the real worker: its job spec under status/jobs --------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    from trainer.tiny_base import build_tiny_base
+    return build_tiny_base(tmp_path_factory.mktemp("bases") / "tiny")
+
+
+@pytest.mark.slow
+def test_real_worker_job_spec_left_by_a_sigkill_is_removed_at_the_next_start(home, tiny_base_dir, tmp_path,
+                                                                              monkeypatch):
+    tmpdir = tmp_path / "systmp"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    home.write_config(trainer="qlora", base_model=str(tiny_base_dir), max_length=64, batch_size=2,
+                      gradient_accumulation=1, checkpoint_every_steps=1000, eval_fraction=0.0,
+                      worker_timeout_s=120)
+    write_jsonl(home.path / "inbox/real.jsonl", text_records(400, "real"))
+    jobs = home.path / "status/jobs"
+    home.launch()
+    (spec,) = wait_for(lambda: list(jobs.glob("job-1-*.json")), timeout=60, what="the attempt's job spec")
+    body = json.loads(spec.read_text())
+    assert body["job_id"] == 1 and body["home"] == str(home.path.resolve()) and body["config"]["trainer"] == "qlora"
+    wait_for(lambda: subprocess.run(["pgrep", "-P", str(home.pid())], capture_output=True).stdout,
+             what="the worker running")
+    _kill_daemon(home)
+    assert spec.exists(), "a SIGKILLed daemon leaves its attempt's spec"
+    assert not list(tmpdir.iterdir()), "nothing goes to $TMPDIR any more"
+
+    home.launch()
+    wait_for(lambda: f"removed stale job spec status/jobs/{spec.name}" in home.log_text(), what="start-up cleanup")
+    (again,) = wait_for(lambda: list(jobs.glob("job-1-*.json")), timeout=60, what="the new attempt's spec")
+    assert again.name != spec.name and not spec.exists()
+    home.ctl("stop")
+    wait_for(lambda: home.pid() is None, timeout=120, what="graceful stop")
+    assert list(jobs.iterdir()) == [], "an attempt that ends removes its own spec"
+    assert home.files("processing") == ["real.jsonl"]
