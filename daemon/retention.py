@@ -7,10 +7,12 @@ a worker dies with its daemon, PR_SET_PDEATHSIG) removes only what is clearly a 
   removes its own when it ends), and the same files a release before this one wrote to
   ``$TMPDIR`` (only those naming this base dir as their ``home``: ours, since we hold its lock);
 - ``checkpoints/[set-aside/]job-*/.tmp-step-*``: checkpoints a killed worker never finished;
-- ``snapshots/.deleting-*``: a snapshot whose removal (below) was interrupted.
+- ``snapshots/.deleting-*``: a snapshot whose removal (below) was interrupted;
+- ``snapshots/.tmp-NAME-PID`` and ``.copy-manual-PID-N``: a snapshot copy whose writer (a worker,
+  or ``trainer-ctl snapshot``) was killed; only when process PID no longer exists.
 
 ``after_job`` (after each job ends, so its worker is gone) removes the ended attempt's
-``.tmp-step-*`` leftovers again and applies the retention settings:
+``.tmp-step-*`` and dead snapshot copies again and applies the retention settings:
 
 - ``keep_snapshots``: snapshots/ keeps its newest ``keep_snapshots`` snapshot folders (by
   ``snapshot.json`` ``created_at``, else the folder's mtime) and, whatever their age, every
@@ -53,6 +55,8 @@ PROTECTED_KINDS = ("pre-consolidation", "manual")
 DELETING_PREFIX = ".deleting-"
 # tempfile.mkstemp(prefix="job-N-", suffix=".json"): 8 random characters in between
 JOB_SPEC_RE = re.compile(r"job-[0-9]+-[A-Za-z0-9_]{6,16}\.json")
+# trainer/adapter_store.py write_snapshot, trainer/consolidate.py snapshot_now: the writer's pid
+SNAPSHOT_COPY_RES = (re.compile(r"\.tmp-.+-([0-9]+)"), re.compile(r"\.copy-manual-([0-9]+)-[0-9]+"))
 
 
 def _rel(layout: Layout, path: Path) -> str:
@@ -135,6 +139,32 @@ def _remove_deleting(layout: Layout) -> list[str]:
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True                      # not a pid we can judge: leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                      # EPERM: someone else's live process
+        return True
+    return True
+
+
+def remove_dead_snapshot_copies(layout: Layout) -> list[str]:
+    """Snapshot copies whose writer no longer runs (a live ``trainer-ctl snapshot`` is left alone)."""
+    out: list[str] = []
+    if not layout.snapshots.is_dir():
+        return out
+    for p in sorted(layout.snapshots.iterdir()):
+        m = next((m for r in SNAPSHOT_COPY_RES if (m := r.fullmatch(p.name))), None)
+        if m is None or p.is_symlink() or not p.is_dir() or _pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        out.append(f"removed unfinished snapshot copy {_rel(layout, p)}")
+    return out
+
+
 def startup_cleanup(layout: Layout) -> list[str]:
     """Remove what a killed daemon or worker left behind (no worker runs at daemon start)."""
     out: list[str] = []
@@ -142,6 +172,7 @@ def startup_cleanup(layout: Layout) -> list[str]:
     out += _guarded("removing stale job specs in $TMPDIR", lambda: _remove_legacy_tmp_specs(layout))
     out += _guarded("removing unfinished checkpoints", lambda: remove_tmp_steps(layout))
     out += _guarded("removing interrupted snapshot removals", lambda: _remove_deleting(layout))
+    out += _guarded("removing unfinished snapshot copies", lambda: remove_dead_snapshot_copies(layout))
     return out
 
 
@@ -261,6 +292,7 @@ def after_job(layout: Layout, db: "StateDB", cfg: "Config") -> list[str]:
     """Apply the retention settings; returns what was removed or rotated."""
     out: list[str] = []
     out += _guarded("removing unfinished checkpoints", lambda: remove_tmp_steps(layout))
+    out += _guarded("removing unfinished snapshot copies", lambda: remove_dead_snapshot_copies(layout))
     out += _guarded("pruning snapshots", lambda: prune_snapshots(layout, cfg.keep_snapshots))
     out += _guarded("pruning events", lambda: prune_events(db, cfg.keep_events))
     return out

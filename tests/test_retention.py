@@ -91,6 +91,15 @@ def test_a_daemon_killed_mid_job_leaves_nothing_behind_after_the_next_start(home
     deleting = me / "snapshots/.deleting-20240101_000000__old"   # a snapshot removal cut short
     deleting.mkdir(parents=True)
     (deleting / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    dead = subprocess.Popen(["true"])                            # a pid that no longer runs
+    dead.wait()
+    copy_killed = me / f"snapshots/.tmp-20240301_101500__long-{dead.pid}"   # worker killed mid-snapshot
+    copy_killed.mkdir()
+    (copy_killed / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    manual_killed = me / f"snapshots/.copy-manual-{dead.pid}-0"  # `trainer-ctl snapshot` killed
+    manual_killed.mkdir()
+    manual_live = me / f"snapshots/.copy-manual-{os.getpid()}-0"  # one copying right now
+    manual_live.mkdir()
     legacy_mine = tmpdir / "job-3-abcd1234.json"                 # an older release's $TMPDIR spec
     legacy_mine.write_text(json.dumps(_spec(me, 3, "older.jsonl")))
     legacy_other = tmpdir / "job-3-efgh5678.json"                # another base dir's: left alone
@@ -103,9 +112,10 @@ def test_a_daemon_killed_mid_job_leaves_nothing_behind_after_the_next_start(home
     home.ctl("stop")
     wait_for(lambda: home.pid() is None, what="daemon stopped")
 
-    for gone in (stale, half, half_aside, ck / ".tmp-step-5-99", deleting, legacy_mine):
+    for gone in (stale, half, half_aside, ck / ".tmp-step-5-99", deleting, legacy_mine, copy_killed,
+                 manual_killed):
         assert not os.path.lexists(gone), f"{gone} was left behind"
-    for kept in (notes, kept_ck, kept_aside, legacy_other, not_a_spec, outside / "precious.bin"):
+    for kept in (notes, kept_ck, kept_aside, legacy_other, not_a_spec, outside / "precious.bin", manual_live):
         assert kept.exists(), f"{kept} was removed"
     assert list(jobs.iterdir()) == [notes]
     log = home.log_text()
@@ -114,6 +124,7 @@ def test_a_daemon_killed_mid_job_leaves_nothing_behind_after_the_next_start(home
     assert "start-up cleanup: removed unfinished checkpoint checkpoints/job-1/.tmp-step-4-4242" in log
     assert "start-up cleanup: removed unfinished checkpoint checkpoints/set-aside/job-7/.tmp-step-6-777" in log
     assert "start-up cleanup: finished removing snapshots/.deleting-20240101_000000__old" in log
+    assert f"start-up cleanup: removed unfinished snapshot copy snapshots/{copy_killed.name}" in log
 
 
 def test_a_second_start_while_the_daemon_runs_cleans_nothing(home):
