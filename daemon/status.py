@@ -139,6 +139,14 @@ class StatusBoard:
     def _open_metrics(self) -> None:
         self._metrics_fh = open(self.layout.metrics_file, "a", encoding="utf-8")
         self._metrics_size = os.fstat(self._metrics_fh.fileno()).st_size
+        if self._metrics_size:
+            # a torn last line (a crash or a full disk mid-write) is ended, so that the next
+            # record starts a line of its own instead of being glued to it and lost
+            with open(self.layout.metrics_file, "rb") as fh:
+                fh.seek(self._metrics_size - 1)
+                if fh.read(1) != b"\n":
+                    self._metrics_fh.write("\n")
+                    self._metrics_size += 1
         self._metrics_limit = self.metrics_max_bytes
 
     def _rotate_metrics(self) -> None:

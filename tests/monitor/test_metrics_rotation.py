@@ -176,6 +176,20 @@ def test_a_daemon_restart_appends_and_keep_files_lowered_drops_the_oldest(tmp_pa
     assert _strip(idx.query(limit=1000).records) == _on_disk(board.layout)
 
 
+def test_a_line_torn_by_a_crash_does_not_swallow_the_next_daemons_first_record(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "h")
+    layout.ensure()
+    whole = json.dumps({"event": "step", "job_id": 1, "step": 1, "time": 1.0}) + "\n"
+    layout.metrics_file.write_text(whole + '{"event": "step", "job_id": 1, "st')   # killed mid-write
+    board = StatusBoard(layout, metrics_max_mb=1 / 1024, metrics_keep_files=2)
+    for s in range(2, 12):
+        board.append_metric({"event": "step", "job_id": 2, "step": s, "pad": "p" * 60})
+    board.close()
+    idx = MetricsIndex(layout.metrics_file)
+    assert [(r["job_id"], r["step"]) for r in idx.query().records] == [(1, 1)] + [(2, s) for s in range(2, 12)]
+    assert idx.skipped_lines == 1                        # only the torn fragment itself
+
+
 # ---- a real daemon, a real monitor ---------------------------------------------------------------
 def test_dashboard_reads_the_whole_history_while_the_daemon_rotates(tmp_path: Path) -> None:
     home = make_home(tmp_path / "home", metrics_max_mb=0.01, metrics_keep_files=2, standin_step_seconds=0.02)
