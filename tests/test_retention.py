@@ -368,3 +368,22 @@ def test_real_worker_job_spec_left_by_a_sigkill_is_removed_at_the_next_start(hom
     wait_for(lambda: home.pid() is None, timeout=120, what="graceful stop")
     assert list(jobs.iterdir()) == [], "an attempt that ends removes its own spec"
     assert home.files("processing") == ["real.jsonl"]
+
+
+def test_a_consolidation_in_progress_keeps_the_snapshot_its_journal_names(tmp_path):
+    """While `trainer-ctl consolidate` runs, its journal (status/consolidation.json) names the
+    backup it is moving current_model/ to: pruning then (after a job) must leave it."""
+    from daemon import retention
+    from daemon.paths import Layout
+
+    layout = Layout(tmp_path / "h")
+    layout.ensure()
+    t0 = datetime(2024, 6, 1, tzinfo=timezone.utc)
+    made = [_snapshot(layout.snapshots, f"{t0 + timedelta(hours=i):%Y%m%d_%H%M%S}__d{i}", t0 + timedelta(hours=i))
+            for i in range(6)]
+    (layout.status_dir / "consolidation.json").write_text(json.dumps(
+        {"stage": "switching", "new_base": "consolidated_models/20240601_120000",
+         "backup": f"snapshots/{made[1].name}", "description": "weekly"}))
+    removed = retention.prune_snapshots(layout, 2)
+    assert sorted(p.name for p in layout.snapshots.iterdir()) == sorted(p.name for p in (made[1], *made[-2:]))
+    assert len(removed) == 3
