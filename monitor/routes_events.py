@@ -69,12 +69,13 @@ def _changes(svc: Services, cur: _Cursor) -> list[tuple[str, Any]]:
     gen = svc.metrics.generation
     if gen != cur.metrics_gen:
         cur.metrics_gen = gen
-        cur.metrics_seq = n - 1
-        out.append(("metrics", {"reset": True, "records": svc.metrics.since(-1, INITIAL_METRICS),
-                                "total": n}))
+        recs = svc.metrics.since(-1, INITIAL_METRICS)
+        # another request may have refreshed the index since: what was sent is the cursor
+        cur.metrics_seq = max(n - 1, recs[-1]["seq"] if recs else -1)
+        out.append(("metrics", {"reset": True, "records": recs, "total": n}))
     elif n - 1 > cur.metrics_seq:
         recs = svc.metrics.since(cur.metrics_seq, INITIAL_METRICS)
-        cur.metrics_seq = n - 1
+        cur.metrics_seq = max(n - 1, recs[-1]["seq"] if recs else -1)
         out.append(("metrics", {"reset": False, "records": recs, "total": n}))
 
     dbk = db_version(layout)
