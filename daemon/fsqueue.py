@@ -284,8 +284,8 @@ class FsQueue:
             if first is not None and first.id != job.id:
                 raise QueueError(f"'{name}' has the same content as job {first.id} '{first.name}' "
                                  f"({first.state}); add --force to train it again")
-        job = self.move(job, JobState.PENDING, attempts=0, forced=force or job.forced,
-                        duplicate_of=None, sha256=sha, seq=self.db.next_seq(),
+        job = self.move(job, JobState.PENDING, attempts=0, crashes=0, not_before=None,
+                        forced=force or job.forced, duplicate_of=None, sha256=sha, seq=self.db.next_seq(),
                         format=report.format, records=report.valid_records)
         self.db.add_event("retried", f"{name} moved back to pending", job_id=job.id)
         return job

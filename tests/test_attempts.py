@@ -122,6 +122,7 @@ def test_a_poison_job_backs_off_then_fails_while_the_queue_goes_on(home, tmp_pat
     assert home.ctl("queue", "retry", "poison.jsonl").returncode == 0
     db = StateDB(home.path / "status/state.db", readonly=True)
     try:
-        assert db.by_name("poison.jsonl").state == "pending"
+        again = db.by_name("poison.jsonl")
+        assert again.state == "pending" and again.crashes == 0 and again.not_before is None
     finally:
         db.close()
