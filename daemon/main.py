@@ -210,8 +210,14 @@ class Daemon:
             except QueueError as exc:
                 ok, message = False, str(exc)
             except Exception as exc:
-                log.exception("control request %s failed", req.get("command"))
-                ok, message = False, f"internal error: {exc!r}"
+                if is_disk_full(exc):   # nothing half-done (atomic writes, transactions): pause, say so
+                    self._enter_disk_full(f"{req['command']}: {type(exc).__name__}: {exc}")
+                    ok, message = False, (f"{self._disk_full}: {getattr(exc, 'strerror', None) or exc}; "
+                                          + ("the file waits in inbox/ and is queued when space is back"
+                                             if req["command"] == "queue_add" else "nothing was changed"))
+                else:
+                    log.exception("control request %s failed", req.get("command"))
+                    ok, message = False, f"internal error: {exc!r}"
             log.info("control %s from %s: %s", req["command"], req.get("source"), message)
             self.board.update(last_command={"command": req["command"], "source": req.get("source"),
                                             "ok": ok, "message": message, "at": iso()})
