@@ -547,12 +547,12 @@ class Daemon:
             self._finish_job()
         if self._stop_reason is not None and self.runner is None:
             return True
-        if self.runner is None and self._stop_reason is None and not self.paused:
-            self._start_next()
+        if self.runner is None and self._stop_reason is None and not self.paused and self._disk_full is None:
+            self._start_next()      # (a job that just ended on a full disk paused the daemon above)
         if burst and self._idle() and not ctl.pending_requests(self.layout):
             return True
         if self.config.auto_generate.enabled and not burst and self._stop_reason is None \
-                and not self.paused:
+                and not self.paused and self._disk_full is None:
             self.autogen.maybe_start(self.config.auto_generate, self._idle())
         err = self.autogen.take_error()
         if err:
