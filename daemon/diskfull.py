@@ -80,6 +80,13 @@ class Reserve:
             self.path.unlink(missing_ok=True)
             return False
 
+    def missing(self) -> int:
+        """Bytes the reserve still has to take: its size when it is not there (it was released)."""
+        try:
+            return max(0, self.size - self.path.stat().st_size)
+        except FileNotFoundError:
+            return self.size
+
     def release(self) -> bool:
         """Delete the reserve; True if there was one."""
         try:

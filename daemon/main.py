@@ -502,7 +502,9 @@ class Daemon:
         if time.monotonic() < self._disk_check_at:
             return False
         self._disk_check_at = time.monotonic() + self.config.disk_retry_interval_s
-        need = self.config.min_free_disk_mb * MIB
+        # min_free_disk_mb must be free with the reserve made again (as _start_next counts it), or
+        # the reserve would take the space back and the next job start would pause again: a loop
+        need = self.config.min_free_disk_mb * MIB + self.reserve.missing()
         if free_bytes(self.layout.home) < need or not self.reserve.ensure():
             msg = describe_disk(self.layout.home)
             if msg != self._disk_full:
@@ -513,7 +515,7 @@ class Daemon:
         self.board.flush(force=True)
         if self.board.write_error is not None:
             return False
-        log.warning("disk space is back (%s): %s", describe_disk(self.layout.home).replace("disk full ", ""),
+        log.warning("disk space is back %s: %s", describe_disk(self.layout.home).replace("disk full ", ""),
                     "staying paused (paused by user)" if self.paused else "resuming")
         self.db.add_event("disk_ok", f"disk space is back ({free_bytes(self.layout.home) / MIB:.0f} MiB "
                           f"free); {'still paused by user' if self.paused else 'resuming'}")
