@@ -328,6 +328,8 @@ def cmd_snapshot(layout: Layout, args: argparse.Namespace) -> int:
     try:
         path = snapshot_now(layout.home, args.description)
     except ConsolidationError as exc:
+        if is_disk_full(exc):       # the one-line disk-full answer of main()
+            raise
         _err(str(exc))
         return EXIT_FAIL
     print(f"snapshot written: {path}")
