@@ -104,8 +104,7 @@ class StateDB:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
         if readonly:
-            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10,
-                                        isolation_level=None, check_same_thread=False)
+            self.conn = self._connect_readonly()
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
@@ -115,6 +114,23 @@ class StateDB:
             self.conn.executescript(SCHEMA)
             self._migrate()
         self.conn.row_factory = sqlite3.Row
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        def connect(flags: str) -> sqlite3.Connection:
+            return sqlite3.connect(f"file:{self.path}?mode=ro{flags}", uri=True, timeout=10,
+                                   isolation_level=None, check_same_thread=False)
+        conn = connect("")
+        try:
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            return conn
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            wal = self.path.with_name(self.path.name + "-wal")
+            if not is_disk_full(exc) or (wal.exists() and wal.stat().st_size > 0):
+                raise
+        # a full disk and no writer: no room for the -shm index that reading a WAL database
+        # makes; with no WAL left (the last writer closed cleanly) the file is the whole database
+        return connect("&immutable=1")
 
     # columns added after the first release: (name, SQL type + default)
     _ADDED_COLUMNS = (("crashes", "INTEGER NOT NULL DEFAULT 0"), ("not_before", "REAL"))
