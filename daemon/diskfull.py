@@ -25,23 +25,29 @@ RESERVE_NAME = ".disk_reserve"
 MIB = 1 << 20
 
 
-def is_disk_full(exc: BaseException | None) -> bool:
-    """True if *exc* (or anything in its cause/context chain) is a write that failed for space."""
+def disk_error(exc: BaseException | None) -> BaseException | None:
+    """The exception in *exc*'s cause/context chain that is a write failed for space, or None
+    (a library's own error, e.g. torch.save's "unexpected pos", often wraps the OSError)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
-            return True
+            return exc
         if isinstance(exc, sqlite3.Error):
             code = getattr(exc, "sqlite_errorcode", None)
             if code is not None and (code & 0xFF) in (_SQLITE_FULL, _SQLITE_IOERR):
-                return True
+                return exc
             if "disk I/O error" in str(exc):
-                return True
+                return exc
         if any(m in str(exc) for m in _MESSAGES):
-            return True
+            return exc
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True if *exc* (or anything in its cause/context chain) is a write that failed for space."""
+    return disk_error(exc) is not None
 
 
 def free_bytes(path: Path) -> int:

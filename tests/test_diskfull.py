@@ -700,7 +700,7 @@ def test_checkpoint_write_fails_mid_training(disk: Disk, tiny_base_dir: Path, re
         disk.fill(leave=real_sizes["checkpoint"] * 3 // 2)
     wait_disk_paused(h, timeout=90)
     (line,) = pause_lines(h)
-    assert "(disk full: " in line, line                 # the worker's own verdict
+    assert "(disk full: OSError: [Errno 28] No space left on device" in line, line   # the worker's verdict
     # the failed checkpoint left nothing behind; the last good one is intact
     assert sorted(p.name for p in (h.path / "checkpoints/job-1").iterdir()) == ["step-2"]
     assert h.files("pending") == ["long.jsonl"] and h.files("processing") == []
@@ -740,7 +740,7 @@ def test_snapshot_write_fails(disk: Disk, tiny_base_dir: Path, real_sizes: dict[
         disk.fill(leave=real_sizes["checkpoint"] + current + snapshot // 2 + 4 * PAGE)
     wait_disk_paused(h, timeout=90)
     (line,) = pause_lines(h)
-    assert "(disk full: " in line, line                 # the worker's own verdict
+    assert "(disk full: OSError: [Errno 28] No space left on device" in line, line   # the worker's verdict
     state = json.loads((h.path / "current_model/trainer_state.json").read_text())
     assert [d["name"] for d in state["datasets"]] == ["one.jsonl"]      # published
     assert list((h.path / "snapshots").iterdir()) == []                # no snapshot, no leftover

@@ -28,7 +28,7 @@ import traceback
 from pathlib import Path
 from typing import IO, Any
 
-from daemon.diskfull import is_disk_full
+from daemon.diskfull import disk_error
 from trainer.interface import Command, JobResult, JobSpec, Outcome, QueueControl
 
 log = logging.getLogger("trainer.worker")
@@ -172,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         result = QLoRATrainer().run(job, sink, control)
     except BaseException as exc:  # noqa: BLE001 - report every failure as a result line
         log.error("worker failed:\n%s", traceback.format_exc())
-        if is_disk_full(exc):     # the disk, not the job: the daemon pauses and resumes it later
-            result = JobResult(Outcome.FAILED, reason=f"disk full: {type(exc).__name__}: {exc}",
+        err = disk_error(exc)
+        if err is not None:       # the disk, not the job: the daemon pauses and resumes it later
+            result = JobResult(Outcome.FAILED, reason=f"disk full: {type(err).__name__}: {err}",
                                details={"disk_full": True, "exception": type(exc).__name__})
         else:
             result = JobResult(Outcome.FAILED, reason=f"worker error: {type(exc).__name__}: {exc}",
