@@ -11,7 +11,9 @@ first, then the current one: ``metrics_files``.
 """
 from __future__ import annotations
 
+import collections
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -60,6 +62,16 @@ def metrics_files(path: Path) -> list[Path]:
 
 
 class StatusBoard:
+    """The status file and metrics.jsonl, written by the daemon alone.
+
+    A full disk never loses a record: metrics lines are written whole with ``os.write`` on an
+    O_APPEND descriptor (a short write is cut back, so no torn line stays) and a line that could
+    not be written waits in memory (at most ``MAX_PENDING_METRICS``) until a later append or
+    flush succeeds. ``write_error`` says why something waits; the daemon pauses for it.
+    """
+
+    MAX_PENDING_METRICS = 200_000
+
     def __init__(self, layout: Layout, *, interval: float = 1.0, metrics_max_mb: float | None = None,
                  metrics_keep_files: int | None = None) -> None:
         from daemon.config import Config       # the defaults live in one place
@@ -76,8 +88,16 @@ class StatusBoard:
                           started_at=iso(), paused=False, queue={})
         self._dirty = True
         self._last_write = 0.0
-        self.write_error: str | None = None     # set while the status file cannot be written
-        self._metrics_fh = None
+        self._status_error: str | None = None    # set while the status file cannot be written
+        self._metrics_error: str | None = None   # set while metrics lines wait in memory
+        self._metrics_fd: int | None = None
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._dropped = 0
+
+    @property
+    def write_error(self) -> str | None:
+        """Why the status file or metrics lines are not on disk (a full disk), else None."""
+        return self._status_error or self._metrics_error
 
     def update(self, **fields: Any) -> None:
         for k, v in fields.items():
@@ -97,6 +117,8 @@ class StatusBoard:
         self.update(**{k: None for k in JOB_KEYS})
 
     def flush(self, force: bool = False) -> None:
+        if self._pending:
+            self._write_metrics()
         now = time.time()
         if not self._dirty or (not force and now - self._last_write < self.interval):
             return
@@ -108,15 +130,19 @@ class StatusBoard:
                 raise
             # a full disk: keep the state in memory (still dirty) and say so once; the daemon
             # notices ``write_error`` and pauses until space is back
-            if self.write_error is None:
+            if self._status_error is None:
                 log.error("status file not written: %s", exc)
-            self.write_error = f"{exc.strerror or exc} writing {self.layout.status_file}"
+            self._status_error = f"{exc.strerror or exc} writing {self.layout.status_file}"
             self._last_write = now
             return
-        self.write_error = None
-        if self._metrics_fh is not None:
-            self._metrics_fh.flush()
-            os.fsync(self._metrics_fh.fileno())
+        self._status_error = None
+        if self._metrics_fd is not None and not self._pending:
+            try:
+                os.fsync(self._metrics_fd)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                self._metrics_error = f"{exc.strerror or exc} writing {self.layout.metrics_file}"
         self._dirty = False
         self._last_write = now
 
@@ -127,38 +153,85 @@ class StatusBoard:
         self._metrics_limit = self.metrics_max_bytes     # the size at which the next rotation is due
 
     def append_metric(self, record: dict[str, Any]) -> None:
-        line = json.dumps({"time": time.time(), **record}, default=str) + "\n"   # ASCII: len = bytes
-        if self._metrics_fh is None:
-            self._open_metrics()
-        if self._metrics_size and self._metrics_size + len(line) > self._metrics_limit:
-            self._rotate_metrics()
-        assert self._metrics_fh is not None
-        self._metrics_fh.write(line)
-        self._metrics_size += len(line)
+        """Append one record (never raises for a full disk: the line waits, see the class doc)."""
+        line = (json.dumps({"time": time.time(), **record}, default=str) + "\n").encode("utf-8")
+        self._pending.append(line)
+        if len(self._pending) > self.MAX_PENDING_METRICS:
+            self._pending.popleft()
+            self._dropped += 1
+            if self._dropped == 1:
+                log.error("more than %d metrics records wait for disk space: dropping the oldest",
+                          self.MAX_PENDING_METRICS)
+        self._write_metrics()
+
+    def _write_metrics(self) -> bool:
+        """Write the waiting lines in order; False (and ``write_error`` set) on a full disk."""
+        try:
+            if self._metrics_fd is None:
+                self._open_metrics()
+            while self._pending:
+                line = self._pending[0]
+                if self._metrics_size and self._metrics_size + len(line) > self._metrics_limit:
+                    self._rotate_metrics()
+                self._append(line)
+                self._pending.popleft()
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            if self._metrics_error is None:
+                log.error("metrics not written (%d record(s) wait in memory): %s", len(self._pending), exc)
+            self._metrics_error = f"{exc.strerror or exc} writing {self.layout.metrics_file}"
+            return False
+        if self._metrics_error is not None:
+            log.info("metrics written again (%s)", self.layout.metrics_file.name)
+        self._metrics_error = None
+        return True
+
+    def _append(self, data: bytes) -> None:
+        """One whole line or nothing: a short write is cut back to where the line began."""
+        assert self._metrics_fd is not None
+        n = os.write(self._metrics_fd, data)      # an error: nothing was written
+        if n < len(data):
+            try:
+                os.ftruncate(self._metrics_fd, self._metrics_size)
+            except OSError as exc:
+                log.warning("could not cut a partial metrics line: %s", exc)
+            raise OSError(errno.ENOSPC, "No space left on device (short write)", str(self.layout.metrics_file))
+        self._metrics_size += n
 
     def _open_metrics(self) -> None:
-        self._metrics_fh = open(self.layout.metrics_file, "a", encoding="utf-8")
-        self._metrics_size = os.fstat(self._metrics_fh.fileno()).st_size
-        if self._metrics_size:
-            # a torn last line (a crash or a full disk mid-write) is ended, so that the next
-            # record starts a line of its own instead of being glued to it and lost
-            with open(self.layout.metrics_file, "rb") as fh:
-                fh.seek(self._metrics_size - 1)
-                if fh.read(1) != b"\n":
-                    self._metrics_fh.write("\n")
-                    self._metrics_size += 1
+        path = self.layout.metrics_file
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._metrics_fd = fd
+        self._metrics_size = os.fstat(fd).st_size
         self._metrics_limit = self.metrics_max_bytes
+        if self._metrics_size:
+            # a torn last line (a crash mid-write) is ended, so that the next record starts a
+            # line of its own instead of being glued to it and lost
+            with open(path, "rb") as fh:
+                fh.seek(self._metrics_size - 1)
+                torn = fh.read(1) != b"\n"
+            if torn:
+                try:
+                    self._append(b"\n")
+                except OSError:
+                    self._metrics_fd = None      # opened again (and the line ended) next time
+                    os.close(fd)
+                    raise
+
+    def _close_metrics(self) -> None:
+        fd, self._metrics_fd = self._metrics_fd, None
+        if fd is None:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _rotate_metrics(self) -> None:
         """metrics.jsonl -> .1 -> .2 ... (see the module doc); the writer then starts a new file."""
         path = self.layout.metrics_file
-        fh, self._metrics_fh = self._metrics_fh, None
-        assert fh is not None
-        try:
-            fh.flush()
-            os.fsync(fh.fileno())
-        finally:
-            fh.close()
+        self._close_metrics()
         keep = self.metrics_keep_files
         try:
             for n, old in rotated_metrics(path):      # oldest first
@@ -182,10 +255,10 @@ class StatusBoard:
         atomic_write_json(self.layout.layer_activity_file, table)
 
     def close(self) -> None:
-        self.flush(force=True)
-        if self._metrics_fh is not None:
-            self._metrics_fh.close()
-            self._metrics_fh = None
+        try:
+            self.flush(force=True)
+        finally:
+            self._close_metrics()
 
 
 def read_status(layout: Layout) -> dict[str, Any] | None:

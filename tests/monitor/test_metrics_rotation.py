@@ -39,8 +39,8 @@ def _on_disk(layout: Layout) -> list[dict]:
 
 
 def _flushed(board: StatusBoard) -> None:
-    if board._metrics_fh is not None:        # what the daemon's periodic flush() does
-        board._metrics_fh.flush()
+    board.flush(force=True)                  # what the daemon does every tick
+    assert board.write_error is None
 
 
 def _strip(recs: list[dict]) -> list[dict]:
