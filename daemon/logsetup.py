@@ -13,39 +13,69 @@ FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 class DailyFileHandler(logging.Handler):
-    """Writes to ``<dir>/<prefix>_YYYYMMDD.log``, switching files when the date changes."""
+    """Writes to ``<dir>/<prefix>_YYYYMMDD.log``, switching files when the date changes.
+
+    Each record is one ``os.write`` of whole lines (O_APPEND): nothing is buffered, so a failed
+    write loses only its own record. While the disk is full records are dropped quietly (no
+    "--- Logging error ---" traceback per line) and counted; the next line written says how many.
+    """
 
     def __init__(self, directory: Path, prefix: str = "daemon") -> None:
         super().__init__()
         self.directory, self.prefix = Path(directory), prefix
         self._day: str | None = None
-        self._fh = None
+        self._fd: int | None = None
+        self.dropped = 0
+        self._torn = False      # a line was cut short by a full disk: the next one starts afresh
 
     def _today(self) -> str:
         return dt.date.today().strftime("%Y%m%d")
 
-    def _stream(self):
+    def _file(self) -> int:
         day = self._today()
-        if day != self._day:
-            if self._fh:
-                self._fh.close()
+        if day != self._day or self._fd is None:
+            self._close_fd()
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.directory / f"{self.prefix}_{day}.log", "a", encoding="utf-8")
+            self._fd = os.open(self.directory / f"{self.prefix}_{day}.log",
+                               os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             self._day = day
-        return self._fh
+        return self._fd
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            fh = self._stream()
-            fh.write(self.format(record) + "\n")
-            fh.flush()
+            text = self.format(record) + "\n"
+            if self.dropped:
+                text = (f"{self.formatter.formatTime(record) if self.formatter else ''} WARNING "
+                        f"trainerd.log: {self.dropped} log line(s) dropped: the disk was full\n") + text
+            data = text.encode("utf-8", "backslashreplace")
+            if self._torn:
+                data = b"\n" + data
+            fd = self._file()
+            while data:
+                n = os.write(fd, data)
+                self._torn = True           # until the whole line is out
+                data = data[n:]
+            self._torn = False
+            self.dropped = 0
+        except OSError as exc:
+            from daemon.diskfull import is_disk_full
+            if is_disk_full(exc):
+                self.dropped += 1           # said in the first line written once space is back
+            else:
+                self.handleError(record)
         except Exception:  # logging must never take the daemon down
             self.handleError(record)
 
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
     def close(self) -> None:
-        if self._fh:
-            self._fh.close()
-            self._fh = None
+        self._close_fd()
         super().close()
 
 
