@@ -202,6 +202,7 @@ class Daemon:
                 ctl.set_aside(self.layout, path)
                 continue
             age = time.time() - float(req.get("requested_at") or 0)
+            data: dict[str, Any] = {}
             try:
                 if age > ctl.MAX_AGE_S:
                     ok, message = False, f"expired: sent {age:.0f} s ago and not applied"
@@ -215,6 +216,7 @@ class Daemon:
                     ok, message = False, (f"{self._disk_full}: {getattr(exc, 'strerror', None) or exc}; "
                                           + ("the file waits in inbox/ and is queued when space is back"
                                              if req["command"] == "queue_add" else "nothing was changed"))
+                    data = {"disk_full": True}     # the monitor answers 507
                 else:
                     log.exception("control request %s failed", req.get("command"))
                     ok, message = False, f"internal error: {exc!r}"
@@ -222,7 +224,7 @@ class Daemon:
             self.board.update(last_command={"command": req["command"], "source": req.get("source"),
                                             "ok": ok, "message": message, "at": iso()})
             try:
-                ctl.write_reply(self.layout, req["id"], ok=ok, message=message)
+                ctl.write_reply(self.layout, req["id"], ok=ok, message=message, data=data)
             finally:
                 path.unlink(missing_ok=True)
             self.board.flush(force=True)
@@ -581,7 +583,7 @@ class Daemon:
         self.reserve.ensure()
         self.db.add_event("daemon_start", f"daemon started (pid {self.board.state['daemon_pid']})")
         self.queue.reconcile()
-        for what in retention.startup_cleanup(self.layout):
+        for what in retention.startup_cleanup(self.layout, self.db, self.config):
             log.info("start-up cleanup: %s", what)
         self.effective_config()
         self.tracker.scan()

@@ -143,6 +143,9 @@ def _hand_over(svc: Services, staged: Path, name: str, priority: Priority, force
             if exc.status_code == 504:
                 return JSONResponse({"ok": True, "queued": False, "name": name, "message": exc.detail},
                                     status_code=202)
+            if exc.status_code == 507:      # a full disk: the file waits in inbox/ for space
+                return JSONResponse({"ok": False, "queued": False, "name": name, "detail": exc.detail,
+                                     "message": exc.detail}, status_code=507)
             # refused: the daemon moved it into failed/ with the reason
             return JSONResponse({"ok": False, "queued": False, "name": name, "message": exc.detail},
                                 status_code=422)
@@ -160,7 +163,9 @@ def _hand_over(svc: Services, staged: Path, name: str, priority: Priority, force
                      "with ?name=)",
              responses={413: {"description": "larger than monitor.max_upload_bytes"},
                         415: {"description": "not multipart/form-data or a JSONL content type"},
-                        422: {"description": "the daemon rejected the file (it is kept in failed/)"}})
+                        422: {"description": "the daemon rejected the file (it is kept in failed/)"},
+                        507: {"description": "the disk is full (nothing queued; a file handed to the "
+                                             "daemon waits in inbox/ until space is back)"}})
 async def upload(request: Request,
                  name: str | None = Query(None, max_length=1000,
                                           description="file name for a raw-body upload"),

@@ -106,7 +106,8 @@ class Services:
     def send_control(self, command: str, *, timeout: float = CONTROL_REPLY_TIMEOUT_S,
                      **args: Any) -> dict[str, Any]:
         """Write a control request like trainer-ctl and wait for the daemon's answer.
-        503 when the daemon is down, 504 when it does not answer in time, 409 when it refuses."""
+        503 when the daemon is down, 504 when it does not answer in time, 409 when it refuses,
+        507 when it could not apply it for a full disk (it paused for it)."""
         pid = daemon_running(self.layout)
         if not pid:
             raise HTTPException(503, f"daemon not running: cannot {command.replace('_', ' ')} "
@@ -119,6 +120,9 @@ class Services:
         body = {"ok": bool(reply.get("ok")), "message": str(reply.get("message", "")),
                 "command": command, "request_id": req_id}
         if not body["ok"]:
+            data = reply.get("data")
+            if isinstance(data, dict) and data.get("disk_full"):
+                raise HTTPException(507, body["message"])      # Insufficient Storage
             raise HTTPException(409, body["message"])
         return body
 
