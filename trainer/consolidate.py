@@ -52,6 +52,7 @@ from typing import Any, Iterator
 
 from daemon.atomic import atomic_write_json, durable_rename, fsync_dir, fsync_tree, read_json
 from daemon.config import base_model_value, locked_namespace, set_base_model
+from daemon.diskfull import is_disk_full
 from daemon.lock import AlreadyRunning, DaemonLock, read_pid
 from daemon.paths import Layout
 
@@ -268,6 +269,8 @@ def snapshot_now(home: Path, description: str) -> Path:
         except adapter_store.NonFiniteAdapter as exc:   # not a race: no retry makes it finite
             raise ConsolidationError(f"{cur}: {exc}") from exc
         except (OSError, ValueError, KeyError, CheckpointError) as exc:
+            if is_disk_full(exc):          # not a race: waiting does not make room
+                raise
             last_exc = exc
             log.info("snapshot copy raced with a current_model/ swap (%s); retrying", exc)
             time.sleep(0.1)
