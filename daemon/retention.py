@@ -165,14 +165,17 @@ def remove_dead_snapshot_copies(layout: Layout) -> list[str]:
     return out
 
 
-def startup_cleanup(layout: Layout) -> list[str]:
-    """Remove what a killed daemon or worker left behind (no worker runs at daemon start)."""
+def startup_cleanup(layout: Layout, db: "StateDB | None" = None, cfg: "Config | None" = None) -> list[str]:
+    """Remove what a killed daemon or worker left behind (no worker runs at daemon start), and
+    prune the events table (events accrue without jobs too: rejected files, pauses, restarts)."""
     out: list[str] = []
     out += _guarded("removing stale job specs", lambda: _remove_job_specs(layout))
     out += _guarded("removing stale job specs in $TMPDIR", lambda: _remove_legacy_tmp_specs(layout))
     out += _guarded("removing unfinished checkpoints", lambda: remove_tmp_steps(layout))
     out += _guarded("removing interrupted snapshot removals", lambda: _remove_deleting(layout))
     out += _guarded("removing unfinished snapshot copies", lambda: remove_dead_snapshot_copies(layout))
+    if db is not None and cfg is not None:
+        out += _guarded("pruning events", lambda: prune_events(db, cfg.keep_events))
     return out
 
 

@@ -259,6 +259,23 @@ def test_events_are_pruned_to_keep_events_after_a_job(home):
     assert f["config"]["level"] == "problem" and "keep_events" in f["config"]["detail"]
 
 
+def test_events_are_pruned_at_start_even_with_no_job(home):
+    home.write_config(keep_events=100)
+    assert home.burst().returncode == 0                  # nothing to train
+    db = StateDB(home.path / "status/state.db")
+    try:
+        for i in range(300):                             # rejected files, pauses, restarts...
+            db.add_event("note", f"old event {i}")
+    finally:
+        db.close()
+    assert home.burst().returncode == 0
+    ev = _events(home)
+    # pruned right after this start was recorded: its 100 newest, then the stop
+    assert len(ev) == 101 and [e["kind"] for e in ev[-2:]] == ["daemon_start", "daemon_stop"]
+    assert ev[0]["message"] == "old event 201"
+    assert "start-up cleanup: removed" in home.log_text()
+
+
 # ---- metrics.jsonl through a real daemon ---------------------------------------------------------
 def test_metrics_rotate_by_size_and_keep_a_bounded_number_of_files(home):
     max_mb, keep = 0.01, 2                               # 10 KiB per file
