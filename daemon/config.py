@@ -86,6 +86,7 @@ class Config(BaseModel):
     # --- retention (bounded growth; see daemon/retention.py) ---
     keep_snapshots: int = Field(50, ge=1)        # newest snapshots kept (+ consolidation/manual ones)
     keep_events: int = Field(100_000, ge=100)    # newest rows kept in state.db's events table
+    keep_set_aside: int = Field(10, ge=0)        # failed/skipped jobs whose checkpoints stay for a retry
     metrics_max_mb: float = Field(64.0, gt=0)    # metrics.jsonl is rotated before it grows past this
     metrics_keep_files: int = Field(3, ge=1)     # rotated metrics.jsonl.N files kept (read at start)
     # --- services ---

@@ -233,6 +233,8 @@ class FsQueue:
                 shutil.rmtree(dst)
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.rename(src, dst)
+            if aside:
+                os.utime(dst)                 # when it was set aside: keep_set_aside keeps the newest
             _fsync_dirs(src, dst)
             log.info("job %d: checkpoints %s %s", job_id, "set aside in" if aside else "restored to", dst)
         except OSError as exc:     # the move is done; only the checkpoints stay where they were

@@ -132,7 +132,7 @@ def _check_sizes(layout: Layout, cfg: Any) -> Finding:
     aside = [d for d in (ck / "set-aside").glob("job-*") if d.is_dir()] if ck.is_dir() else []
     parts.append(f"checkpoints/ {len(live)} job(s) {_mib(sum(_tree_size(d) for d in live))}, "
                  f"set aside (failed/skipped, kept for a retry) {len(aside)} job(s) "
-                 f"{_mib(sum(_tree_size(d) for d in aside))}")
+                 f"{_mib(sum(_tree_size(d) for d in aside))} (keep_set_aside {setting('keep_set_aside')})")
     mfiles = metrics_files(layout.metrics_file)
     msize = sum(_tree_size(f) for f in mfiles)
     cap = setting("metrics_max_mb") * (setting("metrics_keep_files") + 1) * MIB

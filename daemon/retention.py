@@ -23,6 +23,9 @@ a worker dies with its daemon, PR_SET_PDEATHSIG) removes only what is clearly a 
   to ``.deleting-NAME`` first (one rename), so a crash never leaves half a snapshot that looks
   whole.
 - ``keep_events``: the events table keeps its newest ``keep_events`` rows.
+- ``keep_set_aside``: ``checkpoints/set-aside/`` keeps the checkpoints of the ``keep_set_aside``
+  jobs set aside last (a skipped or failed job's, kept so a retry resumes); older ones go (such
+  a retry then starts the job from the beginning).
 
 metrics.jsonl is rotated by its single writer (daemon/status.py, ``metrics_max_mb``,
 ``metrics_keep_files``), not here.
@@ -132,10 +135,11 @@ def remove_tmp_steps(layout: Layout) -> list[str]:
 
 def _remove_deleting(layout: Layout) -> list[str]:
     out: list[str] = []
-    if layout.snapshots.is_dir():
-        for p in sorted(layout.snapshots.glob(DELETING_PREFIX + "*")):
-            shutil.rmtree(p, ignore_errors=True)
-            out.append(f"finished removing {_rel(layout, p)}")
+    for root in (layout.snapshots, layout.checkpoints / "set-aside"):
+        if root.is_dir():
+            for p in sorted(root.glob(DELETING_PREFIX + "*")):
+                shutil.rmtree(p, ignore_errors=True)
+                out.append(f"finished removing {_rel(layout, p)}")
     return out
 
 
@@ -291,6 +295,26 @@ def prune_events(db: "StateDB", keep: int) -> list[str]:
     return [f"removed {n} oldest event(s) (keep_events {keep})"]
 
 
+def prune_set_aside(layout: Layout, keep: int) -> list[str]:
+    """Remove the set-aside checkpoints of all but the *keep* jobs set aside last."""
+    root = layout.checkpoints / "set-aside"
+    if not root.is_dir():
+        return []
+    found = sorted((d.stat().st_mtime, d.name, d) for d in root.glob("job-*")
+                   if d.is_dir() and not d.is_symlink())
+    out: list[str] = []
+    for _, name, d in found[: max(0, len(found) - keep)]:
+        aside = root / f"{DELETING_PREFIX}{name}"
+        try:
+            os.rename(d, aside)          # one rename: never half a checkpoint set that looks whole
+        except OSError as exc:
+            log.warning("could not remove set-aside checkpoints %s: %s", d, exc)
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+        out.append(f"removed set-aside checkpoints {_rel(layout, d)} (keep_set_aside {keep})")
+    return out
+
+
 def after_job(layout: Layout, db: "StateDB", cfg: "Config") -> list[str]:
     """Apply the retention settings; returns what was removed or rotated."""
     out: list[str] = []
@@ -298,4 +322,5 @@ def after_job(layout: Layout, db: "StateDB", cfg: "Config") -> list[str]:
     out += _guarded("removing unfinished snapshot copies", lambda: remove_dead_snapshot_copies(layout))
     out += _guarded("pruning snapshots", lambda: prune_snapshots(layout, cfg.keep_snapshots))
     out += _guarded("pruning events", lambda: prune_events(db, cfg.keep_events))
+    out += _guarded("pruning set-aside checkpoints", lambda: prune_set_aside(layout, cfg.keep_set_aside))
     return out

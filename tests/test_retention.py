@@ -276,6 +276,25 @@ def test_events_are_pruned_at_start_even_with_no_job(home):
     assert "start-up cleanup: removed" in home.log_text()
 
 
+def test_set_aside_checkpoints_of_old_failed_jobs_go_after_a_job(home):
+    aside = home.path / "checkpoints/set-aside"
+    now = datetime.now().timestamp()
+    for k in range(1, 7):                    # job-6 set aside last; job-1 first
+        step = aside / f"job-{k}" / "step-4"
+        step.mkdir(parents=True)
+        (step / "adapter.safetensors").write_bytes(b"w" * 1000)
+        os.utime(aside / f"job-{k}", (now - 100 + k, now - 100 + k))
+    (aside / ".deleting-job-0").mkdir()      # a removal a crash interrupted
+    home.write_config(keep_set_aside=4)
+    write_jsonl(home.path / "inbox/a.jsonl", text_records(2, "a"))
+    assert home.burst().returncode == 0 and home.files("done") == ["a.jsonl"]
+    assert sorted(p.name for p in aside.iterdir()) == ["job-3", "job-4", "job-5", "job-6"]
+    assert (aside / "job-6/step-4/adapter.safetensors").read_bytes() == b"w" * 1000
+    text = home.log_text()
+    assert "removed set-aside checkpoints checkpoints/set-aside/job-1 (keep_set_aside 4)" in text
+    assert "finished removing checkpoints/set-aside/.deleting-job-0" in text
+
+
 # ---- metrics.jsonl through a real daemon ---------------------------------------------------------
 def test_metrics_rotate_by_size_and_keep_a_bounded_number_of_files(home):
     max_mb, keep = 0.01, 2                               # 10 KiB per file
