@@ -147,6 +147,10 @@ def test_pause_and_resume_buttons_drive_the_daemon(browser, stack) -> None:
         assert home.status()["current_step"] == step, "the daemon really stopped stepping"
         assert p.is_disabled("#btn-pause") and p.is_enabled("#btn-resume")
         assert "pause" in p.text_content("#toasts").lower()
+        # why it is paused (a user here; a full disk says "paused: disk full (N MiB free in DIR)")
+        assert home.status()["paused_reason"] == "paused by user"
+        p.wait_for_function("() => document.getElementById('state-detail').textContent"
+                            ".includes('paused: paused by user')", timeout=5000)
         pg.shot("dashboard_paused.png")
         # stop asks first; cancelling leaves the daemon running
         p.click("#btn-stop")
