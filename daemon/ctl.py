@@ -75,7 +75,10 @@ def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
     else:
         last = f"last status '{status.get('status')}' at {status.get('updated_at')}" if status else "no status yet"
         print(f"trainerd: daemon not running ({last})")
-    if pid and status.get("current_file"):
+    if pid and status.get("current_file") and status.get("preparing"):
+        print(f"job:      {status['current_file']} (job {status.get('current_job_id')})  "
+              f"{describe_preparing(status['preparing'])}")
+    elif pid and status.get("current_file"):
         print(f"job:      {status['current_file']} (job {status.get('current_job_id')})  "
               f"step {status.get('current_step') or 0}/{status.get('total_steps') or '?'}  "
               f"loss {_fmt_num(status.get('loss'), '.4f')}  lr {_fmt_num(status.get('learning_rate'), '.2e')}  "
@@ -91,6 +94,17 @@ def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
     if free_bytes(layout.home) < _min_free_mb(layout) * MIB:
         print(f"disk:     {describe_disk(layout.home)}: no job starts until min_free_disk_mb is free")
     return EXIT_OK if pid else EXIT_DOWN
+
+
+def describe_preparing(p: dict[str, Any]) -> str:
+    """"preparing data 37 % (41,200 / 100,000 records, 2,100 records/s, ETA 28s)"."""
+    if p.get("phase") != "tokenizing" or not p.get("total"):
+        return "preparing data (validating the file)"
+    extra = ""
+    if p.get("records_per_second"):
+        extra = f", {p['records_per_second']:,.0f} records/s, ETA {_fmt_eta(p.get('eta_seconds'))}"
+    return (f"preparing data {p.get('percent') or 0:.0f} % ({p.get('done') or 0:,} / {p['total']:,} "
+            f"records{extra})")
 
 
 def _min_free_mb(layout: Layout) -> float:

@@ -355,9 +355,12 @@ class Daemon:
     def _on_event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
         job_id = self.current.id if self.current else None
-        if kind == "started":
+        if kind == "preparing":
+            self.board.update(preparing={k: ev.get(k) for k in ("phase", "done", "total", "percent",
+                                                                 "records_per_second", "eta_seconds")})
+        elif kind == "started":
             self._resumed_from = int(ev.get("resumed_from_step") or 0)
-            self.board.update(total_steps=ev.get("total_steps"),
+            self.board.update(total_steps=ev.get("total_steps"), preparing=None,
                               current_step=ev.get("resumed_from_step") or 0)
         elif kind == "step":
             fields = {k: ev.get(k) for k in ("loss", "learning_rate", "grad_norm", "tokens_per_second",

@@ -33,11 +33,11 @@ STATUS_KEYS = ("status", "current_file", "current_job_id", "current_step", "tota
                "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "eta_seconds",
                "epoch", "peak_memory_bytes", "queue", "last_error", "last_event", "last_command",
                "layer_activity_summary", "updated_at", "started_at", "daemon_pid", "trainer",
-               "base_model", "model_name", "paused", "paused_reason", "last_job")
+               "base_model", "model_name", "paused", "paused_reason", "last_job", "preparing")
 
 JOB_KEYS = ("current_file", "current_job_id", "current_step", "total_steps", "loss", "eval_loss",
             "learning_rate", "grad_norm", "tokens_per_second", "eta_seconds", "epoch",
-            "peak_memory_bytes", "layer_activity_summary")
+            "peak_memory_bytes", "layer_activity_summary", "preparing")
 
 
 def iso(ts: float | None = None) -> str:

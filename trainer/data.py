@@ -26,7 +26,7 @@ import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 IGNORE_INDEX = -100
 
@@ -260,12 +260,14 @@ def tokenize_record(record: dict, fmt: str, tokenizer: Any) -> tuple[list[int], 
 # files
 
 
-def load_examples(path: Path, tokenizer: Any, *, max_length: int,
-                  truncation: str = "truncate") -> tuple[list[Example], DataReport]:
+def load_examples(path: Path, tokenizer: Any, *, max_length: int, truncation: str = "truncate",
+                  progress: Callable[[str, int, int], None] | None = None) -> tuple[list[Example], DataReport]:
     """Validate *path*, then tokenize its valid records into examples.
 
     Raises DataError when validation rejects the file. ``truncation``: "truncate" cuts an
     over-long example to ``max_length`` tokens, "drop" drops it; either way it is counted.
+    ``progress(phase, done, total)`` is called as it goes ("validating" 0/0 first, then
+    "tokenizing" done/total records, often: the caller throttles).
     """
     from daemon.validation import iter_records, validate_file
 
@@ -274,22 +276,31 @@ def load_examples(path: Path, tokenizer: Any, *, max_length: int,
     if max_length < 2:
         raise ValueError("max_length must be at least 2")
     path = Path(path)
+    if progress is not None:
+        progress("validating", 0, 0)
     vrep = validate_file(path)
     if not vrep.ok or vrep.format is None:
         raise DataError(f"{path.name}: {vrep.reason or 'no format detected'}")
+    total = vrep.valid_records
+    on_record = None if progress is None else (lambda done: progress("tokenizing", done, total))
     examples, report = examples_from_records(iter_records(path), vrep.format, tokenizer,
-                                             max_length=max_length, truncation=truncation)
+                                             max_length=max_length, truncation=truncation,
+                                             on_record=on_record)
     report.skipped_invalid = vrep.records - vrep.valid_records
     log.info("%s: %s", path.name, report.to_json())
     return examples, report
 
 
 def examples_from_records(records: Iterable[tuple[int, dict]], fmt: str, tokenizer: Any, *,
-                          max_length: int, truncation: str = "truncate") -> tuple[list[Example], DataReport]:
-    """Tokenize already-validated ``(line, record)`` pairs of format *fmt*."""
+                          max_length: int, truncation: str = "truncate",
+                          on_record: Callable[[int], None] | None = None) -> tuple[list[Example], DataReport]:
+    """Tokenize already-validated ``(line, record)`` pairs of format *fmt*.
+    ``on_record(records done)`` is called after each record (progress)."""
     report = DataReport(format=fmt)
     examples: list[Example] = []
     for line, record in records:
+        if on_record is not None and report.records:
+            on_record(report.records)
         report.records += 1
         ids, labels = tokenize_record(record, fmt, tokenizer)
         if len(ids) > max_length:
@@ -306,6 +317,8 @@ def examples_from_records(records: Iterable[tuple[int, dict]], fmt: str, tokeniz
         report.tokens += len(ids)
         report.trained_tokens += n_trained
     report.examples = len(examples)
+    if on_record is not None:
+        on_record(report.records)
     return examples, report
 
 

@@ -36,6 +36,8 @@ class Outcome(str, enum.Enum):
 
 
 # Event kinds a trainer may emit (all dicts carry "event"; numbers may be None when unknown):
+#   preparing      phase (validating|tokenizing), done, total, percent, records_per_second,
+#                  eta_seconds: data preparation before "started" (progress, not a hang)
 #   started        total_steps, resumed_from_step
 #   step           step, total_steps, loss, learning_rate, grad_norm, tokens_per_second,
 #                  step_time_s, epoch, tokens, peak_memory_bytes, eta_seconds

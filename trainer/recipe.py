@@ -282,7 +282,8 @@ class _RecipeRun:
         cfg = self.cfg
         max_length = int(cfg["max_length"])
         examples, self.report = load_examples(self.job.dataset, self.tokenizer, max_length=max_length,
-                                              truncation=cfg.get("truncation", "truncate"))
+                                              truncation=cfg.get("truncation", "truncate"),
+                                              progress=self._preparing)
         if not examples:
             raise JobFailed(f"{self.job.name}: no trainable examples ({self.report.to_json()})")
         self.train_ex, self.eval_ex = split_eval(examples, float(cfg.get("eval_fraction", 0.0)),
@@ -296,6 +297,25 @@ class _RecipeRun:
         self.plan_sizes = [len(p) for p in self.plans]
         self.steps_per_epoch = [math.ceil(n / self.ga) for n in self.plan_sizes]
         self.total_steps = sum(self.steps_per_epoch)
+
+    PREPARING_EVERY_S = 0.5
+
+    def _preparing(self, phase: str, done: int, total: int) -> None:
+        """Data preparation as progress (``preparing`` events, at most every PREPARING_EVERY_S and
+        at the end): the daemon shows it, and the worker is never taken for hung meanwhile."""
+        now = time.monotonic()
+        first = getattr(self, "_prep_t0", None) is None or phase != self._prep_phase
+        if first:
+            self._prep_t0, self._prep_phase, self._prep_last = now, phase, 0.0
+        elif done < total and now - self._prep_last < self.PREPARING_EVERY_S:
+            return
+        self._prep_last = now
+        elapsed = now - self._prep_t0
+        rate = done / elapsed if elapsed > 0 and done else None
+        self.emit("preparing", phase=phase, done=done, total=total,
+                  percent=round(100.0 * done / total, 1) if total else None,
+                  records_per_second=round(rate, 1) if rate else None,
+                  eta_seconds=round((total - done) / rate, 1) if rate and total else None)
 
     def _adapter_copy(self) -> dict[str, torch.Tensor]:
         from trainer.model import adapter_state_dict

@@ -213,7 +213,13 @@
     $("progress-bar").style.width = pct.toFixed(1) + "%";
     $("progress").setAttribute("aria-valuenow", pct.toFixed(0));
     const meta = [];
-    if (job) {
+    const prep = s.preparing;
+    if (job && prep) {
+      meta.push(prep.phase === "tokenizing" && prep.total
+        ? `preparing data ${Math.round(prep.percent || 0)} % (${(prep.done || 0).toLocaleString()} / ${prep.total.toLocaleString()} records)`
+          + (prep.eta_seconds != null ? " · ETA " + dur(prep.eta_seconds) : "")
+        : "preparing data (validating the file)");
+    } else if (job) {
       meta.push(`step ${step ?? 0} of ${total ?? "?"}` + (total ? ` (${pct.toFixed(0)}%)` : ""));
       meta.push("ETA " + dur(s.eta_seconds));
       if (s.loss != null) meta.push("loss " + num(s.loss));
