@@ -156,6 +156,8 @@ class _RecipeRun:
         self.peak_rss = 0
         self.nonfinite_run = 0       # NaN/inf steps skipped in a row
         self.nonfinite_total = 0     # ... in this job (kept in checkpoints)
+        self._prep_phase: str | None = None      # data preparation progress (``_preparing``)
+        self._prep_t0 = self._prep_last = 0.0
         self._step_times: collections.deque[float] = collections.deque(maxlen=50)   # for the ETA
 
     # ================================================================== helpers
@@ -304,8 +306,7 @@ class _RecipeRun:
         """Data preparation as progress (``preparing`` events, at most every PREPARING_EVERY_S and
         at the end): the daemon shows it, and the worker is never taken for hung meanwhile."""
         now = time.monotonic()
-        first = getattr(self, "_prep_t0", None) is None or phase != self._prep_phase
-        if first:
+        if phase != self._prep_phase:
             self._prep_t0, self._prep_phase, self._prep_last = now, phase, 0.0
         elif done < total and now - self._prep_last < self.PREPARING_EVERY_S:
             return
