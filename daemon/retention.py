@@ -269,15 +269,22 @@ def prune_snapshots(layout: Layout, keep: int) -> list[str]:
     for _, name, d, meta in found[: len(found) - keep]:       # the newest *keep* always stay
         if _protected(name, meta, named):
             continue
-        aside = d.with_name(DELETING_PREFIX + name)
-        try:
-            os.rename(d, aside)
-        except OSError as exc:
-            log.warning("could not remove snapshot %s: %s", d, exc)
-            continue
-        shutil.rmtree(aside, ignore_errors=True)
-        out.append(f"removed snapshot {_rel(layout, d)} (keep_snapshots {keep})")
+        if _remove_whole(d):
+            out.append(f"removed snapshot {_rel(layout, d)} (keep_snapshots {keep})")
     return out
+
+
+def _remove_whole(d: Path) -> bool:
+    """Rename *d* to ``.deleting-NAME`` (one rename: never half a folder that looks whole), then
+    delete it; a crash in between is finished at the next start (``_remove_deleting``)."""
+    aside = d.with_name(DELETING_PREFIX + d.name)
+    try:
+        os.rename(d, aside)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", d, exc)
+        return False
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
 
 
 # ---- events ---------------------------------------------------------------------------------------
@@ -303,15 +310,9 @@ def prune_set_aside(layout: Layout, keep: int) -> list[str]:
     found = sorted((d.stat().st_mtime, d.name, d) for d in root.glob("job-*")
                    if d.is_dir() and not d.is_symlink())
     out: list[str] = []
-    for _, name, d in found[: max(0, len(found) - keep)]:
-        aside = root / f"{DELETING_PREFIX}{name}"
-        try:
-            os.rename(d, aside)          # one rename: never half a checkpoint set that looks whole
-        except OSError as exc:
-            log.warning("could not remove set-aside checkpoints %s: %s", d, exc)
-            continue
-        shutil.rmtree(aside, ignore_errors=True)
-        out.append(f"removed set-aside checkpoints {_rel(layout, d)} (keep_set_aside {keep})")
+    for _, _name, d in found[: max(0, len(found) - keep)]:
+        if _remove_whole(d):
+            out.append(f"removed set-aside checkpoints {_rel(layout, d)} (keep_set_aside {keep})")
     return out
 
 

@@ -557,15 +557,20 @@ def assert_507(r: httpx.Response) -> None:
     assert detail.startswith("disk full (") and " MiB free in " in detail, detail
 
 
-def test_monitor_upload_on_a_full_disk_is_507(disk: Disk, tmp_path: Path) -> None:
-    """The dashboard's upload (and a control button) on a full disk: 507 with the free space in a
-    JSON error, never a 500; nothing half-written is left; after space is back uploads work."""
+def daemon_and_monitor(disk: Disk, tmp_path: Path) -> tuple[Home, int, subprocess.Popen, str, bytes]:
+    """A running daemon and monitor on the small disk, settled, and an upload body."""
     h = make_home(disk)
     pid = launch(h)
     proc, base = start_monitor(h, tmp_path / "monitor.out")
     disk.cleanups.append(lambda: (proc.terminate(), proc.wait(5)))
-    body = "".join(json.dumps(r) + "\n" for r in text_records(3, "up")).encode()
     settle(h)
+    return h, pid, proc, base, "".join(json.dumps(r) + "\n" for r in text_records(3, "up")).encode()
+
+
+def test_monitor_upload_on_a_full_disk_is_507(disk: Disk, tmp_path: Path) -> None:
+    """The dashboard's upload (and a control button) on a full disk: 507 with the free space in a
+    JSON error, never a 500; nothing half-written is left; after space is back uploads work."""
+    h, pid, proc, base, body = daemon_and_monitor(disk, tmp_path)
     assert disk.fill() < PAGE
     assert_507(upload(base, "up.jsonl", body))
     files = {"file": ("up2.jsonl", body, "application/x-ndjson")}
@@ -595,12 +600,7 @@ def test_monitor_upload_on_a_full_disk_is_507(disk: Disk, tmp_path: Path) -> Non
 def test_monitor_upload_whose_intake_commit_fails_is_507(disk: Disk, tmp_path: Path) -> None:
     """The staged copy fits, but the daemon cannot record it (state.db commit): 507, and the file
     is not lost: it waits in inbox/ and is trained once space is back."""
-    h = make_home(disk)
-    pid = launch(h)
-    proc, base = start_monitor(h, tmp_path / "monitor.out")
-    disk.cleanups.append(lambda: (proc.terminate(), proc.wait(5)))
-    body = "".join(json.dumps(r) + "\n" for r in text_records(3, "up")).encode()
-    settle(h)
+    h, pid, proc, base, body = daemon_and_monitor(disk, tmp_path)
     truncate_wal(h)
     disk.fill(leave=2 * PAGE)                    # the staged copy and the control request
     r = upload(base, "up.jsonl", body)

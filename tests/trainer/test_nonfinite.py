@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 from daemon.config import Config, config_to_dict
 from trainer import adapter_store
 from trainer.generator import generate_records
-from trainer.interface import Command, Outcome
+from trainer.interface import Outcome
 from trainer.recipe import QLoRATrainer, _RecipeRun
 from trainer.train import make_job
-from trainer_helpers import ListSink, NoControl
+from trainer_helpers import ListSink, NoControl, StopAfter
 
 DIVERGING_LR = 1e30   # float32 on CPU: loss NaN from step 2 for any lr >= ~1e20 (1e18 stays finite)
 
@@ -58,23 +58,6 @@ def inf_loss_at(monkeypatch: pytest.MonkeyPatch):
             return out
         monkeypatch.setattr(_RecipeRun, "_loss_sum", faulty)
     return install
-
-
-class StopAfter:
-    """STOP once the step event *n* was emitted (a real ControlSource)."""
-
-    def __init__(self, sink: ListSink, n: int) -> None:
-        self.sink, self.n, self.sent = sink, n, False
-
-    def poll(self) -> Command | None:
-        steps = self.sink.of("step")
-        if not self.sent and steps and steps[-1]["step"] == self.n:
-            self.sent = True
-            return Command.STOP
-        return None
-
-    def wait(self, timeout: float) -> Command | None:
-        return self.poll()
 
 
 def run(job: Any, control: Any = None) -> tuple[Any, ListSink]:

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from daemon.config import Config, config_to_dict
 from trainer.generator import generate_records
-from trainer.interface import Command, Outcome
+from trainer.interface import Outcome
 from trainer.recipe import QLoRATrainer
 from trainer.train import make_job
-from trainer_helpers import ListSink
+from trainer_helpers import ListSink, NoControl, StopAfter
 
 pytestmark = pytest.mark.slow
 
@@ -29,21 +29,6 @@ def cfg(base: Path) -> dict[str, Any]:
                                  lr_scheduler="constant", checkpoint_every_steps=1000, seed=0))
 
 
-class StopAt:
-    def __init__(self, sink: ListSink, step: int) -> None:
-        self.sink, self.step, self.sent = sink, step, False
-
-    def poll(self) -> Command | None:
-        steps = self.sink.of("step")
-        if not self.sent and steps and steps[-1]["step"] == self.step:
-            self.sent = True
-            return Command.STOP
-        return None
-
-    def wait(self, timeout: float) -> Command | None:
-        return self.poll()
-
-
 def dataset(path: Path, n: int, seed: int) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in generate_records(n, seed=seed)), encoding="utf-8")
     return path
@@ -51,7 +36,7 @@ def dataset(path: Path, n: int, seed: int) -> Path:
 
 def run(job: Any, stop_at: int | None = None) -> tuple[Any, ListSink]:
     sink = ListSink()
-    control = StopAt(sink, stop_at) if stop_at else StopAt(sink, -1)
+    control = StopAfter(sink, stop_at) if stop_at else NoControl()
     return QLoRATrainer().run(job, sink, control), sink
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from trainer.interface import Command
+
 
 class ListSink:
     """Collects events; each must be JSON-safe, as the worker protocol requires."""
@@ -25,3 +27,20 @@ class NoControl:
 
     def wait(self, timeout: float) -> None:
         return None
+
+
+class StopAfter:
+    """A real ControlSource: STOP once the step event *n* was emitted into *sink*."""
+
+    def __init__(self, sink: ListSink, n: int) -> None:
+        self.sink, self.n, self.sent = sink, n, False
+
+    def poll(self) -> Command | None:
+        steps = self.sink.of("step")
+        if not self.sent and steps and steps[-1]["step"] == self.n:
+            self.sent = True
+            return Command.STOP
+        return None
+
+    def wait(self, timeout: float) -> Command | None:
+        return self.poll()
