@@ -23,7 +23,7 @@ from daemon import control as ctl
 from daemon.atomic import atomic_write_json, durable_rename, fsync_dir
 from daemon.diskfull import MIB, describe as describe_disk, free_bytes, is_disk_full
 from daemon.config import LOCKED_KEYS, Config, ConfigError, base_model_value, load_config, locked_namespace
-from daemon.fsqueue import FsQueue, Intake, QueueError, safe_name
+from daemon.fsqueue import ERROR_SUFFIX, FsQueue, Intake, QueueError, safe_name
 from daemon.lock import AlreadyRunning, DaemonLock, daemon_running
 from daemon.paths import Layout
 from daemon.statedb import StateDB
@@ -228,6 +228,149 @@ def cmd_queue_list(layout: Layout, args: argparse.Namespace) -> int:
         if j.error:
             line += f"  ({j.error.splitlines()[0][:100]})"
         print(line)
+    return EXIT_OK
+
+
+def _count(n: Any, one: str, many: str | None = None) -> str:
+    if not isinstance(n, int) or isinstance(n, bool):
+        return f"{n} {many or one + 's'}"
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
+def _lines_text(lines: Any, count: Any) -> str:
+    """"lines 4, 9, …" (the ellipsis when the count says there are more than listed)."""
+    if not isinstance(lines, list) or not lines:
+        return ""
+    more = isinstance(count, int) and count > len(lines)
+    return ("line " if len(lines) == 1 and not more else "lines ") + \
+        ", ".join(str(x) for x in lines) + (", …" if more else "")
+
+
+def describe_reason(name: str, r: Any, unit: str = "record") -> str:
+    """"truncated: 12 records (1,234 tokens cut), lines 4, 9, …" (any extra keys are shown too)."""
+    if not isinstance(r, dict):
+        return f"{name}: {r}"
+    count = r.get("count")
+    out = f"{name}: {_count(count, unit)}" if count is not None else f"{name}:"
+    notes = []
+    if r.get("tokens_cut") is not None:
+        notes.append(f"{_fmt_int(r['tokens_cut'])} tokens cut")
+    for k, v in r.items():
+        if k not in ("count", "lines", "tokens_cut", "message"):
+            notes.append(f"{k.replace('_', ' ')} {_fmt_int(v)}")
+    if notes:
+        out += f" ({', '.join(notes)})"
+    lines = _lines_text(r.get("lines"), count)
+    if lines:
+        out += f", {lines}"
+    if r.get("message"):
+        out += f" — {r['message']}"
+    return out
+
+
+def _fmt_int(v: Any) -> str:
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+
+REPORT_LABELS = (("records", "records"), ("examples", "examples"), ("tokens", "tokens"),
+                 ("trained_tokens", "trained tokens"), ("tokens_cut", "tokens cut"))
+
+
+def describe_data_report(report: dict[str, Any]) -> list[str]:
+    """The worker's data report as lines: the totals, then one line per reason."""
+    how = [f"{k.replace('_', ' ')} {report[k]}" for k in ("format", "truncation", "max_length")
+           if report.get(k) is not None]
+    out = ["data report" + (f" ({', '.join(how)})" if how else "") + ":"]
+    width = max(len(label) for _, label in REPORT_LABELS) + 1
+    for key, label in REPORT_LABELS:
+        if report.get(key) is not None:
+            out.append(f"  {label + ':':<{width}} {_fmt_int(report[key])}")
+    shown = {k for k, _ in REPORT_LABELS} | {"format", "truncation", "max_length", "reasons"}
+    reasons = report.get("reasons") if isinstance(report.get("reasons"), dict) else {}
+    for k, v in report.items():     # keys of a newer worker that this version does not know
+        if k not in shown and k not in reasons and not isinstance(v, (dict, list)) and v not in (0, None):
+            out.append(f"  {k.replace('_', ' ') + ':':<{width}} {_fmt_int(v)}")
+    if reasons:
+        out += [f"  {describe_reason(str(name), r)}" for name, r in reasons.items()]
+    else:
+        out.append("  nothing truncated, dropped or skipped")
+    return out
+
+
+def describe_validation(v: dict[str, Any]) -> list[str]:
+    """The intake validation report kept in failed/NAME.error.json, as lines."""
+    out = [f"intake validation: {_fmt_int(v.get('valid_records'))} of {_fmt_int(v.get('records'))} "
+           f"records valid" + (f" ({v['format']})" if v.get("format") else "")]
+    by_kind: dict[str, list[int]] = {}
+    for e in v.get("errors") or []:
+        if isinstance(e, dict):
+            by_kind.setdefault(str(e.get("kind")), []).append(e.get("line"))
+    counts = v.get("error_counts") if isinstance(v.get("error_counts"), dict) else {}
+    for kind in list(counts) + [k for k in by_kind if k not in counts]:
+        lines = by_kind.get(kind, [])
+        out.append("  " + describe_reason(kind, {"count": counts.get(kind, len(lines)), "lines": lines},
+                                          unit="line"))
+    return out
+
+
+def _find_job(db: StateDB, ref: str):
+    job = db.by_name(ref)
+    if job is None and ref.isdigit():
+        job = db.get(int(ref))
+    return job
+
+
+def cmd_queue_show(layout: Layout, args: argparse.Namespace) -> int:
+    db = _db(layout)
+    job = None
+    if db:
+        try:
+            job = _find_job(db, args.name)
+        finally:
+            db.close()
+    if job is None:
+        _err(f"no job named {args.name!r} in the queue (see `trainer-ctl queue list`)")
+        return EXIT_FAIL
+    error_file: dict[str, Any] = {}
+    if job.state == JobState.FAILED.value:
+        path = layout.state_dir(JobState.FAILED) / (job.name + ERROR_SUFFIX)
+        try:
+            error_file = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            error_file = {}
+        if not isinstance(error_file, dict):
+            error_file = {}
+    d = job.to_json()
+    if args.json:
+        if isinstance(error_file.get("validation"), dict):
+            d["validation"] = error_file["validation"]
+        print(json.dumps(d, indent=2, default=str))
+        return EXIT_OK
+    print(f"job {job.id}: {job.name} ({job.state})")
+    if job.original_name != job.name:
+        print(f"  uploaded as:  {job.original_name}")
+    facts = [f"priority {job.priority}", f"attempt{'s' if job.attempts != 1 else ''} {job.attempts}"]
+    if job.records is not None:
+        facts.append(_count(job.records, "valid record"))
+    if job.format:
+        facts.append(job.format)
+    if job.steps is not None:
+        facts.append(f"{job.steps} steps")
+    print("  " + " · ".join(facts))
+    if job.sha256:
+        print(f"  sha256:       {job.sha256}")
+    for label, ts in (("added", job.created_at), ("started", job.started_at), ("finished", job.finished_at)):
+        if ts:
+            print(f"  {label + ':':<13} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))}")
+    if job.error:
+        print(f"  error:        {job.error}")
+    report = d["data_report"]
+    if report is not None:
+        print("\n".join(describe_data_report(report)))
+    elif job.state != JobState.FAILED.value or job.attempts:
+        print("data report: none yet (the worker reports it when the job starts training)")
+    if isinstance(error_file.get("validation"), dict):
+        print("\n".join(describe_validation(error_file["validation"])))
     return EXIT_OK
 
 
@@ -525,6 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--state", choices=[x.value for x in JobState])
     ls.set_defaults(func=cmd_queue_list)
+    sh = qs.add_parser("show", help="one job: its fields, its data report, its intake validation")
+    sh.add_argument("name", help="queue name (or job id)")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=cmd_queue_show)
     r = qs.add_parser("remove", help="take a pending job out of the queue (kept in failed/)")
     r.add_argument("name")
     r.set_defaults(func=cmd_queue_remove)

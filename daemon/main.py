@@ -360,6 +360,9 @@ class Daemon:
                                                                  "records_per_second", "eta_seconds")})
         elif kind == "started":
             self._resumed_from = int(ev.get("resumed_from_step") or 0)
+            if job_id is not None and isinstance(ev.get("dataset"), dict):
+                # every attempt's report replaces the last one (a resumed attempt reads the same file)
+                self.db.set_data_report(job_id, ev["dataset"])
             self.board.update(total_steps=ev.get("total_steps"), preparing=None,
                               current_step=ev.get("resumed_from_step") or 0)
         elif kind == "step":

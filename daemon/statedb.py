@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at    REAL NOT NULL,
     updated_at    REAL NOT NULL,
     started_at    REAL,
-    finished_at   REAL
+    finished_at   REAL,
+    data_report   TEXT                           -- JSON: the worker's data report of the last attempt
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_sha ON jobs(sha256);
@@ -89,9 +90,47 @@ class Job:
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    data_report: str | None = None      # JSON text as stored; see report() and to_json()
+
+    def report(self) -> dict[str, Any] | None:
+        """The data report of the job's last attempt (parsed), or None if there is none yet."""
+        return parse_data_report(self.data_report)
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d["data_report"] = self.report()
+        return d
+
+
+# the data report's totals; any other top-level number of the older flat shape is a reason
+REPORT_TOTALS = frozenset({"records", "examples", "tokens", "trained_tokens", "tokens_cut", "max_length"})
+
+
+def normalize_data_report(report: Any) -> dict[str, Any] | None:
+    """The worker's ``started.dataset`` as it is stored: every key kept as given, plus ``reasons``
+    (``{name: {"count": n, "lines": [...], ...}}``). The older flat shape has no ``reasons``: its
+    non-zero counters (``truncated``, ``dropped_too_long``, ``skipped_invalid``...) become reasons
+    with a count and no lines. Anything but a JSON object is no report (None)."""
+    if not isinstance(report, dict):
+        return None
+    out = dict(report)
+    reasons = report.get("reasons")
+    if isinstance(reasons, dict):
+        out["reasons"] = {str(k): (v if isinstance(v, dict) else {"count": v}) for k, v in reasons.items()}
+    else:
+        out["reasons"] = {k: {"count": v} for k, v in report.items()
+                          if k not in REPORT_TOTALS and isinstance(v, int) and not isinstance(v, bool) and v}
+    return out
+
+
+def parse_data_report(text: str | None) -> dict[str, Any] | None:
+    """A stored data report, parsed; None when there is none (or it is not a JSON object)."""
+    if not text:
+        return None
+    try:
+        return normalize_data_report(json.loads(text))
+    except ValueError:
+        return None
 
 
 PENDING_ORDER = ("ORDER BY resume DESC, CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 "
@@ -132,12 +171,13 @@ class StateDB:
         # makes; with no WAL left (the last writer closed cleanly) the file is the whole database
         return connect("&immutable=1")
 
-    # columns added after the first release: (name, SQL type + default)
-    _ADDED_COLUMNS = (("crashes", "INTEGER NOT NULL DEFAULT 0"), ("not_before", "REAL"))
+    # columns added after the first release: (name, SQL type + default, value in a file without it)
+    _ADDED_COLUMNS = (("crashes", "INTEGER NOT NULL DEFAULT 0", 0), ("not_before", "REAL", None),
+                      ("data_report", "TEXT", None))
 
     def _migrate(self) -> None:
         have = {row[1] for row in self.conn.execute("PRAGMA table_info(jobs)")}
-        for name, decl in self._ADDED_COLUMNS:
+        for name, decl, _ in self._ADDED_COLUMNS:
             if name not in have:
                 self.conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
@@ -192,6 +232,8 @@ class StateDB:
         if row is None:
             return None
         d = dict(row)
+        for name, _, value in self._ADDED_COLUMNS:   # a read-only reader of a file not yet migrated
+            d.setdefault(name, value)
         d["resume"], d["forced"] = bool(d["resume"]), bool(d["forced"])
         return Job(**d)
 
@@ -242,6 +284,22 @@ class StateDB:
                 fields[k] = int(v)
         cols = ", ".join(f"{k} = ?" for k in fields)
         c.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def set_data_report(self, job_id: int, report: Any) -> bool:
+        """Store the data report of the job's current attempt (replacing an earlier attempt's).
+        Not a JSON object: nothing stored, False. On a full disk the report is lost with a warning
+        (like an event): it must not stop the training it describes."""
+        norm = normalize_data_report(report)
+        if norm is None:
+            return False
+        try:
+            self.update(job_id, data_report=json.dumps(norm, default=str))
+        except sqlite3.Error as exc:
+            if not is_disk_full(exc):
+                raise
+            log.warning("data report of job %s not recorded in state.db (%s)", job_id, exc)
+            return False
+        return True
 
     def get(self, job_id: int) -> Job | None:
         return self._job(self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
