@@ -276,8 +276,11 @@ def test_reject_invalid_utf8_with_line_number(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "u.jsonl", [TEXT, TEXT, b'{"text": "caf\xe9"}', TEXT])
     report = validate_file(path)
     assert not report.ok
-    assert report.reason == "invalid UTF-8 on line 3"
+    assert report.reason == (
+        "1 of 4 records is bad (25 % > max_bad_record_fraction 1 %): invalid UTF-8 on line 3"
+    )
     assert report.error_counts == {"invalid_utf8": 1}
+    assert report.bad_lines == {"invalid_utf8": [3]} and report.bad_records == 1
     assert report.errors[0].line == 3 and report.errors[0].kind == "invalid_utf8"
     assert report.valid_records == 3
     # the trainer still never sees the broken line
@@ -288,7 +291,7 @@ def test_reject_invalid_json_names_lines(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "j.jsonl", [TEXT, TEXT, '{"text": "x"', TEXT, TEXT, TEXT, "not json"])
     report = validate_file(path)
     assert not report.ok
-    assert report.reason == "invalid JSON on lines 3, 7"
+    assert report.reason == "2 of 7 records are bad (28.6 % > max_bad_record_fraction 1 %): invalid JSON on lines 3, 7"
     assert report.error_counts == {"invalid_json": 2}
     assert report.first_error_lines() == [3, 7]
 
@@ -296,7 +299,8 @@ def test_reject_invalid_json_names_lines(tmp_path: Path) -> None:
 def test_reject_invalid_json_many_lines_reason_is_short(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "j.jsonl", [TEXT] + ["{"] * 50)
     report = validate_file(path)
-    assert report.reason == "invalid JSON on lines 2, 3, 4, 5, 6 and 45 more"
+    assert report.reason.endswith(": invalid JSON on lines 2, 3, 4, 5, 6 and 45 more")
+    assert report.bad_lines["invalid_json"] == list(range(2, 22))  # the first 20 in the JSON
 
 
 def test_reject_pathological_json(tmp_path: Path) -> None:
@@ -316,7 +320,7 @@ def test_reject_json_not_an_object(tmp_path: Path, value: str) -> None:
     path = write_lines(tmp_path / "o.jsonl", [TEXT, value, TEXT])
     report = validate_file(path)
     assert not report.ok
-    assert report.reason == "JSON value not an object on line 2"
+    assert report.reason.endswith("): JSON value not an object on line 2")
     assert report.error_counts == {"not_an_object": 1}
 
 
@@ -324,17 +328,18 @@ def test_reject_mixed_formats(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "m.jsonl", [CHAT, CHAT, CHAT, TEXT])
     report = validate_file(path)
     assert not report.ok
-    assert report.reason == "mixed formats: messages on lines 1-3, text on line 4"
+    assert report.reason == ("1 of 4 records is bad (25 % > max_bad_record_fraction 1 %): "
+                             "mixed formats: messages on lines 1-3, text on line 4")
     assert report.format == "messages"
     assert report.format_counts == {"messages": 3, "text": 1}
     assert report.error_counts == {"mixed_format": 1}
-    assert report.errors == [LineError(4, "mixed_format", "text record in a messages file")]
+    assert report.errors == [LineError(4, "mixed_format", "text record in a messages file (line 4)")]
 
 
 def test_reject_mixed_formats_runs_span_blank_lines(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "m.jsonl", [PC, "", PC, ALPACA, PC, TEXT])
     report = validate_file(path)
-    assert report.reason == (
+    assert report.reason.endswith(
         "mixed formats: prompt_completion on lines 1-3, 5, alpaca on line 4, text on line 6"
     )
 
@@ -346,8 +351,8 @@ def test_reject_zero_valid_records(tmp_path: Path) -> None:
     assert report.format == "messages"
     assert report.valid_records == 0 and report.records == 3
     assert report.reason.startswith("no valid records (messages format): ")
-    assert "no_assistant_message on lines 1, 2" in report.reason
-    assert "empty_messages on line 3" in report.reason
+    assert "messages record without an assistant turn (lines 1, 2)" in report.reason
+    assert "messages record with an empty 'messages' list (line 3)" in report.reason
     assert list(iter_records(path)) == []
 
 
@@ -371,7 +376,7 @@ def test_reject_line_too_long_without_loading_it(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert not report.ok
-    assert report.reason == "line too long on line 2"
+    assert report.reason.endswith("): line too long on line 2")
     assert report.errors[0].kind == "line_too_long"
     assert (report.lines, report.records, report.valid_records) == (3, 3, 2)
     assert peak < 5_000_000, peak  # the 20 MB line was never held in memory
@@ -400,20 +405,35 @@ def test_partial_invalid_file_accepted_with_counts(tmp_path: Path) -> None:
         CHAT,                                   # 7 ok
     ]
     path = write_lines(tmp_path / "p.jsonl", lines)
-    report = validate_file(path)
+    report = validate_file(path, max_bad_record_fraction=0.5)   # 3 of 6 bad: just within
     assert report.ok, report.reason
     assert report.reason is None
     assert report.format == "messages"
     assert (report.lines, report.blank_lines, report.records, report.valid_records) == (7, 1, 6, 3)
-    assert report.skipped_records == 3
+    assert report.skipped_records == report.bad_records == 3
     assert report.error_counts == {"no_assistant_message": 2, "unrecognized_role": 1, "unknown_format": 1}
+    assert report.bad_lines == {"no_assistant_message": [2, 5], "unrecognized_role": [5], "unknown_format": [6]}
     assert report.first_error_lines() == [2, 5, 6]
     assert report.errors[0].kind == "no_assistant_message"
+    assert report.errors[0].message == "messages record without an assistant turn (line 2)"
     assert report.errors[1].kind == "unrecognized_role"
-    assert "no_assistant_message" in report.errors[1].message
+    assert "without an assistant turn" in report.errors[1].message
+    assert report.errors[1].message.endswith("(line 5)")
+    assert report.summary.startswith("messages record without an assistant turn (lines 2, 5); ")
     data = report.to_json()
     assert data["skipped_records"] == 3 and data["errors_truncated"] is False
+    assert data["bad_records"] == 3 and data["bad_lines"]["unknown_format"] == [6]
+    assert data["max_bad_record_fraction"] == 0.5
     assert [n for n, _ in iter_records(path)] == [1, 4, 7]
+    # the same file against the default threshold (1 %) is rejected, naming every kind and line
+    strict = validate_file(path)
+    assert not strict.ok
+    assert strict.reason.startswith(
+        "3 of 6 records are bad (50 % > max_bad_record_fraction 1 %): "
+        "messages record without an assistant turn (lines 2, 5); "
+        "messages record whose message 0 has role 'bot' (expected ")
+    assert strict.reason.endswith("match no known format (messages, prompt_completion, alpaca, "
+                                  "sharegpt, text) (line 6)")
 
 
 def test_iter_records_line_numbers_bom_crlf_blank_and_no_final_newline(tmp_path: Path) -> None:
@@ -458,6 +478,121 @@ def test_iter_records_uses_first_format_and_skips_others(tmp_path: Path) -> None
     assert [n for n, _ in iter_records(path)] == [2, 4]
 
 
+# ---------------------------------------------------------------- partial acceptance
+
+def test_few_broken_lines_accepted_under_the_threshold(tmp_path: Path) -> None:
+    lines: list[Any] = [TEXT] * 200
+    lines[2] = '{"text": oops'          # line 3: invalid JSON
+    lines[99] = b'{"text": "caf\xe9"}'  # line 100: not UTF-8
+    path = write_lines(tmp_path / "a.jsonl", lines)
+    report = validate_file(path)
+    assert report.ok and report.reason is None      # 2 of 200 = 1 %: not more than 1 %
+    assert (report.records, report.valid_records, report.bad_records) == (200, 198, 2)
+    assert report.error_counts == {"invalid_json": 1, "invalid_utf8": 1}
+    assert report.bad_lines == {"invalid_json": [3], "invalid_utf8": [100]}
+    assert report.summary == "invalid JSON on line 3; invalid UTF-8 on line 100"
+    assert [e.line for e in report.errors] == [3, 100]
+    assert report.errors[0].message.endswith("(line 3)")
+    got = [n for n, _ in iter_records(path)]           # the trainer never sees the broken lines
+    assert len(got) == 198 and 3 not in got and 100 not in got
+
+
+def test_over_the_threshold_is_rejected_naming_kinds_lines_and_threshold(tmp_path: Path) -> None:
+    lines: list[Any] = [ALPACA] * 40
+    lines[2] = "{oops"
+    lines[6] = {"instruction": "i", "input": "x", "output": ""}
+    lines[11] = {"instruction": "i", "output": "o", "extra": 1, "input": 5}
+    path = write_lines(tmp_path / "b.jsonl", lines)
+    report = validate_file(path)
+    assert not report.ok
+    assert report.reason == (
+        "3 of 40 records are bad (7.5 % > max_bad_record_fraction 1 %): invalid JSON on line 3; "
+        "alpaca record with an empty 'output' (line 7); "
+        "alpaca record whose 'input' is a number, not a string (line 12)"
+    )
+    assert validate_file(path, max_bad_record_fraction=0.075).ok      # exactly at it: accepted
+    assert not validate_file(path, max_bad_record_fraction=0.07).ok
+
+
+def test_zero_threshold_rejects_any_bad_record_and_bad_threshold_raises(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "z.jsonl", [TEXT] * 999 + [{"text": ""}])
+    assert validate_file(path).ok
+    report = validate_file(path, max_bad_record_fraction=0)
+    assert not report.ok
+    assert report.reason == ("1 of 1000 records is bad (0.1 % > max_bad_record_fraction 0 %): "
+                             "text record with an empty 'text' (line 1000)")
+    for bad in (-0.1, 1, 1.5):
+        with pytest.raises(ValueError, match="max_bad_record_fraction"):
+            validate_file(path, max_bad_record_fraction=bad)
+
+
+def test_percentages_never_read_equal_to_the_threshold(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "p.jsonl", [TEXT] * 994 + ["{"] * 6)   # 0.6 %
+    report = validate_file(path, max_bad_record_fraction=0.00599)
+    assert "(0.6 % > max_bad_record_fraction 0.599 %)" in report.reason
+
+
+def test_a_few_records_of_another_format_are_skipped(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "m.jsonl", [PC] * 150 + [TEXT] + [PC] * 49)
+    report = validate_file(path)
+    assert report.ok and report.format == "prompt_completion" and report.bad_records == 1
+    assert report.bad_lines == {"mixed_format": [151]}
+    assert report.summary == "mixed formats: prompt_completion on lines 1-150, 152-200, text on line 151"
+    assert len(list(iter_records(path))) == 199
+
+
+def test_record_messages_name_format_what_is_missing_and_line(tmp_path: Path) -> None:
+    assert check_record({"instruction": "i", "input": "x"}, "alpaca") == [
+        "missing_field: alpaca record without 'output'"]
+    assert check_record(msgs(USER), "messages") == [
+        "no_assistant_message: messages record without an assistant turn"]
+    assert check_record({"prompt": "p"}, "prompt_completion") == [
+        "missing_field: prompt_completion record without 'completion'"]
+    path = write_lines(tmp_path / "r.jsonl", [ALPACA, ALPACA, {"instruction": "i", "text": "t", "output": None}])
+    report = validate_file(path)
+    assert report.errors[0].message == "alpaca record whose 'output' is null, not a string (line 3)"
+    path = write_lines(tmp_path / "c.jsonl", [CHAT] * 6 + [msgs(USER)])
+    report = validate_file(path)
+    assert report.errors[0].message == "messages record without an assistant turn (line 7)"
+    assert report.reason.endswith("): messages record without an assistant turn (line 7)")
+
+
+@pytest.mark.parametrize("bom,words", [
+    (b"\xff\xfe", "UTF-16 text (BOM FF FE): convert to UTF-8"),
+    (b"\xfe\xff", "UTF-16 text (BOM FE FF): convert to UTF-8"),
+    (b"\xff\xfe\x00\x00", "UTF-32 text (BOM FF FE 00 00): convert to UTF-8"),
+])
+def test_utf16_and_utf32_with_bom_are_named(tmp_path: Path, bom: bytes, words: str) -> None:
+    codec = {b"\xff\xfe": "utf-16-le", b"\xfe\xff": "utf-16-be"}.get(bom, "utf-32-le")
+    path = tmp_path / "w.jsonl"
+    path.write_bytes(bom + (json.dumps(TEXT) + "\n").encode(codec) * 3)
+    report = validate_file(path)
+    assert not report.ok
+    assert report.reason.startswith(words), report.reason
+
+
+@pytest.mark.parametrize("codec,order", [("utf-16-le", "little-endian"), ("utf-16-be", "big-endian")])
+def test_utf16_without_bom_is_named(tmp_path: Path, codec: str, order: str) -> None:
+    path = tmp_path / "w.jsonl"
+    path.write_bytes((json.dumps(TEXT) + "\n").encode(codec) * 3)
+    report = validate_file(path)
+    assert not report.ok
+    assert report.reason.startswith(f"UTF-16 text ({order}, no BOM"), report.reason
+    assert "convert to UTF-8" in report.reason
+
+
+def test_cancel_stops_a_long_pass(tmp_path: Path) -> None:
+    from daemon.validation import ValidationCancelled
+
+    path = tmp_path / "long.jsonl"
+    path.write_bytes((json.dumps(TEXT) + "\n").encode() * 50_000)
+    calls = []
+    with pytest.raises(ValidationCancelled):
+        validate_file(path, cancel=lambda: calls.append(1) or len(calls) >= 3)
+    assert len(calls) == 3
+    assert validate_file(path, cancel=lambda: False).ok
+
+
 # ---------------------------------------------------------------- report plumbing
 
 def test_to_json_round_trips(tmp_path: Path) -> None:
@@ -479,13 +614,13 @@ def test_max_errors_caps_list_but_counts_stay_complete(tmp_path: Path) -> None:
     for i in range(30):
         lines.append(msgs(USER) if i % 2 else {"messages": "x"})
     path = write_lines(tmp_path / "c.jsonl", lines)
-    report = validate_file(path, max_errors=4)
+    report = validate_file(path, max_errors=4, max_bad_record_fraction=0.99)
     assert report.ok
     assert report.first_error_lines() == [2, 3, 4, 5]
     assert report.error_counts == {"messages_not_list": 15, "no_assistant_message": 15}
     assert report.records - report.valid_records == 30
     assert report.to_json()["errors_truncated"] is True
-    full = validate_file(path, max_errors=1000)
+    full = validate_file(path, max_errors=1000, max_bad_record_fraction=0.99)
     assert len(full.errors) == 30 and full.error_counts == report.error_counts
 
 
@@ -493,7 +628,8 @@ def test_max_errors_zero_and_file_level_counts(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "c.jsonl", [TEXT] + ["{"] * 10)
     report = validate_file(path, max_errors=0)
     assert report.errors == [] and report.error_counts == {"invalid_json": 10}
-    assert report.reason.startswith("invalid JSON on lines 2, 3, 4, 5, 6 and 5 more")
+    assert report.reason.endswith("): invalid JSON on lines 2, 3, 4, 5, 6 and 5 more")
+    assert report.bad_lines == {"invalid_json": list(range(2, 12))}
 
 
 def test_kind_lists_are_disjoint_snake_case() -> None:
