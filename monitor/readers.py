@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from daemon.logsetup import daemon_log_path, tail_lines  # noqa: F401 (re-exported)
 from daemon.paths import Layout
-from daemon.statedb import StateDB
+from daemon.statedb import Job, StateDB
 from daemon.status import rotated_metrics
 from daemon.states import JobState
 
@@ -464,7 +464,13 @@ def db_version(layout: Layout) -> tuple[StatKey, StatKey]:
 
 JOB_FIELDS = ("id", "name", "original_name", "state", "priority", "size", "records", "attempts",
               "error", "format", "steps", "resume", "forced", "duplicate_of", "sha256",
-              "created_at", "updated_at", "started_at", "finished_at")
+              "created_at", "updated_at", "started_at", "finished_at", "data_report")
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    """A job as the API shows it; ``data_report`` parsed (null before the job's first start)."""
+    d = job.to_json()
+    return {k: d.get(k) for k in JOB_FIELDS}
 
 
 def queue_snapshot(layout: Layout, limit_per_state: int = 1000) -> dict[str, Any]:
@@ -483,7 +489,7 @@ def queue_snapshot(layout: Layout, limit_per_state: int = 1000) -> dict[str, Any
             rows = db.jobs(st, limit=limit_per_state, newest_first=st in (JobState.DONE, JobState.FAILED))
             out = []
             for pos, j in enumerate(rows):
-                d = {k: getattr(j, k) for k in JOB_FIELDS}
+                d = job_json(j)
                 if st is JobState.PENDING:
                     d["position"] = pos + 1
                 out.append(d)
@@ -524,7 +530,7 @@ def find_job(layout: Layout, name: str) -> dict[str, Any] | None:
         return None
     finally:
         db.close()
-    return {k: getattr(job, k) for k in JOB_FIELDS} if job else None
+    return job_json(job) if job else None
 
 
 def recent_events(layout: Layout, limit: int = 100, since_id: int = 0) -> dict[str, Any]:

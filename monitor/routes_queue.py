@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import uuid
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
 
 from daemon.atomic import fsync_dir
-from daemon.fsqueue import safe_name
+from daemon.fsqueue import ERROR_SUFFIX, safe_name
 from daemon.lock import daemon_running
 from daemon.states import JobState, Priority
 from monitor.readers import find_job, queue_snapshot
@@ -56,6 +57,24 @@ def _job_or_404(svc: Services, name: str) -> dict[str, Any]:
     if job is None:
         raise HTTPException(404, "no such job in the queue")
     return job
+
+
+@router.get("/api/queue/{name}",
+            summary="one job: its row, its data report (`data_report`) and, for a file rejected at "
+                    "intake, its validation report (`validation`: bad lines per kind)",
+            responses={404: {"description": "no job has exactly this queue name"}})
+def get_job(name: str, svc: Services = Depends(services)) -> dict[str, Any]:
+    job = _job_or_404(svc, name)
+    validation = None
+    if job["state"] == JobState.FAILED.value:
+        # the name was looked up in state.db: it is a queue name, never a path from the URL
+        try:
+            err = json.loads((svc.layout.state_dir(JobState.FAILED) / (job["name"] + ERROR_SUFFIX))
+                             .read_text(encoding="utf-8"))
+            validation = err.get("validation") if isinstance(err, dict) else None
+        except (OSError, ValueError):
+            validation = None
+    return {**job, "validation": validation if isinstance(validation, dict) else None}
 
 
 @router.post("/api/queue/{name}/retry", summary="move a failed job back to pending")

@@ -538,7 +538,58 @@
     if (j.records != null) sub.push(`${nf.format(j.records)} records`);
     if (j.format) sub.push(j.format);
     if (j.size != null) sub.push(bytes(j.size));
-    return [head, el("div", { className: "job-sub", text: sub.join(" · ") })];
+    return [head, el("div", { className: "job-sub", text: sub.join(" · ") }), dataReport(j.data_report)];
+  }
+  // ---- a job's data report (from the worker's "started" event; every value is data: text only) ----
+  const isNum = (v) => typeof v === "number" && isFinite(v);
+  const count = (v) => (isNum(v) ? nf.format(v) : String(v));
+  function compact(v) {
+    if (!isNum(v)) return String(v);
+    const a = Math.abs(v);
+    for (const [f, u] of [[1e9, "G"], [1e6, "M"], [1e3, "k"]]) {
+      if (a >= f) return (a >= 100 * f ? (v / f).toFixed(0) : (v / f).toFixed(1).replace(/\.0$/, "")) + u;
+    }
+    return nf.format(v);
+  }
+  function plural(n, one) {
+    return `${count(n)} ${n === 1 ? one : one + "s"}`;
+  }
+  function reasonText(name, r) {
+    if (r === null || typeof r !== "object" || Array.isArray(r)) return `${name}: ${typeof r === "object" ? JSON.stringify(r) : String(r)}`;
+    let t = r.count != null ? `${name}: ${plural(r.count, "record")}` : `${name}:`;
+    const notes = [];
+    if (r.tokens_cut != null) notes.push(`${count(r.tokens_cut)} tokens cut`);
+    for (const [k, v] of Object.entries(r)) {
+      if (!["count", "lines", "tokens_cut", "message"].includes(k)) notes.push(`${k.replace(/_/g, " ")} ${typeof v === "object" ? JSON.stringify(v) : count(v)}`);
+    }
+    if (notes.length) t += ` (${notes.join(", ")})`;
+    const lines = Array.isArray(r.lines) ? r.lines : [];
+    if (lines.length) {
+      const more = isNum(r.count) && r.count > lines.length;
+      t += `, ${lines.length === 1 && !more ? "line" : "lines"} ${lines.map(String).join(", ")}${more ? ", …" : ""}`;
+    }
+    if (r.message != null && r.message !== "") t += ` — ${String(r.message)}`;
+    return t;
+  }
+  function dataReport(r) {
+    if (!r || typeof r !== "object" || Array.isArray(r)) return null;
+    // "1,000 records → 1,010 examples, 491k tokens (250k trained)"
+    let line = "";
+    if (r.records != null) line += plural(r.records, "record");
+    if (r.examples != null) line += (line ? " → " : "") + plural(r.examples, "example");
+    if (r.tokens != null) {
+      line += (line ? ", " : "") + `${compact(r.tokens)} tokens`;
+      if (r.trained_tokens != null) line += ` (${compact(r.trained_tokens)} trained)`;
+    } else if (r.trained_tokens != null) line += (line ? ", " : "") + `${compact(r.trained_tokens)} trained tokens`;
+    const how = ["format", "truncation", "max_length"].filter((k) => r[k] != null).map((k) => `${k.replace(/_/g, " ")} ${String(r[k])}`);
+    const box = el("div", { className: "data-report", title: how.length ? "data report: " + how.join(", ") : "data report" },
+      el("div", { className: "dr-summary", text: line || "data report" }));
+    const reasons = r.reasons && typeof r.reasons === "object" && !Array.isArray(r.reasons) ? Object.entries(r.reasons) : [];
+    if (reasons.length) {
+      box.append(el("ul", { className: "dr-reasons" },
+        ...reasons.map(([name, v]) => el("li", { dataset: { reason: name }, text: reasonText(name, v) }))));
+    }
+    return box;
   }
   function processingItem(j) {
     const extra = [];
