@@ -195,3 +195,28 @@ def test_normalize_accepts_any_reason_shape() -> None:
     r = normalize_data_report({"records": 2, "reasons": {"odd": 3, "fine": {"count": 1, "lines": [2]}}})
     assert r["reasons"] == {"odd": {"count": 3}, "fine": {"count": 1, "lines": [2]}}
     assert normalize_data_report({"records": 2, "examples": 2, "flag": True})["reasons"] == {}
+
+
+@pytest.mark.slow
+def test_a_real_tiny_training_run_reports_its_data(home, tmp_path) -> None:
+    """The real QLoRA worker on the tiny base (a real daemon process in burst mode): its `started`
+    event's report, in whichever shape this worker sends, reaches state.db, list and show."""
+    from trainer.generator import generate_records
+    from trainer.tiny_base import build_tiny_base
+
+    base = build_tiny_base(tmp_path / "tiny")
+    home.write_config(trainer="qlora", base_model=str(base), max_length=128, batch_size=2,
+                      gradient_accumulation=1, learning_rate=2e-3, lr_scheduler="constant",
+                      checkpoint_every_steps=50, eval_fraction=0.1, worker_timeout_s=120)
+    write_jsonl(home.path / "inbox/arith.jsonl", generate_records(24, seed=5))
+    r = home.burst(timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert home.files("done") == ["arith.jsonl"], home.ctl("queue", "list").stdout
+    stored = json.loads(_raw(home, "arith.jsonl"))
+    assert stored["records"] == 24 and stored["examples"] >= 1
+    assert stored["tokens"] >= stored["trained_tokens"] > 0
+    assert isinstance(stored["reasons"], dict)
+    (job,) = json.loads(home.ctl("queue", "list", "--json").stdout)
+    assert job["data_report"] == stored
+    out = home.ctl("queue", "show", "arith.jsonl").stdout
+    assert "  records:        24" in out.splitlines() and "trained tokens:" in out, out
