@@ -65,7 +65,7 @@ class Config(BaseModel):
     max_nonfinite_steps: int = Field(10, ge=1)   # NaN/inf steps in a row that fail the job
     epochs: int = Field(1, ge=1)
     seed: int = 0
-    truncation: Literal["truncate", "drop"] = "truncate"
+    truncation: Literal["keep_answer", "truncate", "drop"] = "keep_answer"
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     packing: bool = True
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
@@ -79,6 +79,7 @@ class Config(BaseModel):
     standin_step_seconds: float = Field(0.05, ge=0)
     # --- queue / daemon ---
     inbox_stable_seconds: float = Field(1.0, ge=0)
+    max_bad_record_fraction: float = Field(0.01, ge=0, lt=1)   # more bad records than this: file rejected
     rescan_interval_s: float = Field(5.0, gt=0)
     status_interval_s: float = Field(1.0, gt=0)
     min_free_disk_mb: float = Field(256.0, ge=0)   # below this no job starts: paused, disk full

@@ -8,6 +8,7 @@ user's file: bad input goes to ``failed/`` with ``NAME.error.json`` beside it.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from daemon.atomic import atomic_write_json, fsync_dir, sha256_file
+from daemon.config import Config, ConfigError, load_config
 from daemon.paths import Layout
 from daemon.statedb import Job, StateDB
 from daemon.states import JobState, Priority, check_transition
 from daemon.status import iso
-from daemon.validation import validate_file
+from daemon.validation import ValidationCancelled, ValidationReport, validate_file
 
 log = logging.getLogger("trainerd.queue")
 
@@ -79,11 +81,88 @@ class Intake:
     original_name: str | None = None
 
 
+@dataclass(frozen=True)
+class Checked:
+    """The slow part of taking a file in: what it is, its sha256 and its validation.
+
+    Made by :func:`check_file` from reads alone (no state.db, no move), so it can run on another
+    thread; :meth:`FsQueue.accept` then only makes sure the file is still the one checked.
+    """
+    ident: tuple[int, int, int, int, int]    # (type bits, device, inode, size, mtime_ns) when checked
+    sha256: str | None = None
+    report: ValidationReport | None = None
+    reason: str | None = None                # why it is rejected (before the duplicate check)
+
+    @property
+    def size(self) -> int | None:
+        return self.ident[3] if stat.S_ISREG(self.ident[0]) else None
+
+
+def _ident(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return stat.S_IFMT(st.st_mode), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _sha256(path: Path, cancel: Callable[[], bool] | None, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes; ``cancel()`` is asked every 64 MiB (ValidationCancelled)."""
+    if cancel is None:
+        return sha256_file(path, chunk)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for n, block in enumerate(iter(lambda: fh.read(chunk), b"")):
+            if n % 64 == 63 and cancel():
+                raise ValidationCancelled(f"{path}: hashing cancelled")
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_file(src: Path, *, max_bad_record_fraction: float, name: str | None = None,
+               cancel: Callable[[], bool] | None = None) -> Checked:
+    """Stat, hash and validate *src* (pure reads). Raises FileChanged when the file changed
+    meanwhile (still being written), FileNotFoundError when it is gone, and ValidationCancelled
+    when ``cancel()`` said stop."""
+    st = os.lstat(src)
+    label = name or src.name
+    if stat.S_ISLNK(st.st_mode):
+        return Checked(_ident(st), reason="a symbolic link, not a regular file (links are never followed)")
+    if stat.S_ISDIR(st.st_mode):
+        return Checked(_ident(st), reason="a directory, not a regular file")
+    if not stat.S_ISREG(st.st_mode):
+        return Checked(_ident(st), reason="not a regular file")
+    try:
+        sha = _sha256(src, cancel)
+    except ValidationCancelled:
+        raise
+    except OSError as exc:
+        if not os.path.lexists(src):
+            raise FileNotFoundError(exc.errno, f"{label} vanished while it was being read") from None
+        return Checked(_ident(st), reason=f"unreadable: {exc.strerror or exc}")
+    report = validate_file(src, max_bad_record_fraction=max_bad_record_fraction, cancel=cancel)
+    try:
+        after = os.lstat(src)
+    except FileNotFoundError:
+        raise FileNotFoundError(2, f"{label} vanished while it was being read") from None
+    if _ident(after) != _ident(st):
+        raise FileChanged(f"{label} changed while it was being read; taken later")
+    return Checked(_ident(st), sha256=sha, report=report,
+                   reason=None if report.ok else (report.reason or "invalid data"))
+
+
 class FsQueue:
-    def __init__(self, layout: Layout, db: StateDB) -> None:
+    def __init__(self, layout: Layout, db: StateDB, *, max_bad_record_fraction: float | None = None) -> None:
         self.layout = layout
         self.db = db
         self.changes = 0        # bumped on every change of a job's state or priority
+        # the validation threshold: the daemon sets it from its config; None reads config.json
+        self.max_bad_record_fraction = max_bad_record_fraction
+
+    def bad_record_fraction(self) -> float:
+        """``max_bad_record_fraction`` as set, else config.json's (its default if it is invalid)."""
+        if self.max_bad_record_fraction is not None:
+            return self.max_bad_record_fraction
+        try:
+            return load_config(self.layout.config).max_bad_record_fraction
+        except ConfigError:
+            return Config.model_fields["max_bad_record_fraction"].default
 
     # ---- paths ------------------------------------------------------------------------
     def path(self, state: JobState | str, name: str) -> Path:
@@ -116,46 +195,36 @@ class FsQueue:
             "file": name, "reason": reason, "job_id": job_id, "at": iso(), **(extra or {})})
 
     # ---- intake -----------------------------------------------------------------------
-    def accept(self, src: Path, intake: Intake | None = None) -> Job:
-        """Take a complete file (from inbox/ or a staged copy) into pending/ or failed/."""
+    def accept(self, src: Path, intake: Intake | None = None, *, checked: Checked | None = None) -> Job:
+        """Take a complete file (from inbox/ or a staged copy) into pending/ or failed/.
+
+        ``checked``: :func:`check_file`'s result for *src*, made beforehand (off the daemon's
+        loop); FileChanged when the file is no longer the one checked. Without it the file is
+        checked here.
+        """
         intake = intake or Intake()
         original = printable(intake.original_name or src.name)
         name = self._unique_name(original)
-        st = os.lstat(src)
-        sha = size = None
-        reason: str | None = None
+        if checked is None:
+            checked = check_file(src, max_bad_record_fraction=self.bad_record_fraction(), name=original)
+        elif _ident(os.lstat(src)) != checked.ident:
+            raise FileChanged(f"{original} changed after it was checked; taken later")
+        sha, size, reason, report = checked.sha256, checked.size, checked.reason, checked.report
         extra: dict[str, Any] = {"original_name": original}
         fmt = records = None
         duplicate_of = None
-        if stat.S_ISLNK(st.st_mode):
-            reason = "a symbolic link, not a regular file (links are never followed)"
-        elif stat.S_ISDIR(st.st_mode):
-            reason = "a directory, not a regular file"
-        elif not stat.S_ISREG(st.st_mode):
-            reason = "not a regular file"
-        else:
-            size = st.st_size
-            try:
-                sha = sha256_file(src)
-            except OSError as exc:
-                reason = f"unreadable: {exc.strerror or exc}"
-            if reason is None:
-                report = validate_file(src)
-                extra["validation"] = {k: v for k, v in report.to_json().items() if k != "path"}
-                fmt, records = report.format, report.valid_records
-                after = os.lstat(src)
-                if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-                    raise FileChanged(f"{original} changed while it was being read; taken later")
-                if not report.ok:
-                    reason = report.reason or "invalid data"
-            if reason is None and not intake.force:
-                first = self.db.find_trained_or_queued(sha)
-                if first is not None:
-                    duplicate_of = first.id
-                    reason = (f"duplicate: same content (sha256 {sha[:12]}…) as job {first.id} "
-                              f"'{first.name}' ({first.state}); use `trainer-ctl queue retry "
-                              f"{name} --force` to train it again")
-                    extra["duplicate_of"] = first.id
+        if report is not None:
+            extra["validation"] = {k: v for k, v in report.to_json().items() if k != "path"}
+            fmt, records = report.format, report.valid_records
+        if reason is None and not intake.force:
+            assert sha is not None
+            first = self.db.find_trained_or_queued(sha)
+            if first is not None:
+                duplicate_of = first.id
+                reason = (f"duplicate: same content (sha256 {sha[:12]}…) as job {first.id} "
+                          f"'{first.name}' ({first.state}); use `trainer-ctl queue retry "
+                          f"{name} --force` to train it again")
+                extra["duplicate_of"] = first.id
         extra["sha256"] = sha
         if reason is not None:
             self._write_error(name, reason, extra=extra)
@@ -173,9 +242,14 @@ class FsQueue:
         job = self._enter(src, name, dict(
             name=name, original_name=original, state=JobState.PENDING, sha256=sha, size=size,
             priority=intake.priority, forced=intake.force, fmt=fmt, records=records))
+        skipped = ""
+        if report is not None and report.bad_records:
+            skipped = (f"; {report.bad_records} bad record{'s' if report.bad_records != 1 else ''} "
+                       f"skipped: {report.summary}")
         self.db.add_event("accepted", f"{original} queued as {name} ({records} records, {fmt}, "
-                          f"priority {intake.priority.value})", job_id=job.id)
-        log.info("accepted %s -> pending/%s (%s records, %s)", original, name, records, fmt)
+                          f"priority {intake.priority.value}{skipped})", job_id=job.id,
+                          data={"validation": extra["validation"]} if skipped else None)
+        log.info("accepted %s -> pending/%s (%s records, %s%s)", original, name, records, fmt, skipped)
         return job
 
     def _enter(self, src: Path, name: str, row: dict[str, Any]) -> Job:
@@ -278,7 +352,7 @@ class FsQueue:
         if path.is_symlink() or not path.is_file():
             raise QueueError(f"'{name}' is not a regular file; it cannot be trained")
         sha = sha256_file(path)
-        report = validate_file(path)
+        report = validate_file(path, max_bad_record_fraction=self.bad_record_fraction())
         if not report.ok:
             raise QueueError(f"'{name}' is still invalid: {report.reason}")
         if not force:

@@ -12,10 +12,12 @@ import logging
 import os
 import queue
 import signal
+import stat
 import sys
 import threading
 import time
 import traceback
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +27,7 @@ from daemon.atomic import atomic_write, durable_rename
 from daemon.config import (Config, ConfigError, config_to_dict, describe_locked_diffs, load_config,
                            locked_diffs)
 from daemon.diskfull import MIB, Reserve, describe as describe_disk, free_bytes, is_disk_full
-from daemon.fsqueue import FileChanged, FsQueue, Intake, QueueError, printable
+from daemon.fsqueue import Checked, FileChanged, FsQueue, Intake, QueueError, check_file, printable
 from daemon.lock import AlreadyRunning, DaemonLock, read_pid
 from daemon.logsetup import setup_logging
 from daemon.paths import Layout
@@ -34,6 +36,7 @@ from daemon import retention
 from daemon.statedb import Job, StateDB
 from daemon.states import DaemonStatus, JobState, Priority
 from daemon.status import StatusBoard, iso
+from daemon.validation import ValidationCancelled
 from daemon.watcher import InboxTracker, Watcher
 from trainer.interface import Command, JobResult, JobSpec, Outcome, QueueControl, Trainer
 
@@ -74,6 +77,44 @@ class JobRunner(threading.Thread):
             self.wake.set()
 
 
+class IntakeCheck:
+    """One inbox file being hashed and validated on its own thread (pure reads), so that the
+    loop goes on answering control requests and writing status meanwhile; the loop then takes
+    the file in with the result (``FsQueue.accept(..., checked=)``)."""
+
+    def __init__(self, name: str, path: Path, size: int, max_bad_record_fraction: float,
+                 wake: threading.Event) -> None:
+        self.name, self.path, self.size = name, path, size
+        self.started_at = iso()
+        self.future: "Future[Checked]" = Future()
+        self._cancel = threading.Event()
+        self._fraction, self._wake = max_bad_record_fraction, wake
+        # a daemon thread: a check never holds up the daemon's exit (it only reads)
+        self.thread = threading.Thread(target=self._run, name=f"check-{name}"[:60], daemon=True)
+
+    def start(self) -> "IntakeCheck":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        self.future.set_running_or_notify_cancel()
+        try:
+            self.future.set_result(check_file(self.path, max_bad_record_fraction=self._fraction,
+                                              name=self.name, cancel=self._cancel.is_set))
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, which decides
+            self.future.set_exception(exc)
+        finally:
+            self._wake.set()
+
+    def cancel(self, timeout: float = 5.0) -> None:
+        """Stop reading (the file stays where it is) and wait a little for the thread to end."""
+        self._cancel.set()
+        self.thread.join(timeout)
+
+    def status(self) -> dict[str, Any]:
+        return {"file": self.name, "bytes": self.size, "since": self.started_at}
+
+
 def recover_interrupted_consolidation(layout: Layout) -> None:
     """Finish or undo a consolidation that a crash interrupted (its journal says which)."""
     if not (layout.status_dir / "consolidation.json").exists() and not any(layout.consolidated.glob(".tmp-*")):
@@ -95,10 +136,12 @@ class Daemon:
         self._config_error: str | None = None
         self._locked_msg: str | None = None
         self.db = StateDB(layout.state_db)
-        self.queue = FsQueue(layout, self.db)
+        self.queue = FsQueue(layout, self.db, max_bad_record_fraction=self.config.max_bad_record_fraction)
         self.board = StatusBoard(layout, interval=self.config.status_interval_s,
                                  metrics_max_mb=self.config.metrics_max_mb,
                                  metrics_keep_files=self.config.metrics_keep_files)
+        self.check: IntakeCheck | None = None     # the inbox file being hashed and validated
+        self.board.update(checking=None)
         self.wake = threading.Event()
         self.tracker = InboxTracker(layout.inbox, self.config.inbox_stable_seconds)
         self.events: "queue.Queue[dict[str, Any]]" = queue.Queue()
@@ -302,21 +345,71 @@ class Daemon:
 
     # ---- intake ---------------------------------------------------------------------------------
     def _intake(self) -> None:
-        for name in self.tracker.ready():
+        """Take complete inbox files in, one at a time: the slow part (sha256, validation) runs
+        on an IntakeCheck thread; the loop only starts it and, once done, moves the file."""
+        check = self.check
+        if check is not None:
+            if not check.future.done():
+                return
+            self.check = None
+            self.board.update(checking=None)
+            try:
+                checked = check.future.result()
+            except BaseException as exc:    # noqa: BLE001 - FileChanged, gone, cancelled, a bug
+                self._intake_failed(check.name, check.path, exc)
+            else:
+                self._accept_inbox(check.name, check.path, checked)
+        if self._stop_reason is not None:   # a file not started stays in inbox/ for the next start
+            return
+        ready = self.tracker.ready()
+        if ready:       # config.json as it is now (a changed max_bad_record_fraction applies)
+            self.queue.max_bad_record_fraction = self.effective_config().max_bad_record_fraction
+        for name in ready:
             path = self.layout.inbox / name
             self.tracker.forget(name)
-            if not path.exists() and not path.is_symlink():
-                continue
             try:
-                self.queue.accept(path)
-            except FileChanged as exc:     # still being written: look again after it settles
-                log.info("%s", exc)
-                self.tracker.note(name)
-            except Exception as exc:  # the file stays in inbox/ and is seen again at the next scan
-                if is_disk_full(exc):
-                    self.tracker.note(name)     # nothing moved: take it again once space is back
-                    raise
-                self._report_error(f"could not queue inbox/{name}: {exc!r}", "intake_error")
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):     # a link, a directory...: nothing to read
+                self._accept_inbox(name, path, None)
+                continue
+            self.check = IntakeCheck(name, path, st.st_size, self.queue.bad_record_fraction(),
+                                     self.wake).start()
+            log.info("checking inbox/%s (%d bytes): sha256 and validation", name, st.st_size)
+            self.board.update(checking=self.check.status())
+            self.board.flush(force=True)
+            return
+
+    def _accept_inbox(self, name: str, path: Path, checked: Checked | None) -> None:
+        try:
+            self.queue.accept(path, checked=checked)
+        except Exception as exc:
+            self._intake_failed(name, path, exc)
+
+    def _intake_failed(self, name: str, path: Path, exc: BaseException) -> None:
+        if isinstance(exc, FileChanged):    # still being written: look again after it settles
+            log.info("%s", exc)
+            self.tracker.note(name)
+        elif isinstance(exc, ValidationCancelled):
+            self.tracker.note(name)
+        elif isinstance(exc, FileNotFoundError) and not os.path.lexists(path):
+            log.info("inbox/%s vanished before it was queued", name)
+        elif is_disk_full(exc):
+            self.tracker.note(name)         # nothing moved: take it again once space is back
+            raise exc
+        elif isinstance(exc, Exception):    # the file stays in inbox/ and is seen again at the next scan
+            self._report_error(f"could not queue inbox/{name}: {exc!r}", "intake_error")
+        else:
+            raise exc
+
+    def _end_check(self) -> None:
+        """At exit: stop a check under way; its file stays in inbox/ and is taken at the next start."""
+        check, self.check = self.check, None
+        if check is not None:
+            check.cancel()
+            log.info("inbox/%s: check interrupted by the stop; taken at the next start", check.name)
+            self.board.update(checking=None)
 
     # ---- jobs -------------------------------------------------------------------------------
     def _start_next(self) -> None:
@@ -538,11 +631,13 @@ class Daemon:
     # ---- the loop -----------------------------------------------------------------------------------
     def _idle(self) -> bool:
         """Nothing to do now or later (a job backing off after a crash still counts as work)."""
-        return self.runner is None and self.tracker.waiting() == 0 and not self.db.has_pending()
+        return (self.runner is None and self.check is None and self.tracker.waiting() == 0
+                and not self.db.has_pending())
 
     def _tick(self, burst: bool) -> bool:
         """One pass of the loop; True when the daemon should exit."""
         self._check_flags()
+        self.queue.max_bad_record_fraction = self.config.max_bad_record_fraction   # queue add/retry
         self._handle_control()
         if self._disk_full is not None and not self._disk_recovered():
             # paused for a full disk: relay events, obey stop, write nothing else until space is back
@@ -616,6 +711,7 @@ class Daemon:
                 self.wake.clear()
         finally:
             watcher.stop()
+            self._end_check()
             if self.runner is not None and self.runner.is_alive():   # only on an exception path
                 self.runner.control.send(Command.STOP)
                 self.runner.join(timeout=60)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 
+import pytest
 
 from daemon_helpers import text_records, wait_for, write_jsonl
 
@@ -56,6 +58,9 @@ BAD = {
     "notobject.jsonl": (b'{"text": "ok"}\n[1, 2, 3]\n', "not an object", [2]),
     "blank.jsonl": (b"\n   \n\n", "blank", []),
     "novalid.jsonl": (b'{"messages": [{"role": "user", "content": "hi"}]}\n{"foo": 1}\n', "no valid records", []),
+    "utf16.jsonl": ('{"text": "ok"}\n'.encode("utf-16"), "UTF-16 text (BOM FF FE): convert to UTF-8", []),
+    "alpaca.jsonl": (b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ""}\n',
+                     "alpaca record with an empty 'output' (line 2)", [2]),
 }
 
 
@@ -120,3 +125,57 @@ def test_same_name_twice_keeps_both_files(home):
     write_jsonl(home.path / "inbox/data.jsonl", text_records(2, "two"))
     assert home.burst().returncode == 0
     assert home.files("done") == ["data.2.jsonl", "data.jsonl"]
+
+
+def _with_bad(n_good: int, bad_lines: dict[int, bytes]) -> bytes:
+    lines = [json.dumps({"text": f"r{i}"}).encode() for i in range(n_good + len(bad_lines))]
+    for line, data in bad_lines.items():
+        lines[line - 1] = data
+    return b"\n".join(lines) + b"\n"
+
+
+def test_a_few_bad_lines_are_skipped_and_the_threshold_is_configurable(home):
+    inbox = home.path / "inbox"
+    (inbox / "few.jsonl").write_bytes(_with_bad(199, {7: b'{"text": oops'}))          # 0.5 %: accepted
+    (inbox / "many.jsonl").write_bytes(_with_bad(95, {3: b"{", 9: b"[1]", 20: b'{"x": 1}',
+                                                      30: b'{"text": ""}', 41: b'{"text": 5}'}))  # 5 %
+    assert home.burst().returncode == 0
+    assert home.files("done") == ["few.jsonl"] and home.files("failed") == ["many.jsonl"]
+    jobs = {j["name"]: j for j in json.loads(home.ctl("queue", "list", "--json").stdout)}
+    assert jobs["few.jsonl"]["records"] == 199 and jobs["few.jsonl"]["steps"] == 199
+    err = home.error("many.jsonl")
+    assert err["reason"] == (
+        "5 of 100 records are bad (5 % > max_bad_record_fraction 1 %): invalid JSON on line 3; "
+        "JSON value not an object on line 9; record whose keys ['x'] match no known format (messages, "
+        "prompt_completion, alpaca, sharegpt, text) (line 20); text record with an empty 'text' (line 30); "
+        "text record whose 'text' is a number, not a string (line 41)")
+    v = err["validation"]
+    assert v["bad_records"] == 5 and v["max_bad_record_fraction"] == 0.01
+    assert v["bad_lines"] == {"invalid_json": [3], "not_an_object": [9], "unknown_format": [20],
+                              "empty_text": [30], "field_not_string": [41]}
+    with sqlite3.connect(home.path / "status/state.db") as db:
+        accepted = [m for (m,) in db.execute("SELECT message FROM events WHERE kind = 'accepted'")]
+    assert accepted == ["few.jsonl queued as few.jsonl (199 records, text, priority normal; "
+                        "1 bad record skipped: invalid JSON on line 7)"]
+    # a higher threshold in config.json: the retry takes it (no daemon running: done directly)
+    home.write_config(max_bad_record_fraction=0.05)
+    r = home.ctl("queue", "retry", "many.jsonl")
+    assert r.returncode == 0, r.stderr
+    assert home.burst().returncode == 0
+    assert home.files("done") == ["few.jsonl", "many.jsonl"]
+    jobs = {j["name"]: j for j in json.loads(home.ctl("queue", "list", "--json").stdout)}
+    assert jobs["many.jsonl"]["records"] == jobs["many.jsonl"]["steps"] == 95
+    # and at intake by the daemon
+    (inbox / "more.jsonl").write_bytes(_with_bad(95, {1: b"{", 2: b"{", 3: b"{", 4: b"{", 5: b"{"}))
+    assert home.burst().returncode == 0
+    assert "more.jsonl" in home.files("done")
+
+
+def test_max_bad_record_fraction_is_validated(home):
+    from daemon.config import ConfigError, parse_config
+
+    assert parse_config({}).max_bad_record_fraction == 0.01
+    assert parse_config({"max_bad_record_fraction": 0}).max_bad_record_fraction == 0
+    for bad in (1, 1.5, -0.01, "x"):
+        with pytest.raises(ConfigError, match="max_bad_record_fraction"):
+            parse_config({"max_bad_record_fraction": bad})
