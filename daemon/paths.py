@@ -59,6 +59,8 @@ class Layout:
     @property
     def snapshots(self) -> Path: return self.home / "snapshots"
     @property
+    def token_cache(self) -> Path: return self.home / "cache" / "tokens"   # trainer/tokencache.py
+    @property
     def consolidated(self) -> Path: return self.home / "consolidated_models"
     @property
     def pid_file(self) -> Path: return self.home / ".daemon.pid"

@@ -27,6 +27,9 @@ a worker dies with its daemon, PR_SET_PDEATHSIG) removes only what is clearly a 
   jobs set aside last (a skipped or failed job's, kept so a retry resumes); older ones go (such
   a retry then starts the job from the beginning).
 
+- token caches: ``cache/tokens/`` keeps the tokenized copies of files that a pending, active or
+  failed job holds (at start-up and after each job); half-built ones of a dead worker go too.
+
 metrics.jsonl is rotated by its single writer (daemon/status.py, ``metrics_max_mb``,
 ``metrics_keep_files``), not here.
 """
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from daemon.paths import Layout
+from daemon.states import JobState
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -178,6 +182,8 @@ def startup_cleanup(layout: Layout, db: "StateDB | None" = None, cfg: "Config | 
     out += _guarded("removing unfinished checkpoints", lambda: remove_tmp_steps(layout))
     out += _guarded("removing interrupted snapshot removals", lambda: _remove_deleting(layout))
     out += _guarded("removing unfinished snapshot copies", lambda: remove_dead_snapshot_copies(layout))
+    if db is not None:
+        out += _guarded("pruning token caches", lambda: prune_token_caches(layout, db))
     if db is not None and cfg is not None:
         out += _guarded("pruning events", lambda: prune_events(db, cfg.keep_events))
     return out
@@ -316,6 +322,32 @@ def prune_set_aside(layout: Layout, keep: int) -> list[str]:
     return out
 
 
+def prune_token_caches(layout: Layout, db: "StateDB") -> list[str]:
+    """Remove the tokenized copies (``cache/tokens/``, trainer/tokencache.py) of files no pending,
+    active or failed job holds (a done file is not read again; a failed one may be retried), and
+    builds a killed worker left half-way."""
+    root = layout.token_cache
+    if not root.is_dir():
+        return []
+    live = {(j.sha256 or "")[:16] for state in (JobState.PENDING, JobState.ACTIVE, JobState.FAILED)
+            for j in db.jobs(state)}
+    out: list[str] = []
+    for d in sorted(root.iterdir()):
+        if d.is_symlink() or not d.is_dir():
+            continue
+        if d.name.startswith(DELETING_PREFIX):     # a removal a crash interrupted
+            shutil.rmtree(d, ignore_errors=True)
+            continue
+        if d.name.startswith(".building-"):
+            pid = d.name.rsplit("-", 1)[-1]
+            stale = pid.isdigit() and not _pid_alive(int(pid))
+        else:
+            stale = d.name.split("-", 1)[0] not in live
+        if stale and _remove_whole(d):
+            out.append(f"removed token cache {_rel(layout, d)}")
+    return out
+
+
 def after_job(layout: Layout, db: "StateDB", cfg: "Config") -> list[str]:
     """Apply the retention settings; returns what was removed or rotated."""
     out: list[str] = []
@@ -324,4 +356,5 @@ def after_job(layout: Layout, db: "StateDB", cfg: "Config") -> list[str]:
     out += _guarded("pruning snapshots", lambda: prune_snapshots(layout, cfg.keep_snapshots))
     out += _guarded("pruning events", lambda: prune_events(db, cfg.keep_events))
     out += _guarded("pruning set-aside checkpoints", lambda: prune_set_aside(layout, cfg.keep_set_aside))
+    out += _guarded("pruning token caches", lambda: prune_token_caches(layout, db))
     return out

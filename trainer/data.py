@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -57,20 +57,65 @@ class Example:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
+REASON_LINES = 20   # line numbers kept per reason
+
+#: what each reason of a data report means (the dashboard and ``trainer-ctl queue show`` use it)
+REASON_TEXT = {
+    "truncated": "cut to max_length (tokens_cut tokens; answer_tokens_cut of them trained)",
+    "chunked": "plain text split into max_length pieces",
+    "dropped_too_long": "longer than max_length, dropped (truncation: drop)",
+    "dropped_empty": "no token left to train, dropped",
+    "no_user_turn": "chat without a user turn (trained)",
+    "no_assistant_turn": "chat without an assistant turn to train, dropped",
+    "empty_assistant_content": "an assistant turn with empty content (trained)",
+    "duplicate": "repeats an earlier line of the file (trained as given)",
+    "unknown_keys": "keys this format does not read (ignored)",
+}
+
+
 @dataclass
 class DataReport:
-    format: str
-    records: int = 0            # valid records read
-    examples: int = 0           # examples produced
-    truncated: int = 0          # examples cut to max_length (truncation="truncate")
-    dropped_too_long: int = 0   # records longer than max_length dropped (truncation="drop")
-    dropped_empty: int = 0      # records with no trained token (after truncation)
+    """What became of every line of a file: counts, and per reason the count and first lines."""
+    format: str | None
+    truncation: str | None = None
+    max_length: int | None = None
+    records: int = 0            # good records read
+    examples: int = 0           # examples produced (a chunked text gives several)
     tokens: int = 0             # tokens in the produced examples
     trained_tokens: int = 0     # of which carry a loss
-    skipped_invalid: int = 0    # records skipped by validation (counted in its report)
+    reasons: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, reason: str, line: int, **extra: Any) -> None:
+        """Count *line* under *reason*; int extras are summed, others kept from the first line."""
+        r = self.reasons.setdefault(reason, {"count": 0, "lines": []})
+        r["count"] += 1
+        if len(r["lines"]) < REASON_LINES:
+            r["lines"].append(line)
+        for k, v in extra.items():
+            if isinstance(v, int):
+                r[k] = r.get(k, 0) + v
+            else:
+                r.setdefault(k, v)
+
+    def count(self, reason: str) -> int:
+        return int(self.reasons.get(reason, {}).get("count", 0))
+
+    @property
+    def bad_records(self) -> int:
+        """Lines that are not a good record of the file's format (not trained)."""
+        return sum(r["count"] for k, r in self.reasons.items() if k not in REASON_TEXT)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["tokens_cut"] = sum(int(r.get("tokens_cut", 0)) for r in self.reasons.values())
+        out["bad_records"] = self.bad_records
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "DataReport":
+        known = {k: data[k] for k in ("format", "truncation", "max_length", "records", "examples",
+                                      "tokens", "trained_tokens", "reasons") if k in data}
+        return cls(**known)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,83 +305,63 @@ def tokenize_record(record: dict, fmt: str, tokenizer: Any) -> tuple[list[int], 
 # files
 
 
-def load_examples(path: Path, tokenizer: Any, *, max_length: int, truncation: str = "truncate",
+def load_examples(path: Path, tokenizer: Any, *, max_length: int, truncation: str = "keep_answer",
                   progress: Callable[[str, int, int], None] | None = None) -> tuple[list[Example], DataReport]:
-    """Validate *path*, then tokenize its valid records into examples.
+    """Every example of *path* as a list (small files and tests; the trainer uses the memory-mapped
+    ``trainer.tokencache``). Raises DataError when the file has no good record.
 
-    Raises DataError when validation rejects the file. ``truncation``: "truncate" cuts an
-    over-long example to ``max_length`` tokens, "drop" drops it; either way it is counted.
-    ``progress(phase, done, total)`` is called as it goes ("validating" 0/0 first, then
-    "tokenizing" done/total records, often: the caller throttles).
+    ``truncation``: see ``trainer.encode``. ``progress(phase, done, total)`` is called as it goes.
     """
-    from daemon.validation import iter_records, validate_file
+    from trainer.encode import encode_file
 
-    if truncation not in ("truncate", "drop"):
-        raise ValueError(f"truncation must be 'truncate' or 'drop', not {truncation!r}")
-    if max_length < 2:
-        raise ValueError("max_length must be at least 2")
     path = Path(path)
-    if progress is not None:
-        progress("validating", 0, 0)
-    vrep = validate_file(path)
-    if not vrep.ok or vrep.format is None:
-        raise DataError(f"{path.name}: {vrep.reason or 'no format detected'}")
-    total = vrep.valid_records
-    on_record = None if progress is None else (lambda done: progress("tokenizing", done, total))
-    examples, report = examples_from_records(iter_records(path), vrep.format, tokenizer,
-                                             max_length=max_length, truncation=truncation,
-                                             on_record=on_record)
-    report.skipped_invalid = vrep.records - vrep.valid_records
+    total = count_lines(path)
+    report = DataReport(format=None)
+    on_lines = None if progress is None else (lambda done: progress("tokenizing", done, total))
+    examples = [Example(input_ids=e.ids.tolist(), labels=labels_of(e.ids, e.mask), line=e.line)
+                for e in encode_file(path, tokenizer, max_length=max_length, truncation=truncation,
+                                     progress=on_lines, report=report)]
+    if report.records == 0:
+        raise DataError(f"{path.name}: no valid record ({report.reasons or 'empty file'})")
     log.info("%s: %s", path.name, report.to_json())
     return examples, report
 
 
-def examples_from_records(records: Iterable[tuple[int, dict]], fmt: str, tokenizer: Any, *,
-                          max_length: int, truncation: str = "truncate",
-                          on_record: Callable[[int], None] | None = None) -> tuple[list[Example], DataReport]:
-    """Tokenize already-validated ``(line, record)`` pairs of format *fmt*.
-    ``on_record(records done)`` is called after each record (progress)."""
-    report = DataReport(format=fmt)
-    examples: list[Example] = []
-    for line, record in records:
-        if on_record is not None and report.records:
-            on_record(report.records)
-        report.records += 1
-        ids, labels = tokenize_record(record, fmt, tokenizer)
-        if len(ids) > max_length:
-            if truncation == "drop":
-                report.dropped_too_long += 1
-                continue
-            ids, labels = ids[:max_length], labels[:max_length]
-            report.truncated += 1
-        n_trained = sum(1 for x in labels if x != IGNORE_INDEX)
-        if n_trained == 0:
-            report.dropped_empty += 1
-            continue
-        examples.append(Example(input_ids=ids, labels=labels, line=line))
-        report.tokens += len(ids)
-        report.trained_tokens += n_trained
-    report.examples = len(examples)
-    if on_record is not None:
-        on_record(report.records)
-    return examples, report
+def labels_of(ids: Any, mask: Any) -> list[int]:
+    """Labels from ids and a 0/1 loss mask (numpy arrays)."""
+    import numpy as np
+    return np.where(np.asarray(mask, dtype=bool), ids, IGNORE_INDEX).tolist()
 
 
-def split_eval(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, eval), deterministic for (examples, fraction, seed); both keep file order.
+def count_lines(path: Path) -> int:
+    """Lines in *path* (a last line without newline counts), read in 16 MiB blocks."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 24):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) indices of n examples, deterministic for (n, fraction, seed), each in order.
 
     With ``eval_fraction > 0`` and at least 2 examples, eval gets at least 1 and train keeps at
     least 1.
     """
-    n = len(examples)
     if eval_fraction <= 0 or n < 2:
-        return list(examples), []
+        return list(range(n)), []
     if eval_fraction >= 1:
         raise ValueError("eval_fraction must be < 1")
     n_eval = min(max(1, round(n * eval_fraction)), n - 1)
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    eval_idx = set(order[:n_eval])
-    train = [e for i, e in enumerate(examples) if i not in eval_idx]
-    held = [e for i, e in enumerate(examples) if i in eval_idx]
-    return train, held
+    held = sorted(order[:n_eval])
+    held_set = set(held)
+    return [i for i in range(n) if i not in held_set], held
+
+
+def split_eval(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples, chosen by :func:`split_indices`; both keep file order."""
+    train, held = split_indices(len(examples), eval_fraction, seed)
+    return [examples[i] for i in train], [examples[i] for i in held]

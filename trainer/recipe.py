@@ -35,12 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from daemon.atomic import sha256_file
 from daemon.paths import Layout
 from trainer import adapter_store
 from trainer.checkpoint import (CheckpointManager, CheckpointPayload, capture_rng_state,
                                 restore_rng_state, save_torch)
 from daemon.config import LOCKED_KEYS
 from trainer.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
+from trainer.data import REASON_TEXT
 from trainer.layer_activity import LayerActivityTracker
 from trainer.model import (FINGERPRINT_CACHE_NAME, BaseMismatchError, BaseModelError, attach_lora,
                            base_fingerprint, check_same_base, load_adapter_state, load_base_model,
@@ -230,7 +232,7 @@ class _RecipeRun:
         self.note(f"{len(self.tracker.modules)} LoRA modules, {n_train} trainable parameters; "
                   f"{self.total_steps} steps ({self.plan_sizes} micro-batches per epoch)")
         self.emit("started", total_steps=self.total_steps, resumed_from_step=self.step,
-                  dataset=self.report.to_json(), base_model=str(self.base),
+                  dataset=self.report.to_json(), data_cache=self.data_cache, base_model=str(self.base),
                   base_fingerprint=self.fingerprint, device=str(self.device),
                   continued_from=("checkpoint" if payload is not None else
                                   "current_model" if cur_dir is not None else "fresh"))
@@ -278,19 +280,37 @@ class _RecipeRun:
         return payload
 
     def _load_data(self) -> None:
-        from trainer.data import load_examples, split_eval
+        """Tokenize once into the memory-mapped cache (or reuse it), split, plan every epoch."""
+        from trainer import tokencache
+        from trainer.data import split_indices
         from trainer.packing import plan_batches
 
-        cfg = self.cfg
+        cfg, job = self.cfg, self.job
         max_length = int(cfg["max_length"])
-        examples, self.report = load_examples(self.job.dataset, self.tokenizer, max_length=max_length,
-                                              truncation=cfg.get("truncation", "truncate"),
-                                              progress=self._preparing)
-        if not examples:
-            raise JobFailed(f"{self.job.name}: no trainable examples ({self.report.to_json()})")
-        self.train_ex, self.eval_ex = split_eval(examples, float(cfg.get("eval_fraction", 0.0)),
-                                                 int(cfg.get("seed", 0)))
-        lengths = [len(e.input_ids) for e in self.train_ex]
+        truncation = str(cfg.get("truncation", "keep_answer"))
+        sha = job.sha256 or sha256_file(Path(job.dataset))
+        self._preparing("validating", 0, 0)
+        data, hit = tokencache.prepare(job.dataset, self.tokenizer, cache_root=self.layout.token_cache,
+                                       sha256=sha, max_length=max_length, truncation=truncation,
+                                       progress=lambda done, total: self._preparing("tokenizing", done, total))
+        self.report = data.report
+        self.data_cache = {"path": str(data.root), "hit": hit, "examples": len(data),
+                           "tokens": int(data.meta.get("tokens", 0)), "built_s": data.meta.get("built_s")}
+        took = "" if hit else f", {data.meta.get('built_s')} s"
+        self.note(f"{job.name}: {'token cache hit' if hit else 'tokenized into the cache'} {data.root.name} "
+                  f"({len(data)} examples, {self.data_cache['tokens']} tokens{took})")
+        if not len(data):
+            raise JobFailed(f"{job.name}: no trainable examples ({self.report.to_json()})")
+        bad, lines = self.report.bad_records, self.report.records + self.report.bad_records
+        if bad:
+            self.note(f"{job.name}: {bad} of {lines} lines are not trained (bad records): "
+                      + ", ".join(f"{k} {r['count']} (lines {', '.join(map(str, r['lines'][:5]))})"
+                                  for k, r in self.report.reasons.items() if k not in REASON_TEXT), "warning")
+        train_idx, eval_idx = split_indices(len(data), float(cfg.get("eval_fraction", 0.0)),
+                                            int(cfg.get("seed", 0)))
+        self.train_ex = tokencache.Subset(data, train_idx)
+        self.eval_ex = tokencache.Subset(data, eval_idx)
+        lengths = self.train_ex.lengths.tolist()
         self.ga = int(cfg["gradient_accumulation"])
         self.epochs = int(cfg.get("epochs", 1))
         self.plans = [plan_batches(lengths, max_length=max_length, rows_per_batch=int(cfg["batch_size"]),
@@ -628,7 +648,8 @@ class _RecipeRun:
         return {"job_id": self.job.job_id, "dataset": self.job.name, "dataset_sha256": self.job.sha256,
                 "steps": entry.get("steps"), "final_train_loss": entry.get("final_loss"),
                 "eval_loss": entry.get("eval_loss"), "base_model": str(self.base),
-                "base_fingerprint": self.fingerprint}
+                "base_fingerprint": self.fingerprint,
+                "data_report": self.report.to_json() if getattr(self, "report", None) else None}
 
     def _already_completed(self, cur_dir: Path, cur_state: dict[str, Any]) -> JobResult:
         """current_model/ already holds this job (a crash after the swap): finish the bookkeeping."""

@@ -136,14 +136,23 @@ def test_truncate_drop_and_empty(tmp_path: Path, tiny_tokenizer) -> None:
             {"messages": [{"role": "user", "content": long_answer}, {"role": "assistant", "content": "ok"}]}]
     f = write_jsonl(tmp_path / "l.jsonl", recs)
     exs, rep = load_examples(f, tiny_tokenizer, max_length=48, truncation="truncate")
-    assert (rep.records, rep.examples, rep.truncated, rep.dropped_empty, rep.dropped_too_long) == (3, 2, 2, 1, 0)
+    counts = lambda r: tuple(r.count(k) for k in ("truncated", "dropped_empty", "dropped_too_long"))  # noqa: E731
+    assert (rep.records, rep.examples, *counts(rep)) == (3, 2, 2, 1, 0)
     assert all(len(e.input_ids) <= 48 for e in exs)
     assert len(exs[1].input_ids) == 48 and exs[1].labels[-1] != IGNORE_INDEX
     assert [e.line for e in exs] == [1, 2]
+    assert rep.reasons["truncated"]["lines"] == [2, 3] and rep.reasons["dropped_empty"]["lines"] == [3]
 
     exs, rep = load_examples(f, tiny_tokenizer, max_length=48, truncation="drop")
-    assert (rep.records, rep.examples, rep.truncated, rep.dropped_empty, rep.dropped_too_long) == (3, 1, 0, 0, 2)
-    assert json.loads(json.dumps(rep.to_json()))["dropped_too_long"] == 2
+    assert (rep.records, rep.examples, *counts(rep)) == (3, 1, 0, 0, 2)
+    assert json.loads(json.dumps(rep.to_json()))["reasons"]["dropped_too_long"] == {
+        "count": 2, "lines": [2, 3], "tokens": rep.reasons["dropped_too_long"]["tokens"]}
+
+    # keep_answer (the default): the long prompt is cut from the left, the answer "ok" is kept
+    exs, rep = load_examples(f, tiny_tokenizer, max_length=48)
+    assert (rep.records, rep.examples, *counts(rep)) == (3, 3, 2, 0, 0)
+    assert trained_text(tiny_tokenizer, exs[2]) == "ok<|im_end|>"
+    assert len(exs[2].input_ids) == 48
 
 
 def test_invalid_records_skipped_and_invalid_file_rejected(tmp_path: Path, tiny_tokenizer) -> None:
@@ -152,7 +161,8 @@ def test_invalid_records_skipped_and_invalid_file_rejected(tmp_path: Path, tiny_
         {"messages": [{"role": "user", "content": "no answer"}]},  # no assistant: invalid
         {"messages": CONV}])
     exs, rep = load_examples(f, tiny_tokenizer, max_length=512)
-    assert (rep.records, rep.examples, rep.skipped_invalid) == (2, 2, 1)
+    assert (rep.records, rep.examples, rep.bad_records) == (2, 2, 1)
+    assert rep.reasons["no_assistant_message"] == {"count": 1, "lines": [2]}
     assert [e.line for e in exs] == [1, 3]
 
     bad = tmp_path / "bad.jsonl"

@@ -19,7 +19,7 @@ def test_records_validate_and_are_short(tmp_path: Path, tiny_tokenizer, kind: st
     assert rep.ok, rep.reason
     assert rep.format == "messages" and rep.records == rep.valid_records == 200
     exs, drep = load_examples(path, tiny_tokenizer, max_length=64)
-    assert drep.examples == 200 and drep.truncated == 0
+    assert drep.examples == 200 and drep.count("truncated") == 0
     assert max(len(e.input_ids) for e in exs) < 64
     assert len({r["messages"][0]["content"] for r in recs}) == 1  # fixed system prompt
 

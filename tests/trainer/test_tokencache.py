@@ -1,0 +1,91 @@
+"""Tokenize once: the memory-mapped token cache is built on the first attempt and reused by a
+resume (no re-tokenization: asserted from the events, not from timings)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from daemon.config import Config, config_to_dict
+from daemon.paths import Layout
+from trainer import tokencache
+from trainer.data import load_examples
+from trainer.generator import generate_records
+from trainer.interface import Outcome
+from trainer.recipe import QLoRATrainer
+from trainer.train import make_job
+from trainer_helpers import ListSink, NoControl, StopAfter
+
+
+def _data(tmp_path: Path, n: int = 40) -> Path:
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate_records(n, seed=3)), encoding="utf-8")
+    return data
+
+
+def _logs(sink: ListSink) -> list[str]:
+    return [e["message"] for e in sink.of("log")]
+
+
+def test_a_resume_reuses_the_cache_instead_of_tokenizing_again(tiny_base: Path, tmp_path: Path) -> None:
+    data, home = _data(tmp_path), tmp_path / "home"
+    cfg = config_to_dict(Config(base_model=str(tiny_base), max_length=64, batch_size=2, lora_r=4,
+                                checkpoint_every_steps=1000))
+    job = make_job(data, home, cfg, job_id=1)
+    first = ListSink()
+    r1 = QLoRATrainer().run(job, first, StopAfter(first, 2))
+    assert r1.outcome is Outcome.STOPPED
+    assert any("tokenized into the cache" in m for m in _logs(first))
+    assert [e for e in first.of("preparing") if e["phase"] == "tokenizing"]
+    (entry,) = [d for d in Layout(home).token_cache.iterdir()]
+    assert entry.name.startswith(job.sha256[:16])
+    assert first.of("started")[0]["data_cache"]["hit"] is False
+
+    second = ListSink()
+    r2 = QLoRATrainer().run(job, second, NoControl())
+    assert r2.outcome is Outcome.COMPLETED, r2.reason
+    started = second.of("started")[0]
+    assert started["resumed_from_step"] == 2 and started["data_cache"]["hit"] is True
+    assert any("token cache hit" in m for m in _logs(second))
+    assert not [e for e in second.of("preparing") if e["phase"] == "tokenizing"]   # not tokenized again
+    assert started["dataset"] == first.of("started")[0]["dataset"]
+
+    # the cache holds exactly what the list-based reader yields
+    data_ = tokencache.open_entry(entry)
+    assert data_ is not None
+    exs, _ = load_examples(data, _tokenizer(tiny_base), max_length=64)
+    assert len(data_) == len(exs) and [data_[i] for i in range(len(exs))] == exs
+    assert data_.ids.dtype == np.int32 and isinstance(data_.ids, np.memmap)
+
+
+def _tokenizer(base: Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(base)
+
+
+def test_the_key_changes_with_what_the_tokens_depend_on(tiny_base: Path, tmp_path: Path) -> None:
+    tok = _tokenizer(tiny_base)
+    sha = "ab" * 32
+    names = {tokencache.entry_name(tokencache.cache_key(sha, tok, max_length=m, truncation=t))
+             for m in (64, 128) for t in ("keep_answer", "truncate")}
+    assert len(names) == 4 and all(n.startswith(sha[:16]) for n in names)
+    tok.chat_template = tok.chat_template + " "
+    other = tokencache.entry_name(tokencache.cache_key(sha, tok, max_length=64, truncation="keep_answer"))
+    assert other not in names
+
+
+def test_a_broken_or_half_built_entry_is_rebuilt(tiny_base: Path, tmp_path: Path) -> None:
+    tok, data, root = _tokenizer(tiny_base), _data(tmp_path, 10), tmp_path / "cache"
+    sha = "cd" * 32
+    d1, hit = tokencache.prepare(data, tok, cache_root=root, sha256=sha, max_length=64, truncation="keep_answer")
+    assert not hit and len(d1) == 10
+    _, hit = tokencache.prepare(data, tok, cache_root=root, sha256=sha, max_length=64, truncation="keep_answer")
+    assert hit
+    (d1.root / "offsets.npy").unlink()                 # damaged: rebuilt, not trusted
+    half = root / ".building-x-999999999"              # a killed build
+    half.mkdir()
+    d2, hit = tokencache.prepare(data, tok, cache_root=root, sha256=sha, max_length=64, truncation="keep_answer")
+    assert not hit and len(d2) == 10 and not half.exists()
+    shutil.rmtree(root)

@@ -1,0 +1,441 @@
+"""JSONL file -> token examples, in batches, with a truncation policy and a by-line data report.
+
+The fast path of :mod:`trainer.data` (whose ``tokenize_record`` stays the per-record reference):
+
+* every line is read once, checked (``daemon.validation.check_record``) and accounted for: a bad
+  line is reported with its kind and line number, never silently skipped;
+* the chat template renders once per record (``render_jinja_template`` with generation indices
+  when the template has ``{% generation %}`` markers; else one render plus a search of the
+  turns in the rendered text, checked against the reference on the file's first records), and the
+  tokenizer's Rust batch API tokenizes a whole batch at once (parallel when
+  ``TOKENIZERS_PARALLELISM`` allows);
+* over-long records follow ``truncation``: ``keep_answer`` (default) cuts the prompt from the
+  left, after the system message, before it cuts an answer, and splits plain text into
+  ``max_length`` chunks (one token of overlap, so every token but the first is trained once);
+  ``truncate`` cuts the end; ``drop`` drops the record. Every cut is in the report.
+
+Output: ``Encoded(line, ids, mask)`` with ``mask[0] == 0`` (position 0 is never predicted).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from trainer.data import (DataError, DataReport, _chat_template, _eos_id, _render, _special_prefix,
+                          chat_tokens_fallback, has_generation_markers, prompt_and_completion,
+                          record_to_messages, tokenize_record)
+
+log = logging.getLogger(__name__)
+
+TRUNCATION_POLICIES = ("keep_answer", "truncate", "drop")
+BATCH_RECORDS = 1024        # records tokenized per batch call
+VERIFY_RECORDS = 32         # records checked against the reference when the turns are searched for
+
+#: the keys each format reads; anything else in a record is reported as ``unknown_keys``
+FORMAT_KEYS = {"messages": {"messages", "tools"}, "sharegpt": {"conversations", "system", "tools"},
+               "prompt_completion": {"prompt", "completion"},
+               "alpaca": {"instruction", "input", "output", "system"}, "text": {"text"}}
+
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass
+class Encoded:
+    line: int
+    ids: np.ndarray      # int32
+    mask: np.ndarray     # uint8, 1 where the token carries a loss
+
+
+# --------------------------------------------------------------------------------------- reading
+
+def read_records(path: Path, report: DataReport) -> Iterator[tuple[int, dict]]:
+    """(line, record) of every good record; every other non-blank line is reported by kind, and
+    a record repeating an earlier line of the file is reported as ``duplicate`` (trained as given)."""
+    from daemon.validation import check_record, detect_format, problem_kind
+
+    fmt = report.format
+    seen: set[bytes] = set()
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                record = json.loads(raw)
+            except UnicodeDecodeError:
+                report.add("invalid_utf8", lineno)
+                continue
+            except ValueError:
+                report.add("invalid_json", lineno)
+                continue
+            if not isinstance(record, dict):
+                report.add("not_an_object", lineno)
+                continue
+            rec_fmt = detect_format(record)
+            if rec_fmt is None:
+                report.add("unknown_format", lineno)
+                continue
+            if fmt is None:
+                fmt = report.format = rec_fmt
+            if rec_fmt != fmt:
+                report.add("mixed_format", lineno)
+                continue
+            problems = check_record(record, fmt)
+            if problems:
+                report.add(problem_kind(problems[0]), lineno)
+                continue
+            extra = set(record) - FORMAT_KEYS[fmt]
+            if extra:
+                report.add("unknown_keys", lineno, keys=sorted(extra)[:5])
+            digest = hashlib.blake2b(raw, digest_size=8).digest()
+            if digest in seen:
+                report.add("duplicate", lineno)
+            else:
+                seen.add(digest)
+            yield lineno, record
+
+
+# --------------------------------------------------------------------------------------- spans
+
+def _mask_from_spans(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """1 for every token overlapping a character span (the rule of return_assistant_tokens_mask)."""
+    mask = np.zeros(len(offsets), dtype=np.uint8)
+    if not len(offsets):
+        return mask
+    a, b = offsets[:, 0], offsets[:, 1]
+    for s, e in spans:
+        mask |= (((a < e) & (b > s)) | ((a == b) & (a >= s) & (a < e))).astype(np.uint8)
+    return mask
+
+
+def _tokens_before(offsets: np.ndarray, char_end: int) -> int:
+    """Number of leading tokens that start before *char_end*."""
+    return int(np.searchsorted(offsets[:, 0], char_end, side="left")) if len(offsets) else 0
+
+
+def _mask_by_boundaries(enc: Any, n: int, spans: list[tuple[int, int]], sys_end: int
+                        ) -> tuple[np.ndarray, int] | None:
+    """The span mask and the system turn's token count from the tokens at the span boundaries
+    (same result as :func:`_mask_from_spans`, without converting every offset); None when a
+    boundary character belongs to no token."""
+    mask = np.zeros(n, dtype=np.uint8)
+    for s, e in spans:
+        if e <= s:
+            continue
+        a, b = enc.char_to_token(s), enc.char_to_token(e - 1)
+        if a is None or b is None:
+            return None
+        mask[a:b + 1] = 1
+    keep = 0
+    if sys_end:
+        last = enc.char_to_token(sys_end - 1)
+        if last is None:
+            return None
+        keep = last + 1
+    return mask, keep
+
+
+class _ChatRenderer:
+    """Renders conversations once each and finds the trained character spans."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        self.template = _chat_template(tokenizer)
+        self.markers = has_generation_markers(tokenizer)
+        self.specials = sorted((t for t in getattr(tokenizer, "all_special_tokens", []) if t),
+                               key=len, reverse=True)
+        self.header = self._generation_header()
+        self.search_ok: bool | None = None if not self.markers else True   # verified on first records
+
+    def _generation_header(self) -> str | None:
+        probe = [{"role": "user", "content": "x"}]
+        try:
+            with_prompt = _render(self.tok, probe, add_generation_prompt=True)
+            without = _render(self.tok, probe)
+        except Exception:   # a template that refuses a lone user turn
+            return None
+        if with_prompt.startswith(without) and len(with_prompt) > len(without):
+            return with_prompt[len(without):]
+        return None
+
+    def _special_after(self, text: str, pos: int) -> int:
+        for tok in self.specials:
+            if text.startswith(tok, pos):
+                return pos + len(tok)
+        return pos
+
+    def _find(self, text: str, content: str, start: int) -> int:
+        """Where *content* is in *text* from *start*: the first place followed by a special token
+        (a turn's end marker), else the first place; -1 if nowhere."""
+        first = pos = text.find(content, start)
+        while pos >= 0:
+            if self._special_after(text, pos + len(content)) > pos + len(content):
+                return pos
+            pos = text.find(content, pos + 1)
+        return first
+
+    def _search(self, text: str, msgs: list[dict[str, str]], trained: list[bool]
+                ) -> tuple[list[tuple[int, int]], int] | None:
+        """Trained spans and the end of the system turn, found in one rendered text; None when a
+        turn cannot be found (the caller then uses the reference)."""
+        cursor, spans, sys_end = 0, [], 0
+        for i, m in enumerate(msgs):
+            content = m["content"]
+            start = cursor
+            if m["role"] == "assistant" and self.header:
+                h = text.find(self.header, cursor)
+                if h < 0:
+                    return None
+                start = h + len(self.header)
+            pos = self._find(text, content, start) if content else start
+            if pos < 0 and content.strip():
+                content = content.strip()
+                pos = self._find(text, content, start)
+            if pos < 0:
+                return None
+            end = self._special_after(text, pos + len(content))
+            if m["role"] == "assistant" and trained[i]:
+                spans.append((start if self.header else pos, end))
+            if i == 0 and m["role"] == "system":
+                sys_end = end
+            cursor = end
+        return spans, sys_end
+
+    def render(self, convs: list[tuple[list[dict[str, str]], list[bool]]]
+               ) -> list[tuple[str, list[tuple[int, int]], int] | None]:
+        """(text, trained spans, system end) per conversation; None = use the reference."""
+        out: list[tuple[str, list[tuple[int, int]], int] | None] = []
+        if self.markers:
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            plain = [c for c in convs if all(t == (m["role"] == "assistant") for m, t in zip(*c))]
+            texts, indices = render_jinja_template(
+                conversations=[m for m, _ in plain], chat_template=self.template,
+                return_assistant_tokens_mask=True, **self.tok.special_tokens_map) if plain else ([], [])
+            it = iter(zip(texts, indices))
+            for msgs, trained in convs:
+                if all(t == (m["role"] == "assistant") for m, t in zip(msgs, trained)):
+                    text, gen = next(it)
+                    found = self._search(text, msgs, trained)
+                    out.append((text, [tuple(g) for g in gen], found[1] if found else 0))
+                else:
+                    out.append(None)
+            return out
+        for msgs, trained in convs:
+            text = _render(self.tok, msgs)
+            found = self._search(text, msgs, trained) if self.search_ok is not False else None
+            out.append(None if found is None else (text, found[0], found[1]))
+        return out
+
+
+# --------------------------------------------------------------------------------------- fitting
+
+def fit(ids: np.ndarray, mask: np.ndarray, *, keep: int, max_length: int, policy: str, chunk: bool,
+        line: int, report: DataReport) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The examples one record becomes under the truncation *policy* (see the module doc)."""
+    n = len(ids)
+    if n <= max_length:
+        return [(ids, mask)]
+    if policy == "drop":
+        report.add("dropped_too_long", line, tokens=n)
+        return []
+    if policy == "truncate" or (not chunk and keep >= max_length // 2):
+        report.add("truncated", line, tokens_cut=n - max_length,
+                   answer_tokens_cut=int(mask[max_length:].sum()))
+        return [(ids[:max_length], mask[:max_length])]
+    if chunk:   # plain text: max_length pieces overlapping by one token
+        step, out = max_length - 1, []
+        for start in range(0, n - 1, step):
+            piece_ids, piece_mask = ids[start:start + max_length], mask[start:start + max_length].copy()
+            piece_mask[0] = 0
+            if piece_mask.any():
+                out.append((piece_ids, piece_mask))
+        report.add("chunked", line, pieces=len(out))
+        return out
+    # keep_answer: cut tokens [keep, keep + excess) (the prompt, from the left, after the system
+    # turn); when the last answer alone does not fit, cut up to it and truncate its end.
+    excess = n - max_length
+    trained = np.flatnonzero(mask)
+    last_start = keep
+    if len(trained):
+        runs = np.flatnonzero(np.diff(trained) > 1)
+        last_start = int(trained[runs[-1] + 1]) if len(runs) else int(trained[0])
+    cut_end = keep + excess
+    if cut_end <= last_start:
+        new_ids = np.concatenate([ids[:keep], ids[cut_end:]])
+        new_mask = np.concatenate([mask[:keep], mask[cut_end:]])
+        answer_cut = int(mask[keep:cut_end].sum())
+    else:
+        new_ids = np.concatenate([ids[:keep], ids[last_start:]])[:max_length]
+        new_mask = np.concatenate([mask[:keep], mask[last_start:]])[:max_length]
+        answer_cut = int(mask.sum()) - int(new_mask.sum())
+    new_mask = new_mask.copy()
+    if keep < len(new_mask):
+        answer_cut += int(new_mask[keep])
+        new_mask[keep] = 0          # the first token after the cut is not predicted from the system turn
+    report.add("truncated", line, tokens_cut=n - len(new_ids), answer_tokens_cut=answer_cut)
+    return [(new_ids, new_mask)]
+
+
+# --------------------------------------------------------------------------------------- encoding
+
+class Encoder:
+    """Batches of ``(line, record)`` -> ``Encoded`` examples, accounting in *report*."""
+
+    def __init__(self, tokenizer: Any, fmt: str, *, max_length: int, truncation: str,
+                 report: DataReport) -> None:
+        if truncation not in TRUNCATION_POLICIES:
+            raise ValueError(f"truncation must be one of {', '.join(TRUNCATION_POLICIES)}, not {truncation!r}")
+        if max_length < 2:
+            raise ValueError("max_length must be at least 2")
+        self.tok, self.fmt, self.max_length, self.policy, self.report = tokenizer, fmt, max_length, truncation, report
+        self.backend = tokenizer.backend_tokenizer
+        has_tpl = _chat_template(tokenizer) is not None
+        self.chat = fmt in ("messages", "sharegpt") or (fmt in ("prompt_completion", "alpaca") and has_tpl)
+        if fmt in ("messages", "sharegpt") and not has_tpl:
+            raise DataError(f"format {fmt!r} needs a chat template and the tokenizer has none")
+        self.renderer = _ChatRenderer(tokenizer) if self.chat else None
+        self.prefix = _special_prefix(tokenizer)
+        if fmt == "text" and not self.prefix:
+            self.prefix = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else _eos_id(tokenizer)]
+        self.eos = _eos_id(tokenizer) if not self.chat else None
+        self.checked = 0
+
+    def _ids(self, texts: list[str]) -> list[Any]:
+        return self.backend.encode_batch(texts, add_special_tokens=False)
+
+    def encode(self, batch: list[tuple[int, dict]]) -> list[Encoded]:
+        self.report.records += len(batch)
+        pairs = self._encode_chat(batch) if self.chat else self._encode_plain(batch)
+        out: list[Encoded] = []
+        for line, ids, mask, keep in pairs:
+            if not mask[1:].any():
+                self.report.add("dropped_empty", line)
+                continue
+            mask[0] = 0
+            for pid, pmask in fit(ids, mask, keep=keep, max_length=self.max_length, policy=self.policy,
+                                  chunk=self.fmt == "text", line=line, report=self.report):
+                if not pmask.any():      # truncation left nothing to train
+                    self.report.add("dropped_empty", line)
+                    continue
+                out.append(Encoded(line, pid, pmask))
+                self.report.examples += 1
+                self.report.tokens += len(pid)
+                self.report.trained_tokens += int(pmask.sum())
+        return out
+
+    def _reference(self, record: dict) -> tuple[np.ndarray, np.ndarray]:
+        ids, labels = tokenize_record(record, self.fmt, self.tok)
+        return (np.asarray(ids, dtype=np.int32),
+                np.asarray([x != -100 for x in labels], dtype=np.uint8))
+
+    def _encode_chat(self, batch: list[tuple[int, dict]]) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
+        assert self.renderer is not None
+        convs = []
+        for line, record in batch:
+            msgs, trained = record_to_messages(record, self.fmt)
+            roles = [m["role"] for m in msgs]
+            if "user" not in roles:
+                self.report.add("no_user_turn", line)
+            if not any(trained):
+                self.report.add("no_assistant_turn", line)
+            elif any(t and not m["content"].strip() for m, t in zip(msgs, trained)):
+                self.report.add("empty_assistant_content", line)
+            convs.append((msgs, trained))
+        rendered = self.renderer.render(convs)
+        idx = [k for k, r in enumerate(rendered) if r is not None]
+        encs = self._ids([rendered[k][0] for k in idx]) if idx else []   # type: ignore[index]
+        by_k = dict(zip(idx, encs))
+        out = []
+        for k, (line, record) in enumerate(batch):
+            r = rendered[k]
+            if r is None:
+                ids, mask = self._reference(record)
+                keep = 0
+            else:
+                enc = by_k[k]
+                ids = np.asarray(enc.ids, dtype=np.int32)
+                found = _mask_by_boundaries(enc, len(ids), r[1], r[2])
+                if found is None:    # a boundary inside no token: map every token's offsets
+                    offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+                    found = _mask_from_spans(offsets, r[1]), _tokens_before(offsets, r[2])
+                mask, keep = found
+                if self.renderer.search_ok is None and not self._verify(record, ids, mask):
+                    ids, mask = self._reference(record)
+                    keep = 0
+            out.append((line, ids, mask, keep))
+        return out
+
+    def _verify(self, record: dict, ids: np.ndarray, mask: np.ndarray) -> bool:
+        """The searched turns must equal the reference on the first records, else it is not used."""
+        assert self.renderer is not None
+        ref_ids, ref_mask = self._reference(record)
+        if not (np.array_equal(ref_ids, ids) and np.array_equal(ref_mask[1:], mask[1:])):
+            log.warning("the chat template renders turns in a way the one-pass search does not follow; "
+                        "this file is tokenized with the slower per-turn rendering")
+            self.renderer.search_ok = False
+            return False
+        self.checked += 1
+        if self.checked >= VERIFY_RECORDS:
+            self.renderer.search_ok = True
+        return True
+
+    def _encode_plain(self, batch: list[tuple[int, dict]]) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
+        out = []
+        pre = np.asarray(self.prefix, dtype=np.int32)
+        if self.fmt == "text":
+            for (line, _rec), enc in zip(batch, self._ids([r["text"] for _, r in batch])):
+                ids = np.concatenate([pre, np.asarray(enc.ids, dtype=np.int32), [self.eos]]).astype(np.int32)
+                mask = np.ones(len(ids), dtype=np.uint8)
+                mask[:len(pre)] = 0
+                out.append((line, ids, mask, len(pre)))
+            return out
+        pcs = [prompt_and_completion(r, self.fmt) for _, r in batch]
+        p_encs = self._ids([p for p, _ in pcs])
+        c_encs = self._ids([c for _, c in pcs])
+        for (line, _rec), pe, ce in zip(batch, p_encs, c_encs):
+            p = np.concatenate([pre, np.asarray(pe.ids, dtype=np.int32)]).astype(np.int32)
+            c = np.concatenate([np.asarray(ce.ids, dtype=np.int32), [self.eos]]).astype(np.int32)
+            ids = np.concatenate([p, c])
+            mask = np.concatenate([np.zeros(len(p), np.uint8), np.ones(len(c), np.uint8)])
+            out.append((line, ids, mask, len(pre)))
+        return out
+
+
+def encode_file(path: Path, tokenizer: Any, *, max_length: int, truncation: str = "keep_answer",
+                fmt: str | None = None, progress: Callable[[int], None] | None = None,
+                report: DataReport | None = None) -> Iterator[Encoded]:
+    """Every example of *path* in file order; *report* (filled as it goes) accounts for each line.
+    ``progress(lines read)`` is called after each batch."""
+    report = report if report is not None else DataReport(format=fmt or "")
+    report.format = fmt or report.format or None   # type: ignore[assignment]
+    report.truncation, report.max_length = truncation, max_length
+    encoder: Encoder | None = None
+    batch: list[tuple[int, dict]] = []
+    done = 0
+
+    def flush() -> Iterator[Encoded]:
+        nonlocal encoder, done
+        if encoder is None:
+            encoder = Encoder(tokenizer, str(report.format), max_length=max_length,
+                              truncation=truncation, report=report)
+        yield from encoder.encode(batch)
+        done = batch[-1][0]
+        batch.clear()
+        if progress is not None:
+            progress(done)
+
+    for item in read_records(Path(path), report):
+        batch.append(item)
+        if len(batch) >= BATCH_RECORDS:
+            yield from flush()
+    if batch:
+        yield from flush()
