@@ -317,7 +317,13 @@ class MetricsReader:
 
 
 class RssSampler(threading.Thread):
-    """Peak RSS of the worker tree (summed) and of the daemon, every RSS_POLL_S, per phase label."""
+    """Peak RSS of the worker tree (summed) and of the daemon, every RSS_POLL_S, per phase label.
+
+    Listing children scans all of /proc (~4 ms), so the worker is looked up again only when the
+    one known has ended, and its own children are listed once a second; reading an RSS is cheap.
+    """
+
+    CHILDREN_EVERY_S = 1.0
 
     def __init__(self, home: Home) -> None:
         super().__init__(daemon=True, name="rss-sampler")
@@ -325,10 +331,23 @@ class RssSampler(threading.Thread):
         self.phase = "first"
         self.peaks: dict[str, dict[str, int]] = {}
         self._halt = threading.Event()
+        self._worker: psutil.Process | None = None
+        self._worker_tree: list[psutil.Process] = []
+        self._tree_listed_at = 0.0
 
     def run(self) -> None:
         while not self._halt.wait(RSS_POLL_S):
             self.sample()
+
+    def _current_tree(self) -> list[psutil.Process]:
+        """The worker and its children (the children re-listed every CHILDREN_EVERY_S)."""
+        if self._worker is None or not self._worker.is_running():
+            self._worker, self._worker_tree = self.home.worker(), []
+            self._tree_listed_at = 0.0
+        if self._worker is not None and time.monotonic() - self._tree_listed_at > self.CHILDREN_EVERY_S:
+            self._worker_tree = [self._worker, *self._worker.children(recursive=True)]
+            self._tree_listed_at = time.monotonic()
+        return self._worker_tree
 
     def sample(self) -> None:
         daemon_rss = worker_rss = 0
@@ -336,11 +355,10 @@ class RssSampler(threading.Thread):
         try:
             if pid is not None:
                 daemon_rss = psutil.Process(pid).memory_info().rss
-            worker = self.home.worker()
-            if worker is not None:
-                worker_rss = sum(p.memory_info().rss for p in [worker, *worker.children(recursive=True)])
+            for proc in self._current_tree():
+                worker_rss += proc.memory_info().rss
         except psutil.Error:      # a process ended between the listing and the reading
-            pass
+            self._tree_listed_at = 0.0
         peak = self.peaks.setdefault(self.phase, {"worker": 0, "daemon": 0})
         peak["worker"] = max(peak["worker"], worker_rss)
         peak["daemon"] = max(peak["daemon"], daemon_rss)
@@ -490,6 +508,18 @@ def machine_facts() -> dict[str, Any]:
             "numpy": np.__version__, "platform": platform.platform()}
 
 
+def code_version() -> dict[str, Any]:
+    """The commit the daemon and worker ran from, and uncommitted changes to daemon/ and trainer/
+    (None where REPO is not a git checkout, e.g. an exported tree)."""
+    def git(*a: str) -> str | None:
+        r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
+        return r.stdout.rstrip() if r.returncode == 0 else None
+
+    changes = git("status", "--porcelain", "--", "daemon", "trainer")
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted_changes": None if changes is None else changes.splitlines()}
+
+
 def phases_text(t: dict[str, Any]) -> str:
     """``accepted 0.4 · validating 9.0 · tokenizing 9.6 (300/300) · ...`` in moment order."""
     parts = []
@@ -565,6 +595,7 @@ def measure(home: Home, staged: Path, deadline: float) -> dict[str, Any]:
     sampler = RssSampler(home)
     home.launch()
     sampler.start()
+    cpu0 = psutil.Process().cpu_times()
     try:
         landing = time.time()
         os.rename(staged, home.inbox / staged.name)
@@ -585,9 +616,12 @@ def measure(home: Home, staged: Path, deadline: float) -> dict[str, Any]:
         sampler.sample()
     finally:
         sampler.stop()
-        clean = stop_daemon(home)
+    cpu1 = psutil.Process().cpu_times()
+    bench_cpu_s = round(cpu1.user + cpu1.system - cpu0.user - cpu0.system, 2)
+    clean = stop_daemon(home)
     return {"first": first, "resumed": resumed, "checkpoint": ckpt, "killed": killed, "sampler": sampler,
-            "cache_lines": cache_lines_since(home, sizes), "clean_stop": clean}
+            "cache_lines": cache_lines_since(home, sizes), "clean_stop": clean,
+            "bench_cpu_s": bench_cpu_s, "measured_s": round(time.time() - landing, 2)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -616,8 +650,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                     text=True).stdout.strip(),
+        "code": code_version(),
         "records": args.records, "file_mb": gen["mb"], "file_bytes": gen["bytes"], "generation": gen,
         "calibration": calib, "settings": {"seed": args.seed, "config_json": settings},
         "landing_to_first_step_s": first["moments_s"]["first_step"], "first_run": first,
@@ -627,7 +660,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cache_lines_after_restart": m["cache_lines"],
         "peak_worker_rss_mb": sampler.peak_mb("worker"), "peak_daemon_rss_mb": sampler.peak_mb("daemon"),
         "peak_rss_mb_by_run": {p: {k: round(v / MIB, 1) for k, v in d.items()} for p, d in sampler.peaks.items()},
-        "clean_stop": m["clean_stop"], "machine": machine_facts(),
+        "clean_stop": m["clean_stop"],
+        "bench_own_cpu": {"cpu_s": m["bench_cpu_s"], "over_s": m["measured_s"]},   # polling overhead
+        "machine": machine_facts(),
     }
 
 
