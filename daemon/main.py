@@ -458,6 +458,10 @@ class Daemon:
                 self.db.set_data_report(job_id, ev["dataset"])
             self.board.update(total_steps=ev.get("total_steps"), preparing=None,
                               current_step=ev.get("resumed_from_step") or 0)
+        elif kind == "data_report":     # the whole file's report, once the background tokenizing ends
+            if job_id is not None and isinstance(ev.get("dataset"), dict):
+                self.db.set_data_report(job_id, ev["dataset"])
+            self.board.update(preparing=None)
         elif kind == "step":
             fields = {k: ev.get(k) for k in ("loss", "learning_rate", "grad_norm", "tokens_per_second",
                                              "eta_seconds", "epoch", "peak_memory_bytes", "total_steps")

@@ -28,7 +28,7 @@ a worker dies with its daemon, PR_SET_PDEATHSIG) removes only what is clearly a 
   a retry then starts the job from the beginning).
 
 - token caches: ``cache/tokens/`` keeps the tokenized copies of files that a pending, active or
-  failed job holds (at start-up and after each job); half-built ones of a dead worker go too.
+  failed job holds (at start-up and after each job), complete or half-built.
 
 metrics.jsonl is rotated by its single writer (daemon/status.py, ``metrics_max_mb``,
 ``metrics_keep_files``), not here.
@@ -338,11 +338,8 @@ def prune_token_caches(layout: Layout, db: "StateDB") -> list[str]:
         if d.name.startswith(DELETING_PREFIX):     # a removal a crash interrupted
             shutil.rmtree(d, ignore_errors=True)
             continue
-        if d.name.startswith(".building-"):
-            pid = d.name.rsplit("-", 1)[-1]
-            stale = pid.isdigit() and not _pid_alive(int(pid))
-        else:
-            stale = d.name.split("-", 1)[0] not in live
+        name = d.name.removeprefix(".partial-")          # a build a stopped worker left to continue
+        stale = name.split("-", 1)[0] not in live
         if stale and _remove_whole(d):
             out.append(f"removed token cache {_rel(layout, d)}")
     return out

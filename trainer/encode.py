@@ -54,53 +54,67 @@ class Encoded:
 
 # --------------------------------------------------------------------------------------- reading
 
-def read_records(path: Path, report: DataReport) -> Iterator[tuple[int, dict]]:
-    """(line, record) of every good record; every other non-blank line is reported by kind, and
-    a record repeating an earlier line of the file is reported as ``duplicate`` (trained as given)."""
-    from daemon.validation import check_record, detect_format, problem_kind
+class LineChecker:
+    """Turns raw JSONL lines into good records, reporting every other non-blank line by kind;
+    a record repeating an earlier line (of those seen by this checker) is reported as
+    ``duplicate`` and trained as given."""
 
-    fmt = report.format
-    seen: set[bytes] = set()
+    def __init__(self, report: DataReport) -> None:
+        self.report = report
+        self.seen: set[bytes] = set()
+
+    def check(self, lineno: int, raw: bytes) -> dict | None:
+        from daemon.validation import check_record, detect_format, problem_kind
+
+        report = self.report
+        if lineno == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
+        raw = raw.strip()
+        if not raw:
+            return None
+        try:
+            record = json.loads(raw)
+        except UnicodeDecodeError:
+            report.add("invalid_utf8", lineno)
+            return None
+        except ValueError:
+            report.add("invalid_json", lineno)
+            return None
+        if not isinstance(record, dict):
+            report.add("not_an_object", lineno)
+            return None
+        rec_fmt = detect_format(record)
+        if rec_fmt is None:
+            report.add("unknown_format", lineno)
+            return None
+        if report.format is None:
+            report.format = rec_fmt
+        if rec_fmt != report.format:
+            report.add("mixed_format", lineno)
+            return None
+        problems = check_record(record, rec_fmt)
+        if problems:
+            report.add(problem_kind(problems[0]), lineno)
+            return None
+        extra = set(record) - FORMAT_KEYS[rec_fmt]
+        if extra:
+            report.add("unknown_keys", lineno, keys=sorted(extra)[:5])
+        digest = hashlib.blake2b(raw, digest_size=8).digest()
+        if digest in self.seen:
+            report.add("duplicate", lineno)
+        else:
+            self.seen.add(digest)
+        return record
+
+
+def read_records(path: Path, report: DataReport) -> Iterator[tuple[int, dict]]:
+    """(line, record) of every good record of *path*, in file order (see LineChecker)."""
+    checker = LineChecker(report)
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            if lineno == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
-            raw = raw.strip()
-            if not raw:
-                continue
-            try:
-                record = json.loads(raw)
-            except UnicodeDecodeError:
-                report.add("invalid_utf8", lineno)
-                continue
-            except ValueError:
-                report.add("invalid_json", lineno)
-                continue
-            if not isinstance(record, dict):
-                report.add("not_an_object", lineno)
-                continue
-            rec_fmt = detect_format(record)
-            if rec_fmt is None:
-                report.add("unknown_format", lineno)
-                continue
-            if fmt is None:
-                fmt = report.format = rec_fmt
-            if rec_fmt != fmt:
-                report.add("mixed_format", lineno)
-                continue
-            problems = check_record(record, fmt)
-            if problems:
-                report.add(problem_kind(problems[0]), lineno)
-                continue
-            extra = set(record) - FORMAT_KEYS[fmt]
-            if extra:
-                report.add("unknown_keys", lineno, keys=sorted(extra)[:5])
-            digest = hashlib.blake2b(raw, digest_size=8).digest()
-            if digest in seen:
-                report.add("duplicate", lineno)
-            else:
-                seen.add(digest)
-            yield lineno, record
+            record = checker.check(lineno, raw)
+            if record is not None:
+                yield lineno, record
 
 
 # --------------------------------------------------------------------------------------- spans

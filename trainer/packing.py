@@ -86,9 +86,9 @@ def loss_sum(model: Any, batch: Batch) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _rng(seed: int, epoch: int) -> random.Random:
+def _rng(seed: int, epoch: int, salt: str = "") -> random.Random:
     # str seeds are hashed with sha512: stable across processes and Python versions
-    return random.Random(f"packing:{seed}:{epoch}")
+    return random.Random(f"packing:{seed}:{epoch}" + (f":{salt}" if salt else ""))
 
 
 def _best_fit_decreasing(order: list[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -113,12 +113,13 @@ def _best_fit_decreasing(order: list[int], lengths: Sequence[int], capacity: int
 
 
 def plan_batches(lengths: list[int], *, max_length: int, rows_per_batch: int, packing: bool = True,
-                 seed: int = 0, epoch: int = 0) -> list[list[list[int]]]:
+                 seed: int = 0, epoch: int = 0, salt: str = "") -> list[list[list[int]]]:
     """batches -> rows -> example indices; a pure function of its arguments.
 
     Each epoch shuffles: with packing, ties between equal lengths (and so which examples share a
     row) and the order of rows; without packing, the order of examples (one per row).
     Every index appears exactly once. Raises ValueError for an example longer than max_length.
+    ``salt`` tells apart plans of the same epoch (the windows of trainer/plan.py).
     """
     if rows_per_batch < 1:
         raise ValueError("rows_per_batch must be >= 1")
@@ -129,7 +130,7 @@ def plan_batches(lengths: list[int], *, max_length: int, rows_per_batch: int, pa
             raise ValueError(f"example {i} has {n} tokens > max_length {max_length}")
         if n < 1:
             raise ValueError(f"example {i} is empty")
-    rng = _rng(seed, epoch)
+    rng = _rng(seed, epoch, salt)
     order = list(range(len(lengths)))
     rng.shuffle(order)
     if packing:

@@ -42,7 +42,7 @@ from trainer.checkpoint import (CheckpointManager, CheckpointPayload, capture_rn
                                 restore_rng_state, save_torch)
 from daemon.config import LOCKED_KEYS
 from trainer.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
-from trainer.data import REASON_TEXT
+from trainer.data import REASON_TEXT, DataReport
 from trainer.layer_activity import LayerActivityTracker
 from trainer.model import (FINGERPRINT_CACHE_NAME, BaseMismatchError, BaseModelError, attach_lora,
                            base_fingerprint, check_same_base, load_adapter_state, load_base_model,
@@ -160,6 +160,7 @@ class _RecipeRun:
         self.nonfinite_total = 0     # ... in this job (kept in checkpoints)
         self._prep_phase: str | None = None      # data preparation progress (``_preparing``)
         self._prep_t0 = self._prep_last = 0.0
+        self._prep_last_sent: tuple[str, int, int] | None = None
         self._step_times: collections.deque[float] = collections.deque(maxlen=50)   # for the ETA
 
     # ================================================================== helpers
@@ -220,8 +221,7 @@ class _RecipeRun:
         self.params = trainable_parameters(self.model)
         self.optimizer = torch.optim.AdamW(self.params, lr=float(cfg.get("learning_rate", 2e-4)),
                                            weight_decay=float(cfg.get("weight_decay", 0.0)))
-        self.scheduler = make_scheduler(self.optimizer, cfg.get("lr_scheduler", "cosine"),
-                                        int(cfg.get("warmup_steps", 0)), self.total_steps)
+        self.scheduler = self._make_scheduler()
         self.micro_rows = int(cfg["batch_size"])
         if payload is not None:
             self._restore(payload)
@@ -237,6 +237,15 @@ class _RecipeRun:
                   continued_from=("checkpoint" if payload is not None else
                                   "current_model" if cur_dir is not None else "fresh"))
         self.t_start = time.monotonic()
+
+    def _make_scheduler(self) -> Any:
+        """The LR schedule over the fraction of the job done (trainer/plan.py): it needs no
+        total step count before the file is tokenized."""
+        from trainer.plan import lr_factor
+
+        factor = lr_factor(str(self.cfg.get("lr_scheduler", "cosine")), int(self.cfg.get("warmup_steps", 0)),
+                           self.plan.fraction)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: factor(step))
 
     def _restart(self, why: str) -> None:
         """This job's checkpoints cannot be continued: start it again from current_model/."""
@@ -280,45 +289,64 @@ class _RecipeRun:
         return payload
 
     def _load_data(self) -> None:
-        """Tokenize once into the memory-mapped cache (or reuse it), split, plan every epoch."""
+        """Open the file's token stream (the cache, or a build of it running in the background)
+        and plan its first window: training starts before the whole file is tokenized."""
         from trainer import tokencache
-        from trainer.data import split_indices
-        from trainer.packing import plan_batches
+        from trainer.plan import StreamPlan
 
         cfg, job = self.cfg, self.job
-        max_length = int(cfg["max_length"])
-        truncation = str(cfg.get("truncation", "keep_answer"))
         sha = job.sha256 or sha256_file(Path(job.dataset))
         self._preparing("validating", 0, 0)
-        data, hit = tokencache.prepare(job.dataset, self.tokenizer, cache_root=self.layout.token_cache,
-                                       sha256=sha, max_length=max_length, truncation=truncation,
-                                       progress=lambda done, total: self._preparing("tokenizing", done, total))
-        self.report = data.report
-        self.data_cache = {"path": str(data.root), "hit": hit, "examples": len(data),
-                           "tokens": int(data.meta.get("tokens", 0)), "built_s": data.meta.get("built_s")}
-        took = "" if hit else f", {data.meta.get('built_s')} s"
-        self.note(f"{job.name}: {'token cache hit' if hit else 'tokenized into the cache'} {data.root.name} "
-                  f"({len(data)} examples, {self.data_cache['tokens']} tokens{took})")
-        if not len(data):
-            raise JobFailed(f"{job.name}: no trainable examples ({self.report.to_json()})")
-        bad, lines = self.report.bad_records, self.report.records + self.report.bad_records
-        if bad:
-            self.note(f"{job.name}: {bad} of {lines} lines are not trained (bad records): "
-                      + ", ".join(f"{k} {r['count']} (lines {', '.join(map(str, r['lines'][:5]))})"
-                                  for k, r in self.report.reasons.items() if k not in REASON_TEXT), "warning")
-        train_idx, eval_idx = split_indices(len(data), float(cfg.get("eval_fraction", 0.0)),
-                                            int(cfg.get("seed", 0)))
-        self.train_ex = tokencache.Subset(data, train_idx)
-        self.eval_ex = tokencache.Subset(data, eval_idx)
-        lengths = self.train_ex.lengths.tolist()
+        self.stream = tokencache.open_stream(job.dataset, self.tokenizer, cache_root=self.layout.token_cache,
+                                             sha256=sha, max_length=int(cfg["max_length"]),
+                                             truncation=str(cfg.get("truncation", "keep_answer")),
+                                             seed=int(cfg.get("seed", 0)))
         self.ga = int(cfg["gradient_accumulation"])
         self.epochs = int(cfg.get("epochs", 1))
-        self.plans = [plan_batches(lengths, max_length=max_length, rows_per_batch=int(cfg["batch_size"]),
-                                   packing=bool(cfg.get("packing", True)), seed=int(cfg.get("seed", 0)),
-                                   epoch=e) for e in range(self.epochs)]
-        self.plan_sizes = [len(p) for p in self.plans]
-        self.steps_per_epoch = [math.ceil(n / self.ga) for n in self.plan_sizes]
-        self.total_steps = sum(self.steps_per_epoch)
+        self._report_sent = False
+        self.stream.wait(1, self._tokenizing)       # the line count is known after the first block
+        self.plan = StreamPlan(self.stream, max_length=int(cfg["max_length"]),
+                               rows_per_batch=int(cfg["batch_size"]), packing=bool(cfg.get("packing", True)),
+                               seed=int(cfg.get("seed", 0)), epochs=self.epochs, ga=self.ga,
+                               eval_fraction=float(cfg.get("eval_fraction", 0.0)), on_wait=self._tokenizing)
+        self.train_ex = self.stream.data
+        first = self.plan.plan_next()
+        self._tokenizing()
+        if first.batches == 0 and self.plan.n_windows == 1:
+            raise JobFailed(f"{job.name}: no trainable examples ({self.report.to_json()})")
+        self.eval_ex: Any = None                    # planned at the first eval (the held-out lines)
+        self.total_steps = self.plan.total_steps()
+        self.plan_sizes = [len(p) for p in self.plan.plans]
+        hit = self.stream.hit
+        self.data_cache = {"path": str(self.stream.dest), "hit": hit, "lines": self.plan.n,
+                           "continued_from_line": 0 if hit else self.stream.build.resumed_from}
+        self.note(f"{job.name}: " + (f"token cache hit {self.stream.dest.name}" if hit else
+                                     f"tokenizing {self.plan.n} lines into {self.stream.dest.name} in the "
+                                     f"background; training starts on the first {self.plan.window} lines"))
+
+    @property
+    def report(self) -> "DataReport":
+        return self.stream.report
+
+    def _tokenizing(self) -> None:
+        """Progress of the background build: ``preparing`` events (throttled); once complete, the
+        whole file's data report (``data_report`` event) and its bad lines in the log."""
+        build = self.stream.build
+        if build is not None and not build.complete:
+            self._preparing("tokenizing", build.positions, build.total)
+        elif not getattr(self, "_report_sent", True):
+            self._report_sent = True
+            rep = self.report
+            if build is not None:
+                self._preparing("tokenizing", build.total, build.total)
+                self.note(f"{self.job.name}: tokenized {build.total} lines in "
+                          f"{time.monotonic() - build.t0:.1f} s ({rep.examples} examples, {rep.tokens} tokens)")
+            self.emit("data_report", dataset=rep.to_json())
+            if rep.bad_records:
+                self.note(f"{self.job.name}: {rep.bad_records} of {rep.records + rep.bad_records} records are "
+                          "not trained (bad records): "
+                          + ", ".join(f"{k} {r['count']} (lines {', '.join(map(str, r['lines'][:5]))})"
+                                      for k, r in rep.reasons.items() if k not in REASON_TEXT), "warning")
 
     PREPARING_EVERY_S = 0.5
 
@@ -326,11 +354,13 @@ class _RecipeRun:
         """Data preparation as progress (``preparing`` events, at most every PREPARING_EVERY_S and
         at the end): the daemon shows it, and the worker is never taken for hung meanwhile."""
         now = time.monotonic()
+        if (phase, done, total) == self._prep_last_sent:
+            return
         if phase != self._prep_phase:
             self._prep_t0, self._prep_phase, self._prep_last = now, phase, 0.0
         elif done < total and now - self._prep_last < self.PREPARING_EVERY_S:
             return
-        self._prep_last = now
+        self._prep_last, self._prep_last_sent = now, (phase, done, total)
         elapsed = now - self._prep_t0
         rate = done / elapsed if elapsed > 0 and done else None
         self.emit("preparing", phase=phase, done=done, total=total,
@@ -375,34 +405,38 @@ class _RecipeRun:
     def _train_epochs(self) -> JobResult | None:
         every_la = int(self.cfg.get("layer_activity_every_steps", 10))
         every_ckpt = int(self.cfg.get("checkpoint_every_steps", 50))
+        plan = self.plan
         for epoch in range(self.epoch, self.epochs):
-            plan = self.plans[epoch]
             b = self.batch_index if epoch == self.epoch else 0
-            while b < len(plan):
-                group = plan[b:b + self.ga]
+            while (group := plan.group(epoch, b)) is not None:
                 report_la = (self.step + 1) % every_la == 0
                 info = self._optimizer_step(group, capture_grads=report_la)
                 b += len(group)
                 self.step += 1
                 self.epoch, self.batch_index = epoch, b
-                self._emit_step(info, epoch + b / len(plan))
+                epoch_end = plan.group(epoch, b) is None     # plans the next window if need be
+                self.total_steps = plan.total_steps()
+                self._emit_step(info, plan.epoch_progress(epoch, b))
+                self._tokenizing()
                 if info["finite"]:
                     self.nonfinite_run = 0
                 else:
                     self._nonfinite_step(info)      # raises JobFailed after max_nonfinite_steps in a row
                 if report_la:
                     self.emit("layer_activity", **self.tracker.report(self.step))
-                if b >= len(plan) and self.eval_ex:
+                if epoch_end and self.plan.n_eval:
                     ev = self.evaluate()
                     self.eval_loss = ev if math.isfinite(ev) else None
                     if self.eval_loss is None:
                         self.note(f"eval loss at step {self.step} is not finite ({ev})", "warning")
                     self.emit("eval", step=self.step, eval_loss=self.eval_loss, epoch=epoch + 1)
-                if self.step % every_ckpt == 0 and self.step < self.total_steps:
+                if self.step % every_ckpt == 0 and not (epoch_end and epoch == self.epochs - 1):
                     self.save_checkpoint("periodic")
                 outcome = self._control()
                 if outcome is not None:
                     return outcome
+        if self.step == 0:
+            raise JobFailed(f"{self.job.name}: no trainable examples ({self.report.to_json()})")
         return None
 
     def _nonfinite_step(self, info: dict[str, Any]) -> None:
@@ -499,6 +533,10 @@ class _RecipeRun:
 
         self.model.eval()
         try:
+            if self.eval_ex is None:
+                self.eval_ex = self.plan.eval_examples()
+            if not len(self.eval_ex):
+                return float("nan")
             batches = make_batches(self.eval_ex, max_length=int(self.cfg["max_length"]),
                                    rows_per_batch=self.micro_rows, pad_token_id=self.pad_id,
                                    packing=bool(self.cfg.get("packing", True)),
@@ -554,8 +592,7 @@ class _RecipeRun:
             adapter, rng = self._initial
             load_adapter_state(self.model, adapter)
             self.optimizer.state.clear()
-            self.scheduler = make_scheduler(self.optimizer, self.cfg.get("lr_scheduler", "cosine"),
-                                            int(self.cfg.get("warmup_steps", 0)), self.total_steps)
+            self.scheduler = self._make_scheduler()
             restore_rng_state(rng)
             self.step = self.epoch = self.batch_index = 0
         self.micro_rows = micro
@@ -618,6 +655,8 @@ class _RecipeRun:
                         f"(now {float(self.cfg.get('learning_rate', 2e-4)):g}) or check the data")
 
     def finish(self) -> JobResult:
+        self.stream.wait(self.plan.n, self._tokenizing)     # the whole file's data report
+        self._tokenizing()
         self._check_adapter_finite()
         self.save_checkpoint("final")
         state = self._trainer_state()
@@ -667,6 +706,9 @@ class _RecipeRun:
 
     # ================================================================== cleanup
     def cleanup(self) -> None:
+        stream = getattr(self, "stream", None)
+        if stream is not None:
+            stream.close()          # a build in progress stops after its block; the next attempt goes on
         self.model = None
         self.optimizer = None  # type: ignore[assignment]
         if torch.cuda.is_available():

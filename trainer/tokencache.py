@@ -1,20 +1,24 @@
-"""Tokenized datasets on disk: built once, memory-mapped, reused by resumes, retries and epochs.
+"""Tokenized datasets on disk: built once, in the background, memory-mapped, reused by resumes,
+retries and epochs.
 
 A cache entry is a folder ``<home>/cache/tokens/<sha256[:16]>-<key>/`` named after everything the
-tokens depend on: the file's sha256, the tokenizer (vocabulary, merges, special tokens), the
-chat template, ``max_length``, the truncation policy and this module's format version. It holds
+tokens depend on: the file's sha256, the tokenizer (vocabulary, merges, special tokens), the chat
+template, ``max_length``, the truncation policy, the shuffle seed and this module's version.
 
-* ``ids.i32``   every example's token ids, back to back (int32);
-* ``mask.u8``   1 where the token carries a loss (uint8), aligned with ``ids.i32``;
-* ``offsets.npy`` example k is ``[offsets[k], offsets[k+1])`` (int64, n+1 entries);
-* ``lines.npy`` the file line of each example (int64);
-* ``report.json`` the data report (``trainer.data.DataReport``);
-* ``meta.json`` the key's parts and the counts, written last.
+The file's lines are visited in a seeded random order (a *position* is an index into that order):
+the cache is in that order, so the first positions are a random sample of the file and training
+can start on them while the rest is tokenized (trainer/plan.py). Files, all raw little-endian:
 
-It is built in a ``.building-*`` folder and renamed into place, so an entry either is complete
-or does not exist; a build killed half-way leaves a folder that the next build removes. Reading
-it maps the arrays: memory stays flat however large the file (pages come and go with the page
-cache), and a 1M-record file needs no Python list of its tokens.
+* ``ids.i32``  every example's token ids, back to back; ``mask.u8`` 1 where a token carries a loss;
+* ``ends.i64`` example k is ``[ends[k-1], ends[k])``; ``lines.i64`` its line in the file;
+* ``pos_end.i64`` the number of examples made from positions ``[0, p]`` (a bad line makes none,
+  a chunked text several), so positions map to examples;
+* ``report.json`` the data report; ``meta.json`` the key's parts and the counts, written last.
+
+A build writes ``.partial-NAME/`` block by block (``BLOCK`` positions): the data of a block is
+fsynced before ``progress.json`` names it, so a build killed at any point resumes from its last
+block (a resume or retry of a huge file does not start over), and the folder is renamed to NAME
+once complete: an entry either is complete or is not there.
 """
 from __future__ import annotations
 
@@ -23,20 +27,22 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from daemon.atomic import atomic_write_json, fsync_dir
-from trainer.data import IGNORE_INDEX, DataReport, Example, _chat_template, count_lines
+from trainer.data import IGNORE_INDEX, DataReport, Example, _chat_template
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-WRITE_BLOCK = 1 << 22          # tokens buffered before a write
+CACHE_VERSION = 2
+BLOCK = 1024                       # positions per durable block (one batch of the encoder)
+ARRAYS = {"ids": ("ids.i32", np.int32), "mask": ("mask.u8", np.uint8), "ends": ("ends.i64", np.int64),
+          "lines": ("lines.i64", np.int64), "pos_end": ("pos_end.i64", np.int64)}
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -48,10 +54,10 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def cache_key(sha256: str, tokenizer: Any, *, max_length: int, truncation: str) -> dict[str, Any]:
+def cache_key(sha256: str, tokenizer: Any, *, max_length: int, truncation: str, seed: int = 0) -> dict[str, Any]:
     return {"version": CACHE_VERSION, "file_sha256": sha256, "tokenizer": tokenizer_hash(tokenizer),
             "template": hashlib.sha256((_chat_template(tokenizer) or "").encode()).hexdigest(),
-            "max_length": int(max_length), "truncation": truncation}
+            "max_length": int(max_length), "truncation": truncation, "seed": int(seed)}
 
 
 def entry_name(key: dict[str, Any]) -> str:
@@ -59,41 +65,74 @@ def entry_name(key: dict[str, Any]) -> str:
     return f"{key['file_sha256'][:16]}-{digest[:16]}"
 
 
-class TokenData:
-    """The examples of one cache entry, memory-mapped; ``data[i]`` is an ``Example``."""
+def line_index(path: Path) -> np.ndarray:
+    """Byte offset of every line's start, then the file size (lines + 1 entries)."""
+    parts, pos = [np.zeros(1, np.int64)], 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 24):
+            parts.append(np.flatnonzero(np.frombuffer(block, np.uint8) == 10).astype(np.int64) + pos + 1)
+            pos += len(block)
+    idx = np.concatenate(parts)
+    return idx if idx[-1] == pos else np.append(idx, pos)
 
-    def __init__(self, root: Path) -> None:
+
+def line_order(n_lines: int, seed: int) -> np.ndarray:
+    """The visiting order of the lines (0-based), a pure function of (n_lines, seed)."""
+    return np.random.default_rng([int(seed), 0x70C0]).permutation(n_lines).astype(np.int64)
+
+
+def _map(root: Path, name: str, count: int) -> np.ndarray:
+    fname, dtype = ARRAYS[name]
+    if count <= 0:
+        return np.zeros(0, dtype)
+    return np.memmap(root / fname, dtype=dtype, mode="r", shape=(count,))
+
+
+class TokenData:
+    """The examples of a (complete or growing) entry, memory-mapped; ``data[i]`` is an Example."""
+
+    def __init__(self) -> None:
+        self.root: Path | None = None
+        self.counts = {"examples": 0, "tokens": 0, "positions": 0}
+        self.ids = self.mask = self.ends = self.lines = self.pos_end = np.zeros(0, np.int64)
+
+    def refresh(self, root: Path, examples: int, tokens: int, positions: int) -> None:
+        if (root, examples, tokens, positions) == (self.root, *self.counts.values()):
+            return
         self.root = root
-        self.meta = json.loads((root / "meta.json").read_text())
-        self.report = DataReport.from_json(json.loads((root / "report.json").read_text()))
-        self.offsets = np.load(root / "offsets.npy")
-        self.lines = np.load(root / "lines.npy")
-        n_tokens = int(self.offsets[-1]) if len(self.offsets) else 0
-        if n_tokens:
-            self.ids = np.memmap(root / "ids.i32", dtype=np.int32, mode="r", shape=(n_tokens,))
-            self.mask = np.memmap(root / "mask.u8", dtype=np.uint8, mode="r", shape=(n_tokens,))
-        else:
-            self.ids, self.mask = np.zeros(0, np.int32), np.zeros(0, np.uint8)
+        self.counts = {"examples": examples, "tokens": tokens, "positions": positions}
+        self.ids, self.mask = _map(root, "ids", tokens), _map(root, "mask", tokens)
+        self.ends, self.lines = _map(root, "ends", examples), _map(root, "lines", examples)
+        self.pos_end = _map(root, "pos_end", positions)
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return self.counts["examples"]
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+    def start(self, i: int) -> int:
+        return int(self.ends[i - 1]) if i else 0
+
+    def lengths(self, a: int, b: int) -> np.ndarray:
+        """Lengths of examples a..b-1."""
+        ends = np.asarray(self.ends[a:b])
+        return np.diff(np.concatenate([[self.start(a)], ends])) if b > a else np.zeros(0, np.int64)
+
+    def examples_of(self, pa: int, pb: int) -> tuple[int, int]:
+        """The example range made from positions [pa, pb)."""
+        ex = (lambda p: int(self.pos_end[p - 1]) if p else 0)
+        return ex(pa), ex(pb)
 
     def __getitem__(self, i: int) -> Example:
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        ids = self.ids[a:b]
-        labels = np.where(self.mask[a:b].astype(bool), ids, IGNORE_INDEX)
+        a, b = self.start(i), int(self.ends[i])
+        ids = np.asarray(self.ids[a:b])
+        labels = np.where(np.asarray(self.mask[a:b]).astype(bool), ids, IGNORE_INDEX)
         return Example(input_ids=ids.tolist(), labels=labels.tolist(), line=int(self.lines[i]))
 
 
 class Subset(Sequence[Example]):
-    """Some examples of a TokenData, by index, in the given order."""
+    """Examples of a TokenData by index (a range or an array), in that order."""
 
     def __init__(self, data: TokenData, indices: Sequence[int]) -> None:
-        self.data, self.indices = data, np.asarray(indices, dtype=np.int64)
+        self.data, self.indices = data, indices
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -101,99 +140,243 @@ class Subset(Sequence[Example]):
     def __getitem__(self, i: int) -> Example:   # type: ignore[override]
         return self.data[int(self.indices[i])]
 
+
+# ------------------------------------------------------------------------------------------ building
+
+class Build:
+    """Builds (or finishes) one entry in a background thread; readers wait for positions."""
+
+    def __init__(self, path: Path, tokenizer: Any, *, dest: Path, key: dict[str, Any], max_length: int,
+                 truncation: str) -> None:
+        self.path, self.tokenizer, self.dest, self.key = Path(path), tokenizer, dest, key
+        self.max_length, self.truncation = max_length, truncation
+        self.part = dest.parent / f".partial-{dest.name}"
+        self.cond = threading.Condition()
+        self.positions = self.examples = self.tokens = 0
+        self.total = 0                      # lines (positions) in the file
+        self.resumed_from = 0
+        self.complete = False
+        self.error: BaseException | None = None
+        self.report = DataReport(format=None)
+        self._stop = False
+        self.t0 = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name="tokencache", daemon=True)
+
     @property
-    def lengths(self) -> np.ndarray:
-        return self.data.lengths[self.indices]
+    def root(self) -> Path:
+        return self.dest if self.complete else self.part
 
+    def start(self) -> "Build":
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self._open()
+        self.thread.start()
+        return self
 
-def open_entry(root: Path) -> TokenData | None:
-    """The cache entry at *root* if it is complete and readable, else None."""
-    if not (root / "meta.json").is_file():
-        return None
-    try:
-        return TokenData(root)
-    except (OSError, ValueError) as exc:
-        log.warning("token cache %s is unreadable (%s); it is rebuilt", root, exc)
-        return None
+    def stop(self) -> None:
+        """Stop after the current block (what is done stays, for the next attempt)."""
+        self._stop = True
+        self.thread.join()
 
+    def _open(self) -> None:
+        """Continue a partial build of this key, else start an empty one."""
+        prog = _read_json(self.part / "progress.json")
+        if prog and prog.get("key") == self.key:
+            self.positions, self.examples, self.tokens = prog["positions"], prog["examples"], prog["tokens"]
+            self.report = DataReport.from_json(prog["report"])
+            sizes = {"ids": self.tokens, "mask": self.tokens, "ends": self.examples, "lines": self.examples,
+                     "pos_end": self.positions}
+            for name, n in sizes.items():
+                fname, dtype = ARRAYS[name]
+                with open(self.part / fname, "r+b") as fh:
+                    fh.truncate(n * np.dtype(dtype).itemsize)
+            self.resumed_from = self.positions
+            log.info("token cache: continuing %s at position %d", self.part.name, self.positions)
+            return
+        shutil.rmtree(self.part, ignore_errors=True)
+        self.part.mkdir(parents=True)
+        for fname, _ in ARRAYS.values():
+            (self.part / fname).touch()
+        self.report.truncation, self.report.max_length = self.truncation, self.max_length
 
-def _write(fh: Any, arrays: list[np.ndarray]) -> None:
-    if arrays:
-        fh.write(np.concatenate(arrays).tobytes())
+    def wait(self, positions: int, on_wait: Callable[[], None] | None = None, every: float = 0.5) -> None:
+        """Block until *positions* are built (or everything is); raises the builder's error."""
+        with self.cond:
+            while self.positions < min(positions, self.total or positions) and not self.complete:
+                if self.error is not None:
+                    break
+                if not self.thread.is_alive() and self.error is None and not self.complete:
+                    raise RuntimeError("the token cache build stopped before it was complete")
+                self.cond.wait(every)
+                if on_wait is not None:
+                    on_wait()
+        if self.error is not None:
+            raise self.error
 
+    def _run(self) -> None:
+        try:
+            self._build()
+        except BaseException as exc:   # handed to the reader (wait) on the main thread
+            log.error("token cache build failed: %r", exc)
+            with self.cond:
+                self.error = exc
+                self.cond.notify_all()
 
-def build(path: Path, tokenizer: Any, *, dest: Path, key: dict[str, Any], max_length: int, truncation: str,
-          progress: Callable[[int, int], None] | None = None) -> TokenData:
-    """Tokenize *path* into the cache entry *dest* (see the module doc) and open it."""
-    from trainer.encode import encode_file
+    def _build(self) -> None:
+        from trainer.encode import Encoder, LineChecker
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".building-{dest.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    total = count_lines(path)
-    report = DataReport(format=None)
-    offsets, lines = [0], []
-    buf_ids: list[np.ndarray] = []
-    buf_mask: list[np.ndarray] = []
-    buffered = 0
-    t0 = time.monotonic()
-    with open(tmp / "ids.i32", "wb") as f_ids, open(tmp / "mask.u8", "wb") as f_mask:
-        for ex in encode_file(path, tokenizer, max_length=max_length, truncation=truncation, report=report,
-                              progress=None if progress is None else (lambda done: progress(done, total))):
-            buf_ids.append(ex.ids)
-            buf_mask.append(ex.mask)
-            offsets.append(offsets[-1] + len(ex.ids))
-            lines.append(ex.line)
-            buffered += len(ex.ids)
-            if buffered >= WRITE_BLOCK:
-                _write(f_ids, buf_ids)
-                _write(f_mask, buf_mask)
-                buf_ids, buf_mask, buffered = [], [], 0
-        _write(f_ids, buf_ids)
-        _write(f_mask, buf_mask)
-        for fh in (f_ids, f_mask):
+        index = line_index(self.path)
+        n = len(index) - 1
+        with self.cond:
+            self.total = n
+        order = line_order(n, int(self.key.get("seed", 0)))
+        checker = LineChecker(self.report)
+        encoder: Encoder | None = None
+        files = {name: open(self.part / fname, "ab") for name, (fname, _) in ARRAYS.items()}
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for a in range(self.positions, n, BLOCK):
+                if self._stop:
+                    return
+                lines0 = order[a:a + BLOCK]
+                records = []
+                for ln in lines0.tolist():
+                    raw = os.pread(fd, int(index[ln + 1] - index[ln]), int(index[ln]))
+                    rec = checker.check(ln + 1, raw)
+                    if rec is not None:
+                        records.append((ln + 1, rec))
+                if records and encoder is None:
+                    encoder = Encoder(self.tokenizer, str(self.report.format), max_length=self.max_length,
+                                      truncation=self.truncation, report=self.report)
+                out = encoder.encode(records) if records else []
+                self._append(files, lines0, out)
+            for fh in files.values():
+                fh.close()
+            self._finish()
+        finally:
+            os.close(fd)
+            for fh in files.values():
+                fh.close()
+
+    def _append(self, files: dict[str, Any], lines0: np.ndarray, out: list[Any]) -> None:
+        """Write one block durably, then publish it."""
+        per_line: dict[int, int] = {}
+        for e in out:
+            per_line[e.line] = per_line.get(e.line, 0) + 1
+        lens = np.asarray([len(e.ids) for e in out], dtype=np.int64)
+        ends = self.tokens + np.cumsum(lens)
+        pos_end = self.examples + np.cumsum([per_line.get(int(ln) + 1, 0) for ln in lines0])
+        if out:
+            files["ids"].write(np.concatenate([e.ids for e in out]).astype(np.int32).tobytes())
+            files["mask"].write(np.concatenate([e.mask for e in out]).astype(np.uint8).tobytes())
+        files["ends"].write(ends.astype(np.int64).tobytes())
+        files["lines"].write(np.asarray([e.line for e in out], dtype=np.int64).tobytes())
+        files["pos_end"].write(pos_end.astype(np.int64).tobytes())
+        for fh in files.values():
             fh.flush()
             os.fsync(fh.fileno())
-    np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-    np.save(tmp / "lines.npy", np.asarray(lines, dtype=np.int64))
-    for name in ("offsets.npy", "lines.npy"):
-        with open(tmp / name, "rb") as fh:
-            os.fsync(fh.fileno())
-    atomic_write_json(tmp / "report.json", report.to_json())
-    atomic_write_json(tmp / "meta.json", {**key, "examples": len(lines), "tokens": offsets[-1],
-                                          "records": report.records, "built_s": round(time.monotonic() - t0, 2),
-                                          "source": str(path)})
+        positions, examples, tokens = self.positions + len(lines0), self.examples + len(out), int(self.tokens + lens.sum())
+        atomic_write_json(self.part / "progress.json", {"key": self.key, "positions": positions, "examples": examples,
+                                                        "tokens": tokens, "report": self.report.to_json()})
+        with self.cond:
+            self.positions, self.examples, self.tokens = positions, examples, tokens
+            self.cond.notify_all()
+
+    def _finish(self) -> None:
+        atomic_write_json(self.part / "report.json", self.report.to_json())
+        atomic_write_json(self.part / "meta.json", {
+            **self.key, "examples": self.examples, "tokens": self.tokens, "positions": self.positions,
+            "records": self.report.records, "source": str(self.path),
+            "built_s": round(time.monotonic() - self.t0, 2), "continued_from_position": self.resumed_from})
+        (self.part / "progress.json").unlink(missing_ok=True)
+        if self.dest.exists():
+            shutil.rmtree(self.dest, ignore_errors=True)
+        os.rename(self.part, self.dest)
+        fsync_dir(self.dest.parent)
+        with self.cond:
+            self.complete = True
+            self.cond.notify_all()
+
+
+def _read_json(path: Path) -> Any:
     try:
-        os.rename(tmp, dest)
-    except OSError:          # built meanwhile by another process: use that one
-        shutil.rmtree(tmp, ignore_errors=True)
-        if open_entry(dest) is None:
-            raise
-    fsync_dir(dest.parent)
-    return TokenData(dest)
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def remove_partial(root: Path) -> None:
-    """Remove half-built entries (a build killed mid-way) older than this process."""
-    if not root.is_dir():
-        return
-    for p in root.glob(".building-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid():
-            shutil.rmtree(p, ignore_errors=True)
+class TokenStream:
+    """What the trainer reads: a complete entry, or one being built (``build`` is then set)."""
+
+    def __init__(self, data: TokenData, meta: dict[str, Any] | None, build: Build | None, dest: Path) -> None:
+        self.data, self.meta, self.build, self.dest = data, meta, build, dest
+
+    @property
+    def hit(self) -> bool:
+        return self.build is None
+
+    @property
+    def total(self) -> int:
+        return int(self.meta["positions"]) if self.meta else self.build.total   # type: ignore[union-attr]
+
+    @property
+    def complete(self) -> bool:
+        return self.build is None or self.build.complete
+
+    @property
+    def report(self) -> DataReport:
+        if self.build is not None:
+            return self.build.report
+        return DataReport.from_json(_read_json(self.dest / "report.json") or {})
+
+    def wait(self, positions: int, on_wait: Callable[[], None] | None = None) -> None:
+        """Block until positions [0, positions) are readable; then ``data`` covers them."""
+        b = self.build
+        if b is not None:
+            b.wait(positions, on_wait)
+            with b.cond:
+                self.data.refresh(b.root, b.examples, b.tokens, b.positions)
+
+    def close(self) -> None:
+        if self.build is not None and self.build.thread.is_alive():
+            self.build.stop()
+
+
+def open_stream(path: Path, tokenizer: Any, *, cache_root: Path, sha256: str, max_length: int, truncation: str,
+                seed: int = 0) -> TokenStream:
+    """The tokenized examples of *path*: the complete entry when there is one, else a build (new,
+    or continuing a partial one) started in the background."""
+    key = cache_key(sha256, tokenizer, max_length=max_length, truncation=truncation, seed=seed)
+    dest = cache_root / entry_name(key)
+    meta = _read_json(dest / "meta.json")
+    if isinstance(meta, dict) and meta.get("file_sha256") == sha256 and all(
+            (dest / f).is_file() for f, _ in ARRAYS.values()):
+        data = TokenData()
+        try:
+            data.refresh(dest, int(meta["examples"]), int(meta["tokens"]), int(meta["positions"]))
+            return TokenStream(data, meta, None, dest)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("token cache %s is unreadable (%s); it is rebuilt", dest, exc)
+    shutil.rmtree(dest, ignore_errors=True)
+    remove_stale_partials(cache_root, keep=f".partial-{dest.name}")
+    build = Build(path, tokenizer, dest=dest, key=key, max_length=max_length, truncation=truncation).start()
+    return TokenStream(TokenData(), None, build, dest)
+
+
+def remove_stale_partials(root: Path, keep: str = "") -> None:
+    """Partial builds of other keys (another file, tokenizer or max_length) are not continued."""
+    if root.is_dir():
+        for p in root.glob(".partial-*"):
+            if p.name != keep:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def prepare(path: Path, tokenizer: Any, *, cache_root: Path, sha256: str, max_length: int, truncation: str,
-            progress: Callable[[int, int], None] | None = None) -> tuple[TokenData, bool]:
-    """(the tokenized examples of *path*, whether the cache had them)."""
-    key = cache_key(sha256, tokenizer, max_length=max_length, truncation=truncation)
-    dest = cache_root / entry_name(key)
-    data = open_entry(dest)
-    if data is not None and data.meta.get("file_sha256") == sha256:
-        return data, True
-    if dest.exists():
-        shutil.rmtree(dest, ignore_errors=True)
-    remove_partial(cache_root)
-    return build(Path(path), tokenizer, dest=dest, key=key, max_length=max_length, truncation=truncation,
-                 progress=progress), False
+            seed: int = 0, on_wait: Callable[[], None] | None = None) -> TokenStream:
+    """The whole entry, built if need be (blocking)."""
+    stream = open_stream(path, tokenizer, cache_root=cache_root, sha256=sha256, max_length=max_length,
+                         truncation=truncation, seed=seed)
+    if stream.build is not None:
+        stream.wait(stream.build.total or 1 << 62, on_wait)
+        stream.build.thread.join()
+        stream.wait(1 << 62)
+    return stream

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from daemon.config import Config, config_to_dict
 from daemon.paths import Layout
@@ -37,7 +38,7 @@ def test_a_resume_reuses_the_cache_instead_of_tokenizing_again(tiny_base: Path, 
     first = ListSink()
     r1 = QLoRATrainer().run(job, first, StopAfter(first, 2))
     assert r1.outcome is Outcome.STOPPED
-    assert any("tokenized into the cache" in m for m in _logs(first))
+    assert any("tokenizing 40 lines into" in m for m in _logs(first))
     assert [e for e in first.of("preparing") if e["phase"] == "tokenizing"]
     (entry,) = [d for d in Layout(home).token_cache.iterdir()]
     assert entry.name.startswith(job.sha256[:16])
@@ -52,12 +53,14 @@ def test_a_resume_reuses_the_cache_instead_of_tokenizing_again(tiny_base: Path, 
     assert not [e for e in second.of("preparing") if e["phase"] == "tokenizing"]   # not tokenized again
     assert started["dataset"] == first.of("started")[0]["dataset"]
 
-    # the cache holds exactly what the list-based reader yields
-    data_ = tokencache.open_entry(entry)
-    assert data_ is not None
+    # the cache holds exactly what the list-based reader yields (in its shuffled order)
+    stream = tokencache.open_stream(data, _tokenizer(tiny_base), cache_root=Layout(home).token_cache,
+                                    sha256=job.sha256, max_length=64, truncation="keep_answer")
+    assert stream.hit
+    cached = [stream.data[i] for i in range(len(stream.data))]
     exs, _ = load_examples(data, _tokenizer(tiny_base), max_length=64)
-    assert len(data_) == len(exs) and [data_[i] for i in range(len(exs))] == exs
-    assert data_.ids.dtype == np.int32 and isinstance(data_.ids, np.memmap)
+    assert sorted(cached, key=lambda e: e.line) == exs and [e.line for e in cached] != [e.line for e in exs]
+    assert stream.data.ids.dtype == np.int32 and isinstance(stream.data.ids, np.memmap)
 
 
 def _tokenizer(base: Path):
@@ -72,20 +75,35 @@ def test_the_key_changes_with_what_the_tokens_depend_on(tiny_base: Path, tmp_pat
              for m in (64, 128) for t in ("keep_answer", "truncate")}
     assert len(names) == 4 and all(n.startswith(sha[:16]) for n in names)
     tok.chat_template = tok.chat_template + " "
+    assert tokencache.entry_name(tokencache.cache_key(sha, tok, max_length=64, truncation="keep_answer",
+                                                      seed=1)) not in names
     other = tokencache.entry_name(tokencache.cache_key(sha, tok, max_length=64, truncation="keep_answer"))
     assert other not in names
 
 
-def test_a_broken_or_half_built_entry_is_rebuilt(tiny_base: Path, tmp_path: Path) -> None:
-    tok, data, root = _tokenizer(tiny_base), _data(tmp_path, 10), tmp_path / "cache"
-    sha = "cd" * 32
-    d1, hit = tokencache.prepare(data, tok, cache_root=root, sha256=sha, max_length=64, truncation="keep_answer")
-    assert not hit and len(d1) == 10
-    _, hit = tokencache.prepare(data, tok, cache_root=root, sha256=sha, max_length=64, truncation="keep_answer")
-    assert hit
-    (d1.root / "offsets.npy").unlink()                 # damaged: rebuilt, not trusted
-    half = root / ".building-x-999999999"              # a killed build
-    half.mkdir()
-    d2, hit = tokencache.prepare(data, tok, cache_root=root, sha256=sha, max_length=64, truncation="keep_answer")
-    assert not hit and len(d2) == 10 and not half.exists()
+def _all(stream: tokencache.TokenStream) -> list:
+    return [stream.data[i] for i in range(len(stream.data))]
+
+
+def test_a_killed_build_continues_where_it_stopped(tiny_base: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tokencache, "BLOCK", 4)
+    tok, data, root = _tokenizer(tiny_base), _data(tmp_path, 40), tmp_path / "cache"
+    sha, kw = "cd" * 32, dict(max_length=64, truncation="keep_answer")
+    whole = _all(tokencache.prepare(data, tok, cache_root=tmp_path / "other", sha256=sha, **kw))
+
+    stream = tokencache.open_stream(data, tok, cache_root=root, sha256=sha, **kw)
+    stream.wait(8)
+    stream.close()                          # the attempt ends mid-build (a stop, a kill after a block)
+    done = stream.build.positions
+    assert 8 <= done and not stream.build.complete or done == 40
+    (root / ".partial-0000-other-key").mkdir()   # a partial build of another key: not continued
+    again = tokencache.prepare(data, tok, cache_root=root, sha256=sha, **kw)
+    assert not again.hit and again.build.resumed_from == done
+    assert _all(again) == whole and not (root / ".partial-0000-other-key").exists()
+    assert tokencache.open_stream(data, tok, cache_root=root, sha256=sha, **kw).hit
+
+    (again.dest / "ends.i64").unlink()     # damaged: rebuilt, not trusted
+    rebuilt = tokencache.prepare(data, tok, cache_root=root, sha256=sha, **kw)
+    assert not rebuilt.hit and rebuilt.build.resumed_from == 0 and _all(rebuilt) == whole
     shutil.rmtree(root)
