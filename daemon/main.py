@@ -44,6 +44,8 @@ log = logging.getLogger("trainerd")
 
 TICK_S = 0.2
 MAX_BACKOFF_FACTOR = 64         # a crash-looping job waits retry_backoff_s x 1, 2, 4 ... 64 at most
+INLINE_CHECK_BYTES = 1 << 20    # an inbox file up to this size is checked on the loop (some ms);
+                                # a bigger one on an IntakeCheck thread
 
 
 class QueueSink:
@@ -345,8 +347,9 @@ class Daemon:
 
     # ---- intake ---------------------------------------------------------------------------------
     def _intake(self) -> None:
-        """Take complete inbox files in, one at a time: the slow part (sha256, validation) runs
-        on an IntakeCheck thread; the loop only starts it and, once done, moves the file."""
+        """Take complete inbox files in. The slow part of a big one (sha256, validation) runs on
+        an IntakeCheck thread, one file at a time; the loop only starts it and, once done, moves
+        the file. A small one (INLINE_CHECK_BYTES) is checked and moved at once."""
         check = self.check
         if check is not None:
             if not check.future.done():
@@ -371,8 +374,8 @@ class Daemon:
                 st = os.lstat(path)
             except FileNotFoundError:
                 continue
-            if not stat.S_ISREG(st.st_mode):     # a link, a directory...: nothing to read
-                self._accept_inbox(name, path, None)
+            if not stat.S_ISREG(st.st_mode) or st.st_size <= INLINE_CHECK_BYTES:
+                self._accept_inbox(name, path, None)     # nothing or little to read: at once
                 continue
             self.check = IntakeCheck(name, path, st.st_size, self.queue.bad_record_fraction(),
                                      self.wake).start()
