@@ -349,13 +349,15 @@ class _RecipeRun:
                                       for k, r in rep.reasons.items() if k not in REASON_TEXT), "warning")
 
     PREPARING_EVERY_S = 0.5
+    PREPARING_SAME_S = 2.0
 
     def _preparing(self, phase: str, done: int, total: int) -> None:
         """Data preparation as progress (``preparing`` events, at most every PREPARING_EVERY_S and
-        at the end): the daemon shows it, and the worker is never taken for hung meanwhile."""
+        at the end; unchanged progress again every PREPARING_SAME_S): the daemon shows it, and the
+        worker is never taken for hung meanwhile."""
         now = time.monotonic()
-        if (phase, done, total) == self._prep_last_sent:
-            return
+        if (phase, done, total) == self._prep_last_sent and now - self._prep_last < self.PREPARING_SAME_S:
+            return                  # unchanged (a block is being tokenized): repeated now and then
         if phase != self._prep_phase:
             self._prep_t0, self._prep_phase, self._prep_last = now, phase, 0.0
         elif done < total and now - self._prep_last < self.PREPARING_EVERY_S:
