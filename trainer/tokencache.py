@@ -290,11 +290,11 @@ class Build:
         (self.part / "progress.json").unlink(missing_ok=True)
         if self.dest.exists():
             shutil.rmtree(self.dest, ignore_errors=True)
-        os.rename(self.part, self.dest)
-        fsync_dir(self.dest.parent)
-        with self.cond:
+        with self.cond:             # readers map from ``root``: it moves with ``complete``, atomically
+            os.rename(self.part, self.dest)
             self.complete = True
             self.cond.notify_all()
+        fsync_dir(self.dest.parent)
 
 
 def _read_json(path: Path) -> Any:
