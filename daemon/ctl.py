@@ -75,19 +75,27 @@ def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
     else:
         last = f"last status '{status.get('status')}' at {status.get('updated_at')}" if status else "no status yet"
         print(f"trainerd: daemon not running ({last})")
-    if pid and status.get("current_file") and status.get("preparing"):
+    prep = status.get("preparing")
+    training = status.get("total_steps") is not None       # the worker's "started" came
+    if pid and status.get("current_file") and prep and not training:
         print(f"job:      {status['current_file']} (job {status.get('current_job_id')})  "
-              f"{describe_preparing(status['preparing'])}")
+              f"{describe_preparing(prep)}")
     elif pid and status.get("current_file"):
         print(f"job:      {status['current_file']} (job {status.get('current_job_id')})  "
               f"step {status.get('current_step') or 0}/{status.get('total_steps') or '?'}  "
               f"loss {_fmt_num(status.get('loss'), '.4f')}  lr {_fmt_num(status.get('learning_rate'), '.2e')}  "
               f"{_fmt_num(status.get('tokens_per_second'), ',.0f')} tok/s  ETA {_fmt_eta(status.get('eta_seconds'))}")
+        if prep:    # the rest of the file is tokenized while the first part trains
+            print(f"          {describe_preparing(prep)} (the rest of the file, while training)")
     elif status.get("last_job"):
         j = status["last_job"]
         print(f"last job: {j.get('file')} {j.get('outcome')} after {j.get('steps')} steps, "
               f"loss {_fmt_num(j.get('loss'), '.4f')} ({j.get('finished_at')})")
     print("queue:    " + " · ".join(f"{k} {v}" for k, v in counts.items()))
+    chk = status.get("checking") if pid else None
+    if isinstance(chk, dict):
+        print(f"checking: inbox/{chk.get('file')} ({(chk.get('bytes') or 0) / MIB:,.0f} MiB: hashing and "
+              f"validating, since {chk.get('since')})")
     if status.get("last_error"):
         e = status["last_error"]
         print(f"last error ({e.get('at')}): {e.get('message')}")

@@ -311,6 +311,8 @@ class _RecipeRun:
                                eval_fraction=float(cfg.get("eval_fraction", 0.0)), on_wait=self._tokenizing)
         self.train_ex = self.stream.data
         first = self.plan.plan_next()
+        if self.plan.n_windows == 1:                # a small file: its whole report before "started"
+            self.stream.wait_complete(self._tokenizing)
         self._tokenizing()
         if first.batches == 0 and self.plan.n_windows == 1:
             raise JobFailed(f"{job.name}: no trainable examples ({self.report.to_json()})")
@@ -319,7 +321,7 @@ class _RecipeRun:
         self.plan_sizes = [len(p) for p in self.plan.plans]
         hit = self.stream.hit
         self.data_cache = {"path": str(self.stream.dest), "hit": hit, "lines": self.plan.n,
-                           "continued_from_line": 0 if hit else self.stream.build.resumed_from}
+                           "continued_from_position": 0 if hit else self.stream.build.resumed_from}
         self.note(f"{job.name}: " + (f"token cache hit {self.stream.dest.name}" if hit else
                                      f"tokenizing {self.plan.n} lines into {self.stream.dest.name} in the "
                                      f"background; training starts on the first {self.plan.window} lines"))
@@ -338,7 +340,8 @@ class _RecipeRun:
             self._report_sent = True
             rep = self.report
             if build is not None:
-                self._preparing("tokenizing", build.total, build.total)
+                if self._prep_last_sent != ("tokenizing", build.total, build.total):
+                    self._preparing("tokenizing", build.total, build.total)
                 self.note(f"{self.job.name}: tokenized {build.total} lines in "
                           f"{time.monotonic() - build.t0:.1f} s ({rep.examples} examples, {rep.tokens} tokens)")
             self.emit("data_report", dataset=rep.to_json())
@@ -657,7 +660,7 @@ class _RecipeRun:
                         f"(now {float(self.cfg.get('learning_rate', 2e-4)):g}) or check the data")
 
     def finish(self) -> JobResult:
-        self.stream.wait(self.plan.n, self._tokenizing)     # the whole file's data report
+        self.stream.wait_complete(self._tokenizing)         # the whole file's data report
         self._tokenizing()
         self._check_adapter_finite()
         self.save_checkpoint("final")

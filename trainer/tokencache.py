@@ -336,6 +336,14 @@ class TokenStream:
             with b.cond:
                 self.data.refresh(b.root, b.examples, b.tokens, b.positions)
 
+    def wait_complete(self, on_wait: Callable[[], None] | None = None) -> None:
+        """Block until the whole entry is built and in place."""
+        b = self.build
+        if b is not None:
+            b.wait(1 << 62, on_wait)
+            b.thread.join()
+            self.wait(1 << 62)
+
     def close(self) -> None:
         if self.build is not None and self.build.thread.is_alive():
             self.build.stop()
@@ -375,8 +383,5 @@ def prepare(path: Path, tokenizer: Any, *, cache_root: Path, sha256: str, max_le
     """The whole entry, built if need be (blocking)."""
     stream = open_stream(path, tokenizer, cache_root=cache_root, sha256=sha256, max_length=max_length,
                          truncation=truncation, seed=seed)
-    if stream.build is not None:
-        stream.wait(stream.build.total or 1 << 62, on_wait)
-        stream.build.thread.join()
-        stream.wait(1 << 62)
+    stream.wait_complete(on_wait)
     return stream

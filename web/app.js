@@ -214,7 +214,8 @@
     $("progress").setAttribute("aria-valuenow", pct.toFixed(0));
     const meta = [];
     const prep = s.preparing;
-    if (job && prep) {
+    const training = total != null;   // the worker started training (the rest may still be tokenized)
+    if (job && prep && !training) {
       meta.push(prep.phase === "tokenizing" && prep.total
         ? `preparing data ${Math.round(prep.percent || 0)} % (${(prep.done || 0).toLocaleString()} / ${prep.total.toLocaleString()} records)`
           + (prep.eta_seconds != null ? " · ETA " + dur(prep.eta_seconds) : "")
@@ -224,9 +225,11 @@
       meta.push("ETA " + dur(s.eta_seconds));
       if (s.loss != null) meta.push("loss " + num(s.loss));
       if (s.tokens_per_second != null) meta.push(num(s.tokens_per_second) + " tok/s");
+      if (prep && prep.total) meta.push(`tokenizing the rest ${Math.round(prep.percent || 0)} %`);
     } else if (s.queue && running) {
       meta.push(`queue: ${s.queue.pending ?? 0} pending`);
     }
+    if (running && s.checking && s.checking.file) meta.push(`checking inbox/${s.checking.file}`);
     $("job-meta").textContent = meta.join(" · ") || "–";
     const detail = [];
     if (!running) detail.push(s.message || "daemon not running");
