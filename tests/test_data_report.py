@@ -220,3 +220,32 @@ def test_a_real_tiny_training_run_reports_its_data(home, tmp_path) -> None:
     assert job["data_report"] == stored
     out = home.ctl("queue", "show", "arith.jsonl").stdout
     assert "  records:        24" in out.splitlines() and "trained tokens:" in out, out
+
+
+class LateReportStandIn(StandInTrainer):
+    """Like the worker on a big file: a partial report at ``started``, the whole one later in a
+    ``data_report`` event (once the background tokenizing ends)."""
+
+    def run(self, job, sink, control):
+        class Late:
+            def emit(self, ev: dict[str, Any]) -> None:
+                if ev.get("event") == "started":
+                    sink.emit({**ev, "dataset": FIRST_ATTEMPT})
+                    sink.emit({"event": "preparing", "phase": "tokenizing", "done": 5, "total": 9})
+                    sink.emit({"event": "data_report", "dataset": NEW})
+                    return
+                sink.emit(ev)
+        return super().run(job, Late(), control)
+
+
+def test_the_whole_files_report_replaces_the_partial_one(home) -> None:
+    write_jsonl(home.path / "inbox/big.jsonl", text_records(3))
+    (home.path / "config.json").write_text(json.dumps({**STANDIN, "standin_step_seconds": 0,
+                                                       "inbox_stable_seconds": 0}))
+    d = Daemon(Layout(home.path), trainer_factory=lambda c: LateReportStandIn(0))
+    try:
+        d.run(burst=True)
+    finally:
+        (home.path / ".daemon.pid").unlink(missing_ok=True)
+    assert home.files("done") == ["big.jsonl"]
+    assert json.loads(_raw(home, "big.jsonl") or "null")["reasons"] == NEW["reasons"]
