@@ -3,7 +3,7 @@
 ``run(job, sink, control)`` writes the JobSpec to ``home/status/jobs/job-N-*.json`` (removed when the
 attempt ends; a file left by a killed daemon is removed at its next start, daemon/retention.py)
 and starts ``python -m trainer.worker --job JOB.json`` (cwd = repo root,
-HF_HUB_OFFLINE=1, TOKENIZERS_PARALLELISM=false, stderr appended to home/logs/training_output.log,
+HF_HUB_OFFLINE=1, TOKENIZERS_PARALLELISM=true, stderr appended to home/logs/training_output.log,
 PR_SET_PDEATHSIG=SIGKILL so the worker dies with the calling thread), then until the worker ends:
 
 - relays each stdout event line to ``sink.emit`` (the daemon stays the single status writer);
@@ -100,7 +100,9 @@ class SubprocessTrainer:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        # the worker tokenizes in batches on all cores (trainer/tokencache.py; the result does not
+        # depend on it) and never forks, so the tokenizers' thread pool is safe there
+        env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true",
                     "PYTHONUNBUFFERED": "1"})
         pp = env.get("PYTHONPATH")
         env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pp if pp else "")
