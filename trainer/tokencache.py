@@ -180,23 +180,35 @@ class Build:
     def _open(self) -> None:
         """Continue a partial build of this key, else start an empty one."""
         prog = _read_json(self.part / "progress.json")
-        if prog and prog.get("key") == self.key:
-            self.positions, self.examples, self.tokens = prog["positions"], prog["examples"], prog["tokens"]
-            self.report = DataReport.from_json(prog["report"])
-            sizes = {"ids": self.tokens, "mask": self.tokens, "ends": self.examples, "lines": self.examples,
-                     "pos_end": self.positions}
-            for name, n in sizes.items():
-                fname, dtype = ARRAYS[name]
-                with open(self.part / fname, "r+b") as fh:
-                    fh.truncate(n * np.dtype(dtype).itemsize)
-            self.resumed_from = self.positions
-            log.info("token cache: continuing %s at position %d", self.part.name, self.positions)
-            return
+        if isinstance(prog, dict) and prog.get("key") == self.key:
+            try:
+                self._continue(prog)
+                return
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("token cache: %s cannot be continued (%s); building it again", self.part.name, exc)
         shutil.rmtree(self.part, ignore_errors=True)
         self.part.mkdir(parents=True)
         for fname, _ in ARRAYS.values():
             (self.part / fname).touch()
         self.report.truncation, self.report.max_length = self.truncation, self.max_length
+
+    def _continue(self, prog: dict[str, Any]) -> None:
+        """Cut the files back to the last block ``progress.json`` names (written after its data)."""
+        positions, examples, tokens = int(prog["positions"]), int(prog["examples"]), int(prog["tokens"])
+        sizes = {"ids": tokens, "mask": tokens, "ends": examples, "lines": examples, "pos_end": positions}
+        for name, n in sizes.items():
+            fname, dtype = ARRAYS[name]
+            want = n * np.dtype(dtype).itemsize
+            if (self.part / fname).stat().st_size < want:
+                raise ValueError(f"{fname} is shorter than its progress record")
+        for name, n in sizes.items():
+            fname, dtype = ARRAYS[name]
+            with open(self.part / fname, "r+b") as fh:
+                fh.truncate(n * np.dtype(dtype).itemsize)
+        self.report = DataReport.from_json(prog["report"])
+        self.positions, self.examples, self.tokens = positions, examples, tokens
+        self.resumed_from = positions
+        log.info("token cache: continuing %s at position %d", self.part.name, positions)
 
     def wait(self, positions: int, on_wait: Callable[[], None] | None = None, every: float = 0.5) -> None:
         """Block until *positions* are built (or everything is); raises the builder's error."""
@@ -370,10 +382,12 @@ def open_stream(path: Path, tokenizer: Any, *, cache_root: Path, sha256: str, ma
     return TokenStream(TokenData(), None, build, dest)
 
 
-def remove_stale_partials(root: Path, keep: str = "") -> None:
-    """Partial builds of other keys (another file, tokenizer or max_length) are not continued."""
+def remove_stale_partials(root: Path, keep: str) -> None:
+    """Partial builds of the same file under another key (another tokenizer, max_length, ...) will
+    not be continued: removed. Other files' partial builds wait for their jobs (daemon/retention.py
+    removes them once no pending, active or failed job holds the file)."""
     if root.is_dir():
-        for p in root.glob(".partial-*"):
+        for p in root.glob(keep.rsplit("-", 1)[0] + "-*"):
             if p.name != keep:
                 shutil.rmtree(p, ignore_errors=True)
 

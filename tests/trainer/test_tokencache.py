@@ -97,10 +97,13 @@ def test_a_killed_build_continues_where_it_stopped(tiny_base: Path, tmp_path: Pa
     stream.close()                          # the attempt ends mid-build (a stop, a kill after a block)
     done = stream.build.positions
     assert 8 <= done and not stream.build.complete or done == 40
-    (root / ".partial-0000-other-key").mkdir()   # a partial build of another key: not continued
+    other_key = root / f".partial-{sha[:16]}-0000other0000key"   # this file under another key: removed
+    other_file = root / ".partial-0000000000000000-0000other0000file"   # another file's: kept
+    other_key.mkdir()
+    other_file.mkdir()
     again = tokencache.prepare(data, tok, cache_root=root, sha256=sha, **kw)
     assert not again.hit and again.build.resumed_from == done
-    assert _all(again) == whole and not (root / ".partial-0000-other-key").exists()
+    assert _all(again) == whole and not other_key.exists() and other_file.exists()
     assert tokencache.open_stream(data, tok, cache_root=root, sha256=sha, **kw).hit
 
     (again.dest / "ends.i64").unlink()     # damaged: rebuilt, not trusted
