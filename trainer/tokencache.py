@@ -153,7 +153,8 @@ class Build:
         self.part = dest.parent / f".partial-{dest.name}"
         self.cond = threading.Condition()
         self.positions = self.examples = self.tokens = 0
-        self.total = 0                      # lines (positions) in the file
+        self.total = 0                      # lines (positions) in the file, once ``indexed``
+        self.indexed = False
         self.resumed_from = 0
         self.complete = False
         self.error: BaseException | None = None
@@ -213,7 +214,7 @@ class Build:
     def wait(self, positions: int, on_wait: Callable[[], None] | None = None, every: float = 0.5) -> None:
         """Block until *positions* are built (or everything is); raises the builder's error."""
         with self.cond:
-            while self.positions < min(positions, self.total or positions) and not self.complete:
+            while not self.complete and (not self.indexed or self.positions < min(positions, self.total)):
                 if self.error is not None:
                     break
                 if not self.thread.is_alive() and self.error is None and not self.complete:
@@ -239,7 +240,8 @@ class Build:
         index = line_index(self.path)
         n = len(index) - 1
         with self.cond:
-            self.total = n
+            self.total, self.indexed = n, True
+            self.cond.notify_all()
         order = line_order(n, int(self.key.get("seed", 0)))
         checker = LineChecker(self.report)
         encoder: Encoder | None = None

@@ -101,8 +101,10 @@ def test_a_killed_build_continues_where_it_stopped(tiny_base: Path, tmp_path: Pa
     other_file = root / ".partial-0000000000000000-0000other0000file"   # another file's: kept
     other_key.mkdir()
     other_file.mkdir()
-    again = tokencache.prepare(data, tok, cache_root=root, sha256=sha, **kw)
-    assert not again.hit and again.build.resumed_from == done
+    again = tokencache.open_stream(data, tok, cache_root=root, sha256=sha, **kw)
+    again.wait(1)               # already built: returns once the file's line count is known
+    assert again.total == 40 and not again.hit and again.build.resumed_from == done
+    again.wait_complete()
     assert _all(again) == whole and not other_key.exists() and other_file.exists()
     assert tokencache.open_stream(data, tok, cache_root=root, sha256=sha, **kw).hit
 
