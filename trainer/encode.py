@@ -261,7 +261,9 @@ def fit(ids: np.ndarray, mask: np.ndarray, *, keep: int, max_length: int, policy
     if policy == "drop":
         report.add("dropped_too_long", line, tokens=n)
         return []
-    if policy == "truncate" or (not chunk and keep >= max_length // 2):
+    if not chunk and keep >= max_length // 2:   # a system turn too long to keep: cut from the very left
+        keep = 0
+    if policy == "truncate":
         report.add("truncated", line, tokens_cut=n - max_length,
                    answer_tokens_cut=int(mask[max_length:].sum()))
         return [(ids[:max_length], mask[:max_length])]

@@ -152,3 +152,13 @@ def test_reason_lines_are_capped_but_counts_are_not(tmp_path: Path, tiny_tokeniz
     f = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONV[1:3]}] * 50)
     _, rep = load_examples(f, tiny_tokenizer, max_length=512)
     assert rep.reasons["duplicate"]["count"] == 49 and rep.reasons["duplicate"]["lines"] == list(range(2, 22))
+
+
+def test_a_system_turn_too_long_to_keep_is_cut_too_not_the_answer(tiny_tokenizer) -> None:
+    rep = DataReport(format="messages")
+    ids = np.arange(100, dtype=np.int32)
+    mask = np.zeros(100, np.uint8)
+    mask[90:] = 1
+    (out_ids, out_mask), = encode.fit(ids, mask, keep=60, max_length=50, policy="keep_answer", chunk=False,
+                                      line=3, report=rep)
+    assert out_ids.tolist() == list(range(50, 100)) and out_mask[-10:].all()
