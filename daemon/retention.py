@@ -329,7 +329,7 @@ def prune_token_caches(layout: Layout, db: "StateDB") -> list[str]:
     root = layout.token_cache
     if not root.is_dir():
         return []
-    live = {(j.sha256 or "")[:16] for state in (JobState.PENDING, JobState.ACTIVE, JobState.FAILED)
+    live = {(j.sha256 or "")[:16] for state in (JobState.PENDING, JobState.PROCESSING, JobState.FAILED)
             for j in db.jobs(state)}
     out: list[str] = []
     for d in sorted(root.iterdir()):

@@ -423,3 +423,26 @@ def test_a_consolidation_in_progress_keeps_the_snapshot_its_journal_names(tmp_pa
     removed = retention.prune_snapshots(layout, 2)
     assert sorted(p.name for p in layout.snapshots.iterdir()) == sorted(p.name for p in (made[1], *made[-2:]))
     assert len(removed) == 3
+
+
+def test_token_caches_go_with_their_jobs(home):
+    """A done file's tokenized copy goes; a failed file's stays (a retry reads it), complete or
+    half-built; an unknown file's goes (at start-up and after each job)."""
+    import hashlib
+
+    write_jsonl(home.path / "inbox/a.jsonl", text_records(2, "a"))
+    write_jsonl(home.path / "inbox/bad.jsonl", [{"nothing": 1}])                # fails at intake
+    sha = {n: hashlib.sha256((home.path / "inbox" / n).read_bytes()).hexdigest()[:16] for n in ("a.jsonl", "bad.jsonl")}
+    assert home.burst().returncode == 0                  # the stand-in trains a.jsonl to done/
+    assert home.files("done") == ["a.jsonl"] and home.files("failed") == ["bad.jsonl"]
+    root = home.path / "cache" / "tokens"
+    made = [root / f"{sha['a.jsonl']}-0123456789abcdef", root / f".partial-{sha['bad.jsonl']}-0123456789abcdef",
+            root / f"{sha['bad.jsonl']}-fedcba9876543210", root / "feedfacefeedface-0123456789abcdef",
+            root / ".partial-feedfacefeedface-0000000000000000"]
+    for d in made:
+        d.mkdir(parents=True)
+        (d / "ids.i32").write_bytes(b"\0" * 64)
+    write_jsonl(home.path / "inbox/b.jsonl", text_records(2, "b"))
+    assert home.burst().returncode == 0
+    assert sorted(p.name for p in root.iterdir()) == sorted([made[1].name, made[2].name])
+    assert "removed token cache cache/tokens/feedfacefeedface" in home.log_text()
