@@ -208,6 +208,7 @@ class _RecipeRun:
         self.tokenizer = load_tokenizer(self.base)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._load_data()
+        self.stream.hold(True)      # the rest of the file waits while the model loads (CPU, GIL)
 
         # --- model: base (4-bit) + LoRA from checkpoint / current_model / fresh
         use_qlora = bool(cfg.get("use_qlora", True))
@@ -228,6 +229,7 @@ class _RecipeRun:
         else:
             self._initial = (self._adapter_copy(), capture_rng_state())
         self.tracker = LayerActivityTracker(self.model)
+        self.stream.hold(False)
         n_train = sum(p.numel() for p in self.params)
         self.note(f"{len(self.tracker.modules)} LoRA modules, {n_train} trainable parameters; "
                   f"{self.total_steps} steps ({self.plan_sizes} micro-batches per epoch)")

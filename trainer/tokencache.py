@@ -160,6 +160,8 @@ class Build:
         self.error: BaseException | None = None
         self.report = DataReport(format=None)
         self._stop = False
+        self._go = threading.Event()        # cleared by hold(): the build waits between blocks
+        self._go.set()
         self.t0 = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="tokencache", daemon=True)
 
@@ -176,7 +178,12 @@ class Build:
     def stop(self) -> None:
         """Stop after the current block (what is done stays, for the next attempt)."""
         self._stop = True
+        self._go.set()
         self.thread.join()
+
+    def hold(self, held: bool) -> None:
+        """Hold the build between blocks (while the model loads: the CPU and the GIL go to it)."""
+        (self._go.clear if held else self._go.set)()
 
     def _open(self) -> None:
         """Continue a partial build of this key, else start an empty one."""
@@ -249,6 +256,7 @@ class Build:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for a in range(self.positions, n, BLOCK):
+                self._go.wait()
                 if self._stop:
                     return
                 lines0 = order[a:a + BLOCK]
@@ -357,6 +365,10 @@ class TokenStream:
             b.wait(1 << 62, on_wait)
             b.thread.join()
             self.wait(1 << 62)
+
+    def hold(self, held: bool) -> None:
+        if self.build is not None:
+            self.build.hold(held)
 
     def close(self) -> None:
         if self.build is not None and self.build.thread.is_alive():
