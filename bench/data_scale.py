@@ -558,6 +558,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="give up (exit 1, with the daemon's state) when a wait takes longer than this in all")
     ap.add_argument("--out", type=Path, help="JSON result (default bench/results/data_scale-<N>.json)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (base dir, data, logs)")
+    ap.add_argument("--until-tokenized", action="store_true",
+                    help="after the resume, go on training until the whole file is tokenized (the worker "
+                         "logs 'tokenized N lines'), sampling RSS all along: memory over the whole file")
     ap.add_argument("--generate-only", action="store_true",
                     help="only generate the file (timed) into the temp dir, and stop there")
     args = ap.parse_args(argv)
@@ -590,7 +593,25 @@ def generate(work: Path, args: argparse.Namespace, tokenizer: Any) -> tuple[Path
     return path, calib, gen
 
 
-def measure(home: Home, staged: Path, deadline: float) -> dict[str, Any]:
+def wait_tokenized(home: Home, sampler: "RssSampler", since: float, deadline: float) -> dict[str, Any]:
+    """Train on until the worker logs that the whole file is tokenized; RSS sampled meanwhile."""
+    sampler.phase = "rest_of_file"
+    log_file = home.path / "logs" / "training_output.log"
+    start = log_file.stat().st_size
+    while time.monotonic() < deadline:
+        with open(log_file, "rb") as fh:
+            fh.seek(start)
+            for line in fh.read().decode(errors="replace").splitlines():
+                if "tokenized" in line and " lines in " in line:
+                    sampler.sample()
+                    log.info("%s", line.strip())
+                    return {"seconds_after_restart": round(time.time() - since, 1), "line": line.strip(),
+                            "peak_worker_rss_mb": sampler.peak_mb("worker", "rest_of_file")}
+        time.sleep(2.0)
+    raise TimeoutError("the whole file was not tokenized before --timeout-s")
+
+
+def measure(home: Home, staged: Path, deadline: float, until_tokenized: bool = False) -> dict[str, Any]:
     """Land the file, time it to the first step; checkpoint, kill, restart, time the resume."""
     sampler = RssSampler(home)
     home.launch()
@@ -614,13 +635,14 @@ def measure(home: Home, staged: Path, deadline: float) -> dict[str, Any]:
         resumed.mark("launcher_returned", restart + launcher_s)
         log.info("first step %.2f s after the restart", resumed.moments["first_step"])
         sampler.sample()
+        rest = wait_tokenized(home, sampler, restart, deadline) if until_tokenized else None
     finally:
         sampler.stop()
     cpu1 = psutil.Process().cpu_times()
     bench_cpu_s = round(cpu1.user + cpu1.system - cpu0.user - cpu0.system, 2)
     clean = stop_daemon(home)
     return {"first": first, "resumed": resumed, "checkpoint": ckpt, "killed": killed, "sampler": sampler,
-            "cache_lines": cache_lines_since(home, sizes), "clean_stop": clean,
+            "cache_lines": cache_lines_since(home, sizes), "clean_stop": clean, "rest_of_file": rest,
             "bench_cpu_s": bench_cpu_s, "measured_s": round(time.time() - landing, 2)}
 
 
@@ -638,7 +660,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settings = {"base_model": str(base), "max_length": args.max_length, "batch_size": 4,
                     "checkpoint_every_steps": 2, "eval_fraction": 0.0, "status_interval_s": 0.2}
         home.write_config(settings)
-        m = measure(home, staged, deadline)
+        m = measure(home, staged, deadline, args.until_tokenized)
     finally:
         if home.daemon_pid() is not None:
             kill_daemon_and_worker(home)
@@ -660,7 +682,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cache_lines_after_restart": m["cache_lines"],
         "peak_worker_rss_mb": sampler.peak_mb("worker"), "peak_daemon_rss_mb": sampler.peak_mb("daemon"),
         "peak_rss_mb_by_run": {p: {k: round(v / MIB, 1) for k, v in d.items()} for p, d in sampler.peaks.items()},
-        "clean_stop": m["clean_stop"],
+        "clean_stop": m["clean_stop"], "rest_of_file": m["rest_of_file"],
         "bench_own_cpu": {"cpu_s": m["bench_cpu_s"], "over_s": m["measured_s"]},   # polling overhead
         "machine": machine_facts(),
     }
