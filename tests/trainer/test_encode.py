@@ -162,3 +162,17 @@ def test_a_system_turn_too_long_to_keep_is_cut_too_not_the_answer(tiny_tokenizer
     (out_ids, out_mask), = encode.fit(ids, mask, keep=60, max_length=50, policy="keep_answer", chunk=False,
                                       line=3, report=rep)
     assert out_ids.tolist() == list(range(50, 100)) and out_mask[-10:].all()
+
+
+@pytest.mark.parametrize("fmt", ["prompt_completion", "alpaca"])
+def test_keep_answer_for_prompt_formats_with_and_without_a_template(tmp_path: Path, fresh_tok, fmt: str) -> None:
+    rec = ({"prompt": LONG, "completion": " the end."} if fmt == "prompt_completion"
+           else {"instruction": LONG, "output": "the end."})
+    f = write_jsonl(tmp_path / "p.jsonl", [rec])
+    for template in (fresh_tok.chat_template, None):
+        fresh_tok.chat_template = template
+        (ex,), rep = load_examples(f, fresh_tok, max_length=40)
+        assert len(ex.input_ids) == 40 and rep.reasons["truncated"]["answer_tokens_cut"] == 0
+        assert trained_text(fresh_tok, ex).endswith(("the end.<|im_end|>", "the end.<|endoftext|>"))
+        ids, _ = tokenize_record(rec, fmt, fresh_tok)
+        assert ex.input_ids[-12:] == ids[-12:]    # the end (the answer) whole, the prompt cut from the left
