@@ -62,6 +62,7 @@ class LineChecker:
     def __init__(self, report: DataReport) -> None:
         self.report = report
         self.seen: set[bytes] = set()
+        self.new: list[bytes] = []          # digests added since the caller last took them
 
     def check(self, lineno: int, raw: bytes) -> dict | None:
         from daemon.validation import check_record, detect_format, problem_kind
@@ -104,7 +105,26 @@ class LineChecker:
             report.add("duplicate", lineno)
         else:
             self.seen.add(digest)
+            self.new.append(digest)
         return record
+
+
+def first_format(path: Path, limit: int = 10000) -> str | None:
+    """The format of the file's first detectable record, in file order (as the daemon's
+    validation decides it), looking at most *limit* lines."""
+    from daemon.validation import detect_format
+
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if lineno > limit:
+                return None
+            try:
+                fmt = detect_format(json.loads(raw.removeprefix(_BOM) if lineno == 1 else raw))
+            except ValueError:
+                continue
+            if fmt is not None:
+                return fmt
+    return None
 
 
 def read_records(path: Path, report: DataReport) -> Iterator[tuple[int, dict]]:
@@ -284,7 +304,9 @@ def fit(ids: np.ndarray, mask: np.ndarray, *, keep: int, max_length: int, policy
     if len(trained):
         runs = np.flatnonzero(np.diff(trained) > 1)
         last_start = int(trained[runs[-1] + 1]) if len(runs) else int(trained[0])
+    last_start = max(last_start, keep)
     cut_end = keep + excess
+    joined = True               # tokens were removed right after position keep
     if cut_end <= last_start:
         new_ids = np.concatenate([ids[:keep], ids[cut_end:]])
         new_mask = np.concatenate([mask[:keep], mask[cut_end:]])
@@ -293,8 +315,9 @@ def fit(ids: np.ndarray, mask: np.ndarray, *, keep: int, max_length: int, policy
         new_ids = np.concatenate([ids[:keep], ids[last_start:]])[:max_length]
         new_mask = np.concatenate([mask[:keep], mask[last_start:]])[:max_length]
         answer_cut = int(mask.sum()) - int(new_mask.sum())
+        joined = last_start > keep
     new_mask = new_mask.copy()
-    if keep < len(new_mask):
+    if joined and keep < len(new_mask):
         answer_cut += int(new_mask[keep])
         new_mask[keep] = 0          # the first token after the cut is not predicted from the system turn
     report.add("truncated", line, tokens_cut=n - len(new_ids), answer_tokens_cut=answer_cut)
@@ -330,11 +353,13 @@ class Encoder:
 
     def encode(self, batch: list[tuple[int, dict]]) -> list[Encoded]:
         self.report.records += len(batch)
+        self._no_answer: set[int] = set()
         pairs = self._encode_chat(batch) if self.chat else self._encode_plain(batch)
         out: list[Encoded] = []
         for line, ids, mask, keep in pairs:
             if not mask[1:].any():
-                self.report.add("dropped_empty", line)
+                if line not in self._no_answer:          # else already reported as no_assistant_turn
+                    self.report.add("dropped_empty", line)
                 continue
             mask[0] = 0
             for pid, pmask in fit(ids, mask, keep=keep, max_length=self.max_length, policy=self.policy,
@@ -363,6 +388,7 @@ class Encoder:
                 self.report.add("no_user_turn", line)
             if not any(trained):
                 self.report.add("no_assistant_turn", line)
+                self._no_answer.add(line)
             elif any(t and not m["content"].strip() for m, t in zip(msgs, trained)):
                 self.report.add("empty_assistant_content", line)
             convs.append((msgs, trained))
@@ -389,6 +415,14 @@ class Encoder:
                     keep = 0
             out.append((line, ids, mask, keep))
         return out
+
+    def state(self) -> dict[str, Any]:
+        """What a continued build needs to tokenize exactly as an uninterrupted one."""
+        return {"search_ok": self.renderer.search_ok if self.renderer else None, "checked": self.checked}
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        if state and self.renderer is not None and not self.renderer.markers:
+            self.renderer.search_ok, self.checked = state.get("search_ok"), int(state.get("checked") or 0)
 
     def _verify(self, record: dict, ids: np.ndarray, mask: np.ndarray) -> bool:
         """The searched turns must equal the reference on the first records, else it is not used."""

@@ -70,7 +70,8 @@ class StreamPlan:
             self._wait(pb)
             ea, eb = data.examples_of(pa, pb)
             salt = f"w{k}" if self.n_windows > 1 else ""
-            f0, f1 = k / self.n_windows / self.epochs, (k + 1) / self.n_windows / self.epochs
+            share = max(self.n_train, 1) * self.epochs          # F by lines done: windows are equal in lines
+            f0, f1 = pa / share, pb / share
         else:                                            # a later epoch, all training examples
             epoch = k - self.n_windows + 1
             self._wait(self.n)

@@ -159,6 +159,9 @@ class Build:
         self.complete = False
         self.error: BaseException | None = None
         self.report = DataReport(format=None)
+        self._report_json: dict[str, Any] = self.report.to_json()   # what readers see (under cond)
+        self._encoder_state: dict[str, Any] | None = None
+        self._seen = 0                      # digests in seen.u64 (duplicate detection, continued)
         self._stop = False
         self._go = threading.Event()        # cleared by hold(): the build waits between blocks
         self._go.set()
@@ -198,6 +201,7 @@ class Build:
         self.part.mkdir(parents=True)
         for fname, _ in ARRAYS.values():
             (self.part / fname).touch()
+        (self.part / "seen.u64").touch()
         self.report.truncation, self.report.max_length = self.truncation, self.max_length
 
     def _continue(self, prog: dict[str, Any]) -> None:
@@ -213,13 +217,22 @@ class Build:
             fname, dtype = ARRAYS[name]
             with open(self.part / fname, "r+b") as fh:
                 fh.truncate(n * np.dtype(dtype).itemsize)
+        seen = int(prog.get("seen") or 0)
+        if (self.part / "seen.u64").stat().st_size < seen * 8:
+            raise ValueError("seen.u64 is shorter than its progress record")
+        with open(self.part / "seen.u64", "r+b") as fh:
+            fh.truncate(seen * 8)
         self.report = DataReport.from_json(prog["report"])
+        self._report_json = self.report.to_json()
+        self._encoder_state, self._seen = prog.get("encoder"), seen
         self.positions, self.examples, self.tokens = positions, examples, tokens
         self.resumed_from = positions
         log.info("token cache: continuing %s at position %d", self.part.name, positions)
 
     def wait(self, positions: int, on_wait: Callable[[], None] | None = None, every: float = 0.5) -> None:
-        """Block until *positions* are built (or everything is); raises the builder's error."""
+        """Block until *positions* are built (or everything is); raises the builder's error. A
+        reader waiting for data lifts a hold (it needs the build to go on)."""
+        self._go.set()
         with self.cond:
             while not self.complete and (not self.indexed or self.positions < min(positions, self.total)):
                 if self.error is not None:
@@ -242,8 +255,10 @@ class Build:
                 self.cond.notify_all()
 
     def _build(self) -> None:
-        from trainer.encode import Encoder, LineChecker
+        from trainer.encode import Encoder, LineChecker, first_format
 
+        if self.report.format is None:      # the file's format is its first record's, in file order
+            self.report.format = first_format(self.path)
         index = line_index(self.path)
         n = len(index) - 1
         with self.cond:
@@ -251,8 +266,12 @@ class Build:
             self.cond.notify_all()
         order = line_order(n, int(self.key.get("seed", 0)))
         checker = LineChecker(self.report)
+        if self._seen:
+            raw = (self.part / "seen.u64").read_bytes()
+            checker.seen = {raw[i:i + 8] for i in range(0, len(raw), 8)}
         encoder: Encoder | None = None
         files = {name: open(self.part / fname, "ab") for name, (fname, _) in ARRAYS.items()}
+        files["seen"] = open(self.part / "seen.u64", "ab")
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for a in range(self.positions, n, BLOCK):
@@ -269,8 +288,12 @@ class Build:
                 if records and encoder is None:
                     encoder = Encoder(self.tokenizer, str(self.report.format), max_length=self.max_length,
                                       truncation=self.truncation, report=self.report)
+                    encoder.restore(self._encoder_state)
                 out = encoder.encode(records) if records else []
-                self._append(files, lines0, out)
+                if encoder is not None:
+                    self._encoder_state = encoder.state()
+                digests, checker.new = checker.new, []
+                self._append(files, lines0, out, digests)
             for fh in files.values():
                 fh.close()
             self._finish()
@@ -279,7 +302,7 @@ class Build:
             for fh in files.values():
                 fh.close()
 
-    def _append(self, files: dict[str, Any], lines0: np.ndarray, out: list[Any]) -> None:
+    def _append(self, files: dict[str, Any], lines0: np.ndarray, out: list[Any], digests: list[bytes]) -> None:
         """Write one block durably, then publish it."""
         per_line: dict[int, int] = {}
         for e in out:
@@ -293,15 +316,25 @@ class Build:
         files["ends"].write(ends.astype(np.int64).tobytes())
         files["lines"].write(np.asarray([e.line for e in out], dtype=np.int64).tobytes())
         files["pos_end"].write(pos_end.astype(np.int64).tobytes())
+        files["seen"].write(b"".join(digests))
         for fh in files.values():
             fh.flush()
             os.fsync(fh.fileno())
         positions, examples, tokens = self.positions + len(lines0), self.examples + len(out), int(self.tokens + lens.sum())
-        atomic_write_json(self.part / "progress.json", {"key": self.key, "positions": positions, "examples": examples,
-                                                        "tokens": tokens, "report": self.report.to_json()})
+        report = self.report.to_json()
+        seen = self._seen + len(digests)
+        atomic_write_json(self.part / "progress.json", {
+            "key": self.key, "positions": positions, "examples": examples, "tokens": tokens, "report": report,
+            "encoder": self._encoder_state, "seen": seen})
         with self.cond:
             self.positions, self.examples, self.tokens = positions, examples, tokens
+            self._report_json, self._seen = report, seen
             self.cond.notify_all()
+
+    def report_snapshot(self) -> DataReport:
+        """The report as of the last block (the build thread goes on changing its own)."""
+        with self.cond:
+            return self.report if self.complete else DataReport.from_json(self._report_json)
 
     def _finish(self) -> None:
         atomic_write_json(self.part / "report.json", self.report.to_json())
@@ -309,7 +342,6 @@ class Build:
             **self.key, "examples": self.examples, "tokens": self.tokens, "positions": self.positions,
             "records": self.report.records, "source": str(self.path),
             "built_s": round(time.monotonic() - self.t0, 2), "continued_from_position": self.resumed_from})
-        (self.part / "progress.json").unlink(missing_ok=True)
         if self.dest.exists():
             shutil.rmtree(self.dest, ignore_errors=True)
         with self.cond:             # readers map from ``root``: it moves with ``complete``, atomically
@@ -317,6 +349,8 @@ class Build:
             self.complete = True
             self.cond.notify_all()
         fsync_dir(self.dest.parent)
+        for name in ("progress.json", "seen.u64"):      # only a partial build needs them
+            (self.dest / name).unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> Any:
@@ -347,7 +381,7 @@ class TokenStream:
     @property
     def report(self) -> DataReport:
         if self.build is not None:
-            return self.build.report
+            return self.build.report_snapshot()
         return DataReport.from_json(_read_json(self.dest / "report.json") or {})
 
     def wait(self, positions: int, on_wait: Callable[[], None] | None = None) -> None:

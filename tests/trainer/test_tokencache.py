@@ -89,22 +89,27 @@ def test_a_killed_build_continues_where_it_stopped(tiny_base: Path, tmp_path: Pa
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tokencache, "BLOCK", 4)
     tok, data, root = _tokenizer(tiny_base), _data(tmp_path, 40), tmp_path / "cache"
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines + lines[:8]) + "\n")       # 8 duplicates, spread by the shuffle
     sha, kw = "cd" * 32, dict(max_length=64, truncation="keep_answer")
-    whole = _all(tokencache.prepare(data, tok, cache_root=tmp_path / "other", sha256=sha, **kw))
+    full = tokencache.prepare(data, tok, cache_root=tmp_path / "other", sha256=sha, **kw)
+    whole = _all(full)
+    assert full.report.count("duplicate") >= 8
 
     stream = tokencache.open_stream(data, tok, cache_root=root, sha256=sha, **kw)
     stream.wait(8)
     stream.close()                          # the attempt ends mid-build (a stop, a kill after a block)
     done = stream.build.positions
-    assert 8 <= done and not stream.build.complete or done == 40
+    assert 8 <= done and not stream.build.complete or done == 48
     other_key = root / f".partial-{sha[:16]}-0000other0000key"   # this file under another key: removed
     other_file = root / ".partial-0000000000000000-0000other0000file"   # another file's: kept
     other_key.mkdir()
     other_file.mkdir()
     again = tokencache.open_stream(data, tok, cache_root=root, sha256=sha, **kw)
     again.wait(1)               # already built: returns once the file's line count is known
-    assert again.total == 40 and not again.hit and again.build.resumed_from == done
+    assert again.total == 48 and not again.hit and again.build.resumed_from == done
     again.wait_complete()
+    assert again.report.reasons == full.report.reasons         # duplicates across the restart too
     assert _all(again) == whole and not other_key.exists() and other_file.exists()
     assert tokencache.open_stream(data, tok, cache_root=root, sha256=sha, **kw).hit
 
@@ -112,3 +117,18 @@ def test_a_killed_build_continues_where_it_stopped(tiny_base: Path, tmp_path: Pa
     rebuilt = tokencache.prepare(data, tok, cache_root=root, sha256=sha, **kw)
     assert not rebuilt.hit and rebuilt.build.resumed_from == 0 and _all(rebuilt) == whole
     shutil.rmtree(root)
+
+
+def test_the_format_is_the_first_records_in_file_order(tiny_base: Path, tmp_path: Path) -> None:
+    """Lines are tokenized in a shuffled order, but the file's format is decided as the daemon's
+    validation decides it: by its first record in file order."""
+    seed = next(s for s in range(100) if tokencache.line_order(3, s)[0] == 2)   # the alpaca line first
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "user", "content": "yo"}, {"role": "assistant", "content": "hey"}]},
+        {"instruction": "add", "output": "3"}]) + "\n")
+    stream = tokencache.prepare(data, _tokenizer(tiny_base), cache_root=tmp_path / "c", sha256="ef" * 32,
+                                max_length=64, truncation="keep_answer", seed=seed)
+    assert stream.report.format == "messages" and len(stream.data) == 2
+    assert stream.report.reasons == {"mixed_format": {"count": 1, "lines": [3]}}
