@@ -62,9 +62,11 @@ def test_control_and_status_answered_while_a_big_file_is_checked(home, tmp_path)
         reply, took = round_trip(layout, command)
         assert reply["ok"], reply
         assert took < 1.0, f"{command} answered after {took:.2f} s while a file was being checked"
-    # the status written after the last command still shows the check: answered during it
+    # the status written after the last command (at the next status write: status_interval_s)
+    # still shows the check: answered during it
+    wait_for(lambda: (home.status().get("last_command") or {}).get("command") == "pause"
+             and home.status().get("paused") is True, timeout=5, what="the status after the last command")
     st = home.status()
-    assert st["last_command"]["command"] == "pause" and st["paused"] is True
     assert st["checking"]["file"] == "big.jsonl", "the check ended before the commands: make the file bigger"
     assert (home.path / "inbox/big.jsonl").exists()
     r = home.ctl("status", "--json")
