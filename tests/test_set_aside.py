@@ -35,7 +35,9 @@ def test_skipped_job_never_blocks_consolidation_or_a_preset_switch(home, base_di
     wait_for(lambda: list((home.path / "checkpoints").glob("job-1/step-*")), timeout=240, what="a checkpoint")
     assert home.ctl("skip").returncode == 0
     wait_for(lambda: home.files("failed") == ["a.jsonl"], timeout=120, what="a.jsonl skipped")
-    assert not (home.path / "checkpoints/job-1").exists()
+    # the checkpoints are set aside just after the file's rename into failed/
+    wait_for(lambda: not (home.path / "checkpoints/job-1").exists(), timeout=30,
+             what="job-1's checkpoints set aside")
     kept = sorted(p.name for p in (home.path / "checkpoints/set-aside/job-1").glob("step-*"))
     assert kept, "the skipped job's checkpoints are kept for a retry"
 
