@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 LOCKED_KEYS: tuple[str, ...] = ("base_model", "model_name", "max_length", "batch_size",
                                 "gradient_accumulation")
@@ -56,7 +56,11 @@ class Config(BaseModel):
     lora_alpha: float = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_target_modules: str | list[str] = "all-linear"
-    gradient_checkpointing: bool = False
+    # "auto": on for bases of more than 200 M parameters (trainer/model.py GRADIENT_CHECKPOINTING_AUTO_PARAMS)
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    # "auto": bf16 autocast on a GPU that supports it, fp16 + GradScaler on one that does not,
+    # fp32 on CPU; LoRA weights and optimizer state stay fp32 in every case
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
@@ -68,12 +72,16 @@ class Config(BaseModel):
     truncation: Literal["keep_answer", "truncate", "drop"] = "keep_answer"
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     packing: bool = True
-    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
+    # "auto": sdpa (block-diagonal mask from the packed position ids); flash_attention_2/3 keep
+    # packed examples apart only with one row per micro-batch (batch_size 1), checked below
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2",
+                                 "flash_attention_3"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every_steps: int = Field(50, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     layer_activity_every_steps: int = Field(10, ge=1)
     worker_timeout_s: float = Field(600.0, gt=0)
+    worker_idle_exit_s: float = Field(300.0, ge=0)   # a warm worker (base loaded) exits after this idle
     max_attempts: int = Field(3, ge=1)     # attempts in a row that crash without a new checkpoint
     retry_backoff_s: float = Field(30.0, ge=0)   # wait after such a crash; doubles each time (x64 max)
     standin_step_seconds: float = Field(0.05, ge=0)
@@ -103,6 +111,15 @@ class Config(BaseModel):
         if isinstance(v, list) and not v:
             raise ValueError("must name at least one module, or be 'all-linear'")
         return v
+
+    @model_validator(mode="after")
+    def _packed_attention(self) -> "Config":
+        if self.attn_implementation.startswith("flash_attention") and self.packing and self.batch_size > 1:
+            raise ValueError(
+                f"attn_implementation {self.attn_implementation} lets packed examples attend to each "
+                f"other when a micro-batch has more than one row (batch_size {self.batch_size}): use "
+                "batch_size 1 (and a larger max_length), packing false, or sdpa/flex_attention")
+        return self
 
     @property
     def locked_namespace(self) -> str:

@@ -20,6 +20,10 @@ from daemon.atomic import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
+# gradient_checkpointing "auto" turns it on above this many base parameters: Qwen3-0.6B (0.6 B)
+# and up, whose activations at 8 x 2048 tokens would not fit beside an 8B base; the tiny test base
+# and other toys stay off (recomputing the forward costs ~25-30 % of a step)
+GRADIENT_CHECKPOINTING_AUTO_PARAMS = 200_000_000
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 FINGERPRINT_CACHE_NAME = ".base_fingerprints.json"
 
@@ -112,8 +116,56 @@ def check_same_base(what: str, recorded_path: str | None, recorded_fp: str | Non
 
 # ----------------------------------------------------------------------------- loading
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """``precision`` "auto": bf16 on a GPU that supports it, fp16 (+ GradScaler) on one that does
+    not (T4, V100), fp32 on CPU, so CPU runs stay exact. An explicit value is kept."""
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    return PRECISIONS[resolve_precision(precision, device)]
+
+
+def enable_tf32() -> None:
+    """TF32 for the fp32 matmuls that remain on an Ampere+ GPU (LoRA's, outside autocast)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def base_parameter_count(base: Path) -> int:
+    """The base's parameter count from its weight files' headers (safetensors), without loading.
+
+    A ``.bin``/``.pt`` base (no header to read) is estimated at 2 bytes a parameter."""
+    total = 0
+    for p in sorted(Path(base).iterdir()):
+        if p.name.endswith(".safetensors"):
+            with open(p, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    count = 1
+                    for d in info.get("shape", []):
+                        count *= int(d)
+                    total += count
+        elif p.name.endswith((".bin", ".pt", ".pth")):
+            total += p.stat().st_size // 2
+    return total
+
+
+def want_gradient_checkpointing(setting: bool | str, base: Path) -> bool:
+    """``gradient_checkpointing`` "auto": on above GRADIENT_CHECKPOINTING_AUTO_PARAMS parameters."""
+    if setting == "auto":
+        return base_parameter_count(base) > GRADIENT_CHECKPOINTING_AUTO_PARAMS
+    return bool(setting)
 
 
 def load_tokenizer(base: Path) -> Any:
@@ -126,12 +178,18 @@ def load_tokenizer(base: Path) -> Any:
 
 
 def load_base_model(base: Path, *, use_qlora: bool, device: torch.device,
-                    attn_implementation: str = "auto", gradient_checkpointing: bool = False) -> Any:
-    """The frozen base, 4-bit nf4 (double quant) when *use_qlora*, ready for LoRA."""
-    from peft import prepare_model_for_kbit_training
+                    attn_implementation: str = "auto", gradient_checkpointing: bool = False,
+                    precision: str = "auto") -> Any:
+    """The frozen base, 4-bit nf4 (double quant) when *use_qlora*, ready for LoRA.
+
+    Unlike peft's ``prepare_model_for_kbit_training`` nothing is upcast to fp32: embeddings, norms
+    and lm_head stay in the compute dtype (bf16 on a GPU: half the memory, and autocast runs them
+    in bf16 anyway); only the LoRA weights train in fp32 (``attach_lora``). On CPU the compute
+    dtype is fp32, as before. Gradient checkpointing uses ``use_reentrant=False``.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = compute_dtype(device)
+    dtype = compute_dtype(device, precision)
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True,
                               "attn_implementation": "sdpa" if attn_implementation == "auto" else attn_implementation}
     if use_qlora:
@@ -143,15 +201,13 @@ def load_base_model(base: Path, *, use_qlora: bool, device: torch.device,
     if not use_qlora:
         model.to(device)
     model.config.use_cache = False
-    gc_kwargs = {"use_reentrant": False}
-    if use_qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        # inputs of the first checkpointed block must require grad for its recompute to backprop
+        model.enable_input_require_grads()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -44,10 +44,12 @@ from daemon.config import LOCKED_KEYS
 from trainer.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
 from trainer.data import REASON_TEXT, DataReport
 from trainer.layer_activity import LayerActivityTracker
-from trainer.model import (FINGERPRINT_CACHE_NAME, BaseMismatchError, BaseModelError, attach_lora,
-                           base_fingerprint, check_same_base, load_adapter_state, load_base_model,
-                           load_tokenizer, pick_device, resolve_base_path, save_adapter,
-                           trainable_parameters)
+from trainer.model import (FINGERPRINT_CACHE_NAME, PRECISIONS, BaseMismatchError, BaseModelError,
+                           attach_lora, base_fingerprint, check_same_base, enable_tf32,
+                           load_adapter_state, load_base_model, load_tokenizer, pick_device,
+                           resolve_base_path, resolve_precision, save_adapter, trainable_parameters,
+                           want_gradient_checkpointing)
+from trainer.warm import WarmBase
 
 log = logging.getLogger("trainer.recipe")
 
@@ -56,7 +58,8 @@ log = logging.getLogger("trainer.recipe")
 TRAINING_KEYS = ("base_model", "model_name", "max_length", "batch_size", "gradient_accumulation",
                  "use_qlora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
                  "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
-                 "epochs", "seed", "truncation", "eval_fraction", "packing", "attn_implementation")
+                 "epochs", "seed", "truncation", "eval_fraction", "packing", "attn_implementation",
+                 "precision")
 PAUSE_WAIT_S = 3600.0
 
 
@@ -73,7 +76,26 @@ class _Finished(Exception):
 
 
 class _OOM(Exception):
-    pass
+    """Out of memory inside optimizer.step: its state may be half updated, so the job goes back
+    to its last checkpoint (an OOM in forward/backward only redoes that step)."""
+
+
+class _StepFailed(Exception):
+    def __init__(self, result: JobResult) -> None:
+        super().__init__(result.reason)
+        self.result = result
+
+
+OOM_ERRORS: tuple[type[BaseException], ...] = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+
+
+def free_memory() -> None:
+    """Return cached blocks to the GPU after an OOM (call it outside the ``except`` block: the
+    traceback holds the failed step's activations until the block ends)."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _now() -> str:
@@ -117,14 +139,19 @@ class QLoRATrainer:
 
     name = "qlora"
 
+    def __init__(self, warm: "WarmBase | None" = None) -> None:
+        self.warm = warm        # a warm worker's loaded base, kept between jobs (trainer/warm.py)
+
     def run(self, job: JobSpec, sink: EventSink, control: ControlSource) -> JobResult:
-        r = _RecipeRun(job, sink, control)
+        r = _RecipeRun(job, sink, control, self.warm)
+        keep_base = False       # only a job that ended in an orderly way hands its base on
         try:
             r.setup()
             outcome = r.train()
-            if outcome is not None:
-                return outcome
-            return r.finish()
+            if outcome is None:
+                outcome = r.finish()
+            keep_base = not outcome.details.get("oom")
+            return outcome
         except _Finished as done:
             return done.result
         except (BaseModelError, BaseMismatchError) as exc:   # the setup, not the data: daemon pauses
@@ -132,20 +159,24 @@ class QLoRATrainer:
             return JobResult(Outcome.FAILED, reason=str(exc), steps=r.step, details={"blocking": True})
         except JobFailed as exc:
             log.error("job %d failed: %s", job.job_id, exc)
+            keep_base = True
             return JobResult(Outcome.FAILED, reason=str(exc), steps=r.step)
         except Exception as exc:  # data errors and the unexpected: the job fails, not the caller
             from trainer.data import DataError
             if isinstance(exc, DataError):
                 log.error("job %d: %s", job.job_id, exc)
+                keep_base = True
                 return JobResult(Outcome.FAILED, reason=str(exc), steps=r.step)
             raise
         finally:
-            r.cleanup()
+            r.cleanup(keep_base)
 
 
 class _RecipeRun:
-    def __init__(self, job: JobSpec, sink: EventSink, control: ControlSource) -> None:
-        self.job, self.sink, self.control = job, sink, control
+    def __init__(self, job: JobSpec, sink: EventSink, control: ControlSource,
+                 warm: "WarmBase | None" = None) -> None:
+        self.job, self.sink, self.control, self.warm = job, sink, control, warm
+        self.base_key: tuple[Any, ...] | None = None
         self.layout = Layout(Path(job.home))
         self.cfg: dict[str, Any] = dict(job.config)
         self.step = 0
@@ -205,24 +236,44 @@ class _RecipeRun:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        self.tokenizer = load_tokenizer(self.base)
+        tok_key = (str(self.base), self.fingerprint)
+        self.tokenizer = self.warm.tokenizer_for(tok_key) if self.warm is not None else None
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.base)
+            if self.warm is not None:
+                self.warm.keep_tokenizer(tok_key, self.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._load_data()
         self.stream.hold(True)      # the rest of the file waits while the model loads (CPU, GIL)
 
         # --- model: base (4-bit) + LoRA from checkpoint / current_model / fresh
         use_qlora = bool(cfg.get("use_qlora", True))
-        self.note(f"loading base ({'4-bit nf4' if use_qlora else 'full precision'})")
-        base_model = load_base_model(self.base, use_qlora=use_qlora, device=self.device,
-                                     attn_implementation=cfg.get("attn_implementation", "auto"),
-                                     gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)))
+        self.precision = resolve_precision(str(cfg.get("precision", "auto")), self.device)
+        gc_on = want_gradient_checkpointing(cfg.get("gradient_checkpointing", "auto"), self.base)
+        attn = str(cfg.get("attn_implementation", "auto"))
+        if self.device.type == "cuda":
+            enable_tf32()
+        self.base_key = (str(self.base), self.fingerprint, use_qlora, str(self.device), attn, gc_on,
+                         self.precision)
+        base_model = self.warm.take(self.base_key) if self.warm is not None else None
+        if base_model is None:
+            self.note(f"loading base ({'4-bit nf4' if use_qlora else 'full precision'}, {self.precision}"
+                      f"{', gradient checkpointing' if gc_on else ''})")
+            base_model = load_base_model(self.base, use_qlora=use_qlora, device=self.device,
+                                         attn_implementation=attn, gradient_checkpointing=gc_on,
+                                         precision=self.precision)
+        else:
+            self.note(f"base already loaded ({self.precision}); attaching this job's adapter")
         adapter_src = payload.path if payload is not None else cur_dir
+        torch.manual_seed(seed)     # a fresh LoRA starts the same whether the base was loaded now or before
         self.model = attach_lora(base_model, cfg, adapter_src)
         self.model.train()
         self.params = trainable_parameters(self.model)
         self.optimizer = torch.optim.AdamW(self.params, lr=float(cfg.get("learning_rate", 2e-4)),
                                            weight_decay=float(cfg.get("weight_decay", 0.0)))
         self.scheduler = self._make_scheduler()
+        # fp16 needs loss scaling (its range is too small for gradients); bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.micro_rows = int(cfg["batch_size"])
         if payload is not None:
             self._restore(payload)
@@ -385,6 +436,8 @@ class _RecipeRun:
         load_adapter_state(self.model, payload.adapter_state)
         self.optimizer.load_state_dict(payload.optimizer)
         self.scheduler.load_state_dict(payload.scheduler)
+        if st.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(st["grad_scaler"])
         restore_rng_state(payload.rng)
         self.step = int(st["step"])
         self.epoch, self.batch_index = int(st["epoch"]), int(st["batch_index"])
@@ -404,10 +457,13 @@ class _RecipeRun:
         while True:
             try:
                 return self._train_epochs()
+            except _StepFailed as failed:
+                return failed.result
             except _OOM:
-                outcome = self._oom_backoff()
-                if outcome is not None:
-                    return outcome
+                pass
+            outcome = self._oom_backoff()      # outside the except block: the traceback is gone
+            if outcome is not None:
+                return outcome
 
     def _train_epochs(self) -> JobResult | None:
         every_la = int(self.cfg.get("layer_activity_every_steps", 10))
@@ -471,44 +527,98 @@ class _RecipeRun:
 
     def _loss_sum(self, batch: Any) -> torch.Tensor:
         from trainer.packing import loss_sum
-        return loss_sum(self.model, batch)
+        with self._autocast():
+            return loss_sum(self.model, batch)
+
+    def _autocast(self) -> Any:
+        """bf16/fp16 autocast for the forward and the loss on a GPU (the chunked loss computes
+        its logits in fp32 regardless); fp32 runs without it."""
+        if self.precision == "fp32":
+            import contextlib
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
     def _optimizer_step(self, group: list[list[list[int]]], capture_grads: bool) -> dict[str, Any]:
+        """One optimizer step over *group*. An out-of-memory error in forward/backward redoes
+        this step alone, exactly (RNG as it was, gradients zeroed) with half the rows per
+        micro-batch; the steps before it stand."""
+        t0 = time.perf_counter()
+        rng = capture_rng_state()
+        while True:
+            info = self._try_step(group, capture_grads)
+            if info is not None:
+                info["dt"] = time.perf_counter() - t0
+                return info
+            # outside the except block: the failed step's activations are no longer referenced
+            self.optimizer.zero_grad(set_to_none=True)
+            free_memory()
+            restore_rng_state(rng)
+            self._halve_micro_rows("training step")
+
+    def _halve_micro_rows(self, where: str) -> None:
+        if self.micro_rows <= 1:
+            raise _StepFailed(JobResult(
+                Outcome.FAILED, steps=self.step, details={"crash": True, "oom": True},
+                reason=f"CUDA out of memory in the {where} with 1 row per micro-batch (max_length "
+                       f"{self.cfg['max_length']}); lower max_length or use a smaller base"))
+        self.micro_rows //= 2
+        accum = self.ga * math.ceil(int(self.cfg["batch_size"]) / self.micro_rows)
+        self.emit("oom_backoff", micro_batch=self.micro_rows, gradient_accumulation=accum, step=self.step + 1)
+        self.note(f"CUDA out of memory in the {where}: step {self.step + 1} redone with {self.micro_rows} "
+                  f"rows per micro-batch ({accum} micro-batches per step)", "warning")
+
+    def _try_step(self, group: list[list[list[int]]], capture_grads: bool) -> dict[str, Any] | None:
+        """The step, or None after an out-of-memory error in its forward/backward (nothing updated)."""
         from trainer.packing import collate
 
-        t0 = time.perf_counter()
         micro = [collate(self.train_ex, rows[k:k + self.micro_rows], self.pad_id)
                  for rows in group for k in range(0, len(rows), self.micro_rows)]
-        n_trained = sum(int((m.labels[:, 1:] != -100).sum()) for m in micro)
+        n_trained = sum(m.num_trained_tokens for m in micro)
         n_tokens = sum(m.num_tokens for m in micro)
         denom = max(n_trained, 1)
         total = torch.zeros((), device=self.device)
+        oom = False
         try:
             for m in micro:
-                m = m.to(self.device)
+                m = m.to(self.device, non_blocking=True)
                 loss_sum = self._loss_sum(m)
-                (loss_sum / denom).backward()
+                self.scaler.scale(loss_sum / denom).backward()
                 total += loss_sum.detach()            # one host sync per step, not per micro-batch
                 del loss_sum
+            if self.scaler.is_enabled():
+                self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.get("max_grad_norm", 1.0)))
-            lr = float(self.scheduler.get_last_lr()[0])
-            # The step's one host sync: loss and grad norm together, before the update. A NaN/inf
-            # step is skipped (no optimizer.step: AdamW state stays clean; grads dropped below).
-            loss_sum, gnorm = torch.stack([total.float(), grad_norm.detach().float().to(total.device)]).tolist()
-            finite = math.isfinite(loss_sum) and math.isfinite(gnorm)
-            if finite:
-                if capture_grads:
-                    self.tracker.capture_grads()
+        except OOM_ERRORS:
+            oom = True
+        if oom:
+            return None
+        lr = float(self.scheduler.get_last_lr()[0])
+        # The step's one host sync: loss and grad norm together, before the update. A NaN/inf
+        # step is skipped (no optimizer.step: AdamW state stays clean; grads dropped below).
+        loss_sum, gnorm = torch.stack([total.float(), grad_norm.detach().float().to(total.device)]).tolist()
+        finite = math.isfinite(loss_sum) and math.isfinite(gnorm)
+        overflow = self.scaler.is_enabled() and math.isfinite(loss_sum) and not finite
+        try:
+            if finite and capture_grads:
+                self.tracker.capture_grads()
+            if self.scaler.is_enabled():
+                self.scaler.step(self.optimizer)      # skips the update itself on inf/NaN grads
+                self.scaler.update()                  # ... and lowers the loss scale
+            elif finite:
                 self.optimizer.step()
-        except torch.cuda.OutOfMemoryError as exc:  # the step is redone from the last checkpoint
+        except OOM_ERRORS as exc:   # the AdamW state may be half updated: back to the last checkpoint
             raise _OOM() from exc
+        if overflow:                # fp16 overflow: the scaler's business, not a diverging run
+            finite = True
+            gnorm = float("nan")
+            log.info("step %d: fp16 gradient overflow, step skipped; loss scale now %g",
+                     self.step + 1, self.scaler.get_scale())
         with warnings.catch_warnings():   # a skipped first step: the schedule still advances
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
         return {"loss": loss_sum / denom, "grad_norm": gnorm, "finite": finite, "lr": lr,
-                "tokens": n_tokens, "trained_tokens": n_trained, "dt": dt}
+                "tokens": n_tokens, "trained_tokens": n_trained}
 
     def _peak_memory(self) -> int:
         if self.device.type == "cuda":
@@ -534,8 +644,27 @@ class _RecipeRun:
         log.info("step %d/%d loss %.4f lr %.3g grad %.3f %.0f tok/s %.2fs", self.step, self.total_steps,
                  info["loss"], info["lr"], info["grad_norm"], tps or 0.0, info["dt"])
 
-    @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean token loss on the held-out lines; out of memory halves its rows and starts it over."""
+        rows = self.micro_rows
+        while True:
+            oom = False
+            try:
+                return self._evaluate(rows)
+            except OOM_ERRORS:
+                oom = True
+            if oom:
+                free_memory()
+                if rows <= 1:
+                    raise _StepFailed(JobResult(
+                        Outcome.FAILED, steps=self.step, details={"crash": True, "oom": True},
+                        reason=f"CUDA out of memory in eval with 1 row per batch (max_length "
+                               f"{self.cfg['max_length']}); lower max_length or use a smaller base"))
+                rows //= 2
+                self.note(f"CUDA out of memory in eval: again with {rows} rows per batch", "warning")
+
+    @torch.no_grad()
+    def _evaluate(self, rows: int) -> float:
         from trainer.packing import make_batches
 
         self.model.eval()
@@ -545,16 +674,17 @@ class _RecipeRun:
             if not len(self.eval_ex):
                 return float("nan")
             batches = make_batches(self.eval_ex, max_length=int(self.cfg["max_length"]),
-                                   rows_per_batch=self.micro_rows, pad_token_id=self.pad_id,
+                                   rows_per_batch=rows, pad_token_id=self.pad_id,
                                    packing=bool(self.cfg.get("packing", True)),
                                    seed=int(self.cfg.get("seed", 0)), epoch=0)
-            total, n = 0.0, 0
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            n = 0
             for b in batches:
-                total += float(self._loss_sum(b.to(self.device)))
-                n += int((b.labels[:, 1:] != -100).sum())
+                total += self._loss_sum(b.to(self.device, non_blocking=True)).double()
+                n += b.num_trained_tokens
         finally:
             self.model.train()
-        return total / max(n, 1)
+        return float(total) / max(n, 1)
 
     def _control(self) -> JobResult | None:
         """Obey the control source at a step boundary."""
@@ -579,12 +709,12 @@ class _RecipeRun:
         return None
 
     def _oom_backoff(self) -> JobResult | None:
-        """CUDA OOM: halve rows per micro-batch (same effective batch), go back to the last checkpoint."""
+        """Out of memory inside optimizer.step (rare: AdamW's state is made at the first step): the
+        state may be half updated, so halve rows per micro-batch and go back to the last checkpoint."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory()
         if self.micro_rows <= 1:
-            return JobResult(Outcome.FAILED, steps=self.step,
+            return JobResult(Outcome.FAILED, steps=self.step, details={"crash": True, "oom": True},
                              reason=f"CUDA out of memory with 1 row per micro-batch "
                                     f"(max_length {self.cfg['max_length']}); lower max_length or use a smaller base")
         self.micro_rows //= 2
@@ -600,6 +730,7 @@ class _RecipeRun:
             load_adapter_state(self.model, adapter)
             self.optimizer.state.clear()
             self.scheduler = self._make_scheduler()
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
             restore_rng_state(rng)
             self.step = self.epoch = self.batch_index = 0
         self.micro_rows = micro
@@ -615,6 +746,7 @@ class _RecipeRun:
                 "config": {k: self.cfg.get(k) for k in TRAINING_KEYS},
                 "last_loss": self.last_loss, "eval_loss": self.eval_loss,
                 "nonfinite_steps": self.nonfinite_total,
+                "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "parent_state": self.parent_state, "reason": reason, "saved_at": _now()}
 
     def save_checkpoint(self, reason: str) -> Path:
@@ -628,7 +760,16 @@ class _RecipeRun:
             (d / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n",
                                           encoding="utf-8")
 
-        path = self.ckpts.save(self.step, write)
+        oom = False
+        try:
+            path = self.ckpts.save(self.step, write)
+        except OOM_ERRORS:      # copies to the host need a little GPU memory: free the cache, once more
+            oom = True
+        if oom:
+            free_memory()
+            self.note(f"CUDA out of memory writing checkpoint step {self.step}: freed the cache, again",
+                      "warning")
+            path = self.ckpts.save(self.step, write)
         self.emit("checkpoint", step=self.step, path=str(path), reason=reason)
         log.info("checkpoint step %d (%s): %s", self.step, reason, path)
         return path
@@ -712,11 +853,26 @@ class _RecipeRun:
             "eval_loss": entry.get("eval_loss"), "snapshot": str(snap), "current_model": str(cur_dir)})
 
     # ================================================================== cleanup
-    def cleanup(self) -> None:
+    def cleanup(self, keep_base: bool = True) -> None:
+        """Free the job's state. A warm worker keeps the base: this job's LoRA layers are taken
+        off (``unload``, nothing merged) and the bare base goes back to ``self.warm``."""
         stream = getattr(self, "stream", None)
         if stream is not None:
             stream.close()          # a build in progress stops after its block; the next attempt goes on
-        self.model = None
+        model, self.model = self.model, None
         self.optimizer = None  # type: ignore[assignment]
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self.params, self.tracker = [], None
+        if self.warm is not None and model is not None:
+            try:
+                if keep_base:
+                    base = model.unload()
+                    if any("lora_" in n for n, _ in base.named_parameters()):
+                        raise RuntimeError("LoRA layers left after unload")
+                    self.warm.keep(self.base_key, base)
+                else:
+                    self.warm.clear()
+            except Exception:  # noqa: BLE001 - a base we cannot clean is dropped, never reused
+                log.exception("could not take the adapter off the base; dropping the base")
+                self.warm.clear()
+        del model
+        free_memory()
