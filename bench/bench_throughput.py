@@ -43,7 +43,8 @@ import torch  # noqa: E402
 
 from trainer.data import IGNORE_INDEX, Example  # noqa: E402
 from trainer.model import (adapter_state_dict, attach_lora, compute_dtype,  # noqa: E402
-                           load_adapter_state, load_base_model, pick_device, trainable_parameters)
+                           load_adapter_state, load_base_model, pick_device, resolve_precision,
+                           trainable_parameters)
 from trainer.packing import collate, plan_batches  # noqa: E402
 from trainer.recipe import _RecipeRun, make_scheduler  # noqa: E402
 
@@ -180,7 +181,10 @@ def make_runner(model: Any, device: torch.device, pool: list[Example], pad_id: i
     r = _RecipeRun.__new__(_RecipeRun)
     r.model, r.device, r.train_ex, r.pad_id = model, device, pool, pad_id
     r.micro_rows = ROWS
-    r.cfg = {"max_grad_norm": 1.0}
+    r.cfg = {"max_grad_norm": 1.0, "batch_size": ROWS, "max_length": 0}
+    r.ga = 1
+    r.precision = resolve_precision("auto", device)
+    r.scaler = torch.amp.GradScaler(device.type, enabled=r.precision == "fp16")
     r.params = trainable_parameters(model)
     r.optimizer = torch.optim.AdamW(r.params, lr=LR, weight_decay=0.0)
     r.scheduler = make_scheduler(r.optimizer, "constant", 0, 1)
@@ -358,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths = [len(e.input_ids) for e in examples]
         plans, pool = recipe_plans(examples, args.max_length, pad_id, args.seed)
         model = load_base_model(base, use_qlora=True, device=device, attn_implementation=args.attn,
-                                gradient_checkpointing=gc_on)
+                                gradient_checkpointing=gc_on, precision=resolve_precision("auto", device))
         torch.manual_seed(args.seed)
         model = attach_lora(model, LORA)
         n_trainable = sum(p.numel() for p in trainable_parameters(model))

@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +26,8 @@ from daemon.atomic import atomic_write, durable_rename
 from daemon.config import (Config, ConfigError, config_to_dict, describe_locked_diffs, load_config,
                            locked_diffs)
 from daemon.diskfull import MIB, Reserve, describe as describe_disk, free_bytes, is_disk_full
-from daemon.fsqueue import Checked, FileChanged, FsQueue, Intake, QueueError, check_file, printable
+from daemon.fsqueue import Checked, FileChanged, FsQueue, Intake, QueueError, printable
+from daemon.intakecheck import IntakeCheck
 from daemon.lock import AlreadyRunning, DaemonLock, read_pid
 from daemon.logsetup import setup_logging
 from daemon.paths import Layout
@@ -45,7 +45,7 @@ log = logging.getLogger("trainerd")
 TICK_S = 0.2
 MAX_BACKOFF_FACTOR = 64         # a crash-looping job waits retry_backoff_s x 1, 2, 4 ... 64 at most
 INLINE_CHECK_BYTES = 1 << 20    # an inbox file up to this size is checked on the loop (some ms);
-                                # a bigger one on an IntakeCheck thread
+                                # a bigger one in an IntakeCheck child process
 
 
 class QueueSink:
@@ -77,44 +77,6 @@ class JobRunner(threading.Thread):
                                         details={"crash": True, "traceback": traceback.format_exc()})
         finally:
             self.wake.set()
-
-
-class IntakeCheck:
-    """One inbox file being hashed and validated on its own thread (pure reads), so that the
-    loop goes on answering control requests and writing status meanwhile; the loop then takes
-    the file in with the result (``FsQueue.accept(..., checked=)``)."""
-
-    def __init__(self, name: str, path: Path, size: int, max_bad_record_fraction: float,
-                 wake: threading.Event) -> None:
-        self.name, self.path, self.size = name, path, size
-        self.started_at = iso()
-        self.future: "Future[Checked]" = Future()
-        self._cancel = threading.Event()
-        self._fraction, self._wake = max_bad_record_fraction, wake
-        # a daemon thread: a check never holds up the daemon's exit (it only reads)
-        self.thread = threading.Thread(target=self._run, name=f"check-{name}"[:60], daemon=True)
-
-    def start(self) -> "IntakeCheck":
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        self.future.set_running_or_notify_cancel()
-        try:
-            self.future.set_result(check_file(self.path, max_bad_record_fraction=self._fraction,
-                                              name=self.name, cancel=self._cancel.is_set))
-        except BaseException as exc:  # noqa: BLE001 - handed to the loop, which decides
-            self.future.set_exception(exc)
-        finally:
-            self._wake.set()
-
-    def cancel(self, timeout: float = 5.0) -> None:
-        """Stop reading (the file stays where it is) and wait a little for the thread to end."""
-        self._cancel.set()
-        self.thread.join(timeout)
-
-    def status(self) -> dict[str, Any]:
-        return {"file": self.name, "bytes": self.size, "since": self.started_at}
 
 
 def recover_interrupted_consolidation(layout: Layout) -> None:
@@ -348,7 +310,7 @@ class Daemon:
     # ---- intake ---------------------------------------------------------------------------------
     def _intake(self) -> None:
         """Take complete inbox files in. The slow part of a big one (sha256, validation) runs on
-        an IntakeCheck thread, one file at a time; the loop only starts it and, once done, moves
+        an IntakeCheck child process, one file at a time; the loop only starts it and, once done, moves
         the file. A small one (INLINE_CHECK_BYTES) is checked and moved at once."""
         check = self.check
         if check is not None:

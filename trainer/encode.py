@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from trainer.data import (DataError, DataReport, _chat_template, _eos_id, _render, _special_prefix,
-                          chat_tokens_fallback, has_generation_markers, prompt_and_completion,
+                          has_generation_markers, prompt_and_completion,
                           record_to_messages, tokenize_record)
 
 log = logging.getLogger(__name__)

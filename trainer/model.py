@@ -206,8 +206,11 @@ def load_base_model(base: Path, *, use_qlora: bool, device: torch.device,
     if gradient_checkpointing:
         # inputs of the first checkpointed block must require grad for its recompute to backprop
         model.enable_input_require_grads()
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs_ = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs_)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs_)
     return model
 
 

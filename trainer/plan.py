@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from trainer.packing import plan_batches
 from trainer.tokencache import Subset, TokenStream

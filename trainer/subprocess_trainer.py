@@ -36,7 +36,7 @@ from typing import IO, Any
 
 from daemon.paths import Layout
 from trainer.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
-from trainer.worker import set_pdeathsig
+from daemon.pdeathsig import set_pdeathsig
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,12 @@ trainer contract over pipes:
   EOF on stdin means stop (the daemon went away or closed the pipe). SIGTERM/SIGINT mean stop.
 - stderr: log lines (the daemon appends them to logs/training_output.log).
 
-``set_pdeathsig`` (used as the parent's ``preexec_fn``) makes the kernel SIGKILL the worker when
+``daemon.pdeathsig.set_pdeathsig`` (the parent's ``preexec_fn``) makes the kernel SIGKILL the worker when
 the thread that spawned it dies, so a SIGKILLed daemon leaves no orphan training.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -29,33 +28,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from daemon.diskfull import disk_error
+
 from trainer.interface import Command, JobResult, JobSpec, Outcome, QueueControl
 
 log = logging.getLogger("trainer.worker")
-
-PR_SET_PDEATHSIG = 1
-
-
-def _load_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-# Resolved once at import: preexec_fn runs between fork and exec, where loading a library
-# (dlopen takes locks another thread may have held at fork time) is best avoided.
-_PRCTL = _load_prctl()
-
-
-def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send *sig* to this process when its parent (thread) dies. Linux only.
-
-    Used as ``preexec_fn`` by SubprocessTrainer, so it runs in the child before exec."""
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
 class JsonLineSink:

@@ -180,7 +180,7 @@ def test_hung_worker_is_killed_after_timeout(job) -> None:
 def test_worker_dies_with_its_parent(tmp_path: Path) -> None:
     """PR_SET_PDEATHSIG: a SIGKILLed parent (the daemon) leaves no orphan behind."""
     code = ("import subprocess, sys, time\n"
-            "from trainer.worker import set_pdeathsig\n"
+            "from daemon.pdeathsig import set_pdeathsig\n"
             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=set_pdeathsig)\n"
             "print(p.pid, flush=True)\n"
             "time.sleep(60)\n")
