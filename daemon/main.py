@@ -113,6 +113,9 @@ class Daemon:
             from trainer.factory import make_trainer
             trainer_factory = make_trainer
         self.trainer_factory = trainer_factory
+        # one trainer across jobs (its warm worker keeps the base loaded); closed at the stop
+        self._trainer: Trainer | None = None
+        self._trainer_key: tuple[Any, ...] | None = None
         self.autogen = AutoGenerator(layout.inbox)
         self.runner: JobRunner | None = None
         self.current: Job | None = None
@@ -399,8 +402,26 @@ class Daemon:
         self.board.set_status(DaemonStatus.TRAINING)
         self.db.add_event("started", f"training {job.name} (attempt {job.attempts})", job_id=job.id)
         log.info("job %s: training %s (attempt %d)", job.id, job.name, job.attempts)
-        self.runner = JobRunner(self.trainer_factory(cfg), spec, QueueSink(self.events, self.wake), self.wake)
+        self.runner = JobRunner(self._trainer_for(cfg), spec, QueueSink(self.events, self.wake), self.wake)
         self.runner.start()
+
+    def _trainer_for(self, cfg: Config) -> Trainer:
+        """The trainer kept from the last job, unless config chose another kind since."""
+        key = (cfg.trainer, cfg.standin_step_seconds)
+        if self._trainer is None or key != self._trainer_key:
+            self._close_trainer()
+            self._trainer, self._trainer_key = self.trainer_factory(cfg), key
+        return self._trainer
+
+    def _close_trainer(self) -> None:
+        """End the trainer's warm worker, if it keeps one (frees the GPU)."""
+        trainer, self._trainer = self._trainer, None
+        close = getattr(trainer, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:   # noqa: BLE001 - the stop goes on
+                log.exception("closing the trainer failed")
 
     def _drain_events(self) -> None:
         while True:
@@ -684,6 +705,7 @@ class Daemon:
             if self.runner is not None and self.runner.is_alive():   # only on an exception path
                 self.runner.control.send(Command.STOP)
                 self.runner.join(timeout=60)
+            self._close_trainer()
             for last_write in (lambda: self.board.update(queue=self.db.counts()),
                                lambda: self.board.set_status(DaemonStatus.STOPPED),
                                self.board.close,

@@ -10,4 +10,4 @@ def make_trainer(cfg: Config) -> Trainer:
         from trainer.standin import StandInTrainer
         return StandInTrainer(cfg.standin_step_seconds)
     from trainer.subprocess_trainer import SubprocessTrainer
-    return SubprocessTrainer()
+    return SubprocessTrainer(keep_worker=True)      # warm: the base stays loaded between jobs

@@ -1,4 +1,5 @@
-"""The training worker process: ``python -m trainer.worker --job JOB.json``.
+"""The training worker process: ``python -m trainer.worker --job JOB.json`` runs one job;
+``python -m trainer.worker --serve`` runs job after job, keeping the base loaded (a warm worker).
 
 Runs one job (a JobSpec as JSON) through the in-process recipe (QLoRATrainer) and speaks the
 trainer contract over pipes:
@@ -11,6 +12,15 @@ trainer contract over pipes:
   EOF on stdin means stop (the daemon went away or closed the pipe). SIGTERM/SIGINT mean stop.
 - stderr: log lines (the daemon appends them to logs/training_output.log).
 
+Serving (``--serve``): stdin carries ``{"job": "JOB.json", "job_id": N}`` to start a job and
+``{"cmd": ..., "job_id": N}`` commands for it (a command tagged with another job is dropped: it
+came too late for a job that already ended); ``{"exit": true}`` or EOF ends the worker (a job
+under way is stopped at its next step boundary first). Each job ends with its result line
+(carrying ``job_id``) and the worker waits for the next. The quantized base and tokenizer stay
+loaded between jobs (trainer/warm.py); adapter, optimizer and data are per job. After a job that
+crashed (an exception, out of memory, a disk error) the worker exits: the next job gets a fresh
+process, so a crash is still isolated.
+
 ``daemon.pdeathsig.set_pdeathsig`` (the parent's ``preexec_fn``) makes the kernel SIGKILL the worker when
 the thread that spawned it dies, so a SIGKILLed daemon leaves no orphan training.
 """
@@ -20,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -123,40 +134,149 @@ def _protocol_stdout() -> IO[str]:
     return os.fdopen(fd, "w", buffering=1, encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trainer.worker")
-    ap.add_argument("--job", required=True, type=Path, help="JobSpec JSON file")
-    args = ap.parse_args(argv)
-
+def _setup_process() -> IO[str]:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    out = _protocol_stdout()
-    sink = SanitizingSink(JsonLineSink(out))
-    control = QueueControl()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: control.send(Command.STOP))
-    start_stdin_reader(sys.stdin, control)
+    # grown and shrunk in segments: less fragmentation over many jobs and OOM back-offs
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    return _protocol_stdout()
 
-    sink.emit({"event": "log", "level": "info", "message": f"worker pid {os.getpid()} starting"})
+
+def run_job(job_file: Path, sink: Any, control: QueueControl, trainer: Any = None) -> JobResult:
+    """One job, every failure turned into a FAILED result (a disk error says so)."""
     try:
-        job = JobSpec.from_json(json.loads(args.job.read_text(encoding="utf-8")))
+        job = JobSpec.from_json(json.loads(job_file.read_text(encoding="utf-8")))
         from trainer.recipe import QLoRATrainer
 
         log.info("worker pid %d: job %d %s (attempt %d)", os.getpid(), job.job_id, job.name, job.attempt)
-        result = QLoRATrainer().run(job, sink, control)
+        return (trainer or QLoRATrainer()).run(job, sink, control)
     except BaseException as exc:  # noqa: BLE001 - report every failure as a result line
         log.error("worker failed:\n%s", traceback.format_exc())
         err = disk_error(exc)
         if err is not None:       # the disk, not the job: the daemon pauses and resumes it later
-            result = JobResult(Outcome.FAILED, reason=f"disk full: {type(err).__name__}: {err}",
-                               details={"disk_full": True, "exception": type(exc).__name__})
-        else:
-            result = JobResult(Outcome.FAILED, reason=f"worker error: {type(exc).__name__}: {exc}",
-                               details={"exception": type(exc).__name__,
-                                        "traceback": traceback.format_exc()[-4000:]})
-    sink.emit(result_event(result))
+            return JobResult(Outcome.FAILED, reason=f"disk full: {type(err).__name__}: {err}",
+                             details={"disk_full": True, "exception": type(exc).__name__})
+        return JobResult(Outcome.FAILED, reason=f"worker error: {type(exc).__name__}: {exc}",
+                         details={"exception": type(exc).__name__,
+                                  "traceback": traceback.format_exc()[-4000:]})
+
+
+def ends_worker(result: JobResult) -> bool:
+    """A result after which a serving worker exits: its process may be in a bad state."""
+    d = result.details or {}
+    return bool(d.get("crash") or d.get("oom") or d.get("exception") or d.get("disk_full"))
+
+
+class Serving:
+    """The serving loop's inbox: jobs to run, commands for the job under way, the end."""
+
+    def __init__(self) -> None:
+        self.jobs: "queue.Queue[tuple[Path, int] | None]" = queue.Queue()
+        self._lock = threading.Lock()
+        self.current: tuple[int, QueueControl] | None = None
+        self.ending = False
+
+    def begin(self, job_id: int) -> QueueControl:
+        control = QueueControl()
+        with self._lock:
+            self.current = (job_id, control)
+            if self.ending:
+                control.send(Command.STOP)
+        return control
+
+    def finish(self) -> None:
+        with self._lock:
+            self.current = None
+
+    def command(self, cmd: Command, job_id: int | None) -> None:
+        with self._lock:
+            if self.current is not None and (job_id is None or job_id == self.current[0]):
+                self.current[1].send(cmd)
+            else:
+                log.info("command %s for job %s dropped: no such job under way", cmd.value, job_id)
+
+    def end(self) -> None:
+        with self._lock:
+            self.ending = True
+            if self.current is not None:
+                self.current[1].send(Command.STOP)
+        self.jobs.put(None)
+
+    def read(self, stream: IO[str]) -> None:
+        """stdin: job, command and exit lines, until EOF (= exit)."""
+        try:
+            for line in stream:
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None
+                if not isinstance(obj, dict):
+                    log.warning("ignoring a line that is not a JSON object: %.200s", line.strip())
+                    continue
+                if obj.get("exit"):
+                    break
+                if "job" in obj:
+                    self.jobs.put((Path(str(obj["job"])), int(obj.get("job_id") or 0)))
+                    continue
+                cmd = parse_command(json.dumps(obj.get("cmd")))
+                if cmd is not None:
+                    log.info("command from daemon: %s", cmd.value)
+                    self.command(cmd, obj.get("job_id"))
+        except (OSError, ValueError):
+            pass
+        log.info("worker told to exit (or stdin closed)")
+        self.end()
+
+
+def serve(sink: Any) -> int:
+    """Run jobs from stdin one after the other with one warm base (see the module doc)."""
+    from trainer.recipe import QLoRATrainer
+    from trainer.warm import WarmBase
+
+    serving = Serving()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: serving.end())
+    threading.Thread(target=serving.read, args=(sys.stdin,), name="stdin-commands", daemon=True).start()
+    trainer = QLoRATrainer(warm=WarmBase())
+    sink.emit({"event": "log", "level": "info", "message": f"worker pid {os.getpid()} serving"})
+    while True:
+        item = serving.jobs.get()
+        if item is None:
+            break
+        job_file, job_id = item
+        control = serving.begin(job_id)
+        try:
+            result = run_job(job_file, sink, control, trainer)
+        finally:
+            serving.finish()
+        sink.emit({**result_event(result), "job_id": job_id})
+        if ends_worker(result):
+            log.info("job %d ended with a crash: this worker exits, the next job gets a fresh one", job_id)
+            break
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer.worker")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--job", type=Path, help="JobSpec JSON file: run this one job and exit")
+    mode.add_argument("--serve", action="store_true", help="run jobs given on stdin, keeping the base loaded")
+    args = ap.parse_args(argv)
+
+    out = _setup_process()
+    sink = SanitizingSink(JsonLineSink(out))
+    if args.serve:
+        code = serve(sink)
+        out.flush()
+        return code
+    control = QueueControl()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: control.send(Command.STOP))
+    start_stdin_reader(sys.stdin, control)
+    sink.emit({"event": "log", "level": "info", "message": f"worker pid {os.getpid()} starting"})
+    sink.emit(result_event(run_job(args.job, sink, control)))
     out.flush()
     return 0
 
