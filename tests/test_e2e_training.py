@@ -112,3 +112,20 @@ def test_consolidate_from_the_cli_refuses_mid_job_then_pauses_and_switches_base(
     wait_for(lambda: home.files("done") == ["first.jsonl", "second.jsonl"], timeout=400, what="second done")
     state = json.loads((home.path / "current_model/trainer_state.json").read_text())
     assert state["base_model"].endswith(cfg["base_model"])
+
+
+def test_two_files_one_warm_worker_gone_when_the_daemon_ends(home, base_dir):
+    """The daemon keeps one worker with the base loaded across files, and ends it when it stops."""
+    _config(home, base_dir)
+    inbox = home.path / "inbox"
+    for i, name in enumerate(("a.jsonl", "b.jsonl")):
+        write_jsonl(inbox / name, generate_records(24, seed=20 + i))
+        os.utime(inbox / name, (1_000_000 + i, 1_000_000 + i))
+    r = home.burst(timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert home.files("done") == ["a.jsonl", "b.jsonl"]
+    log = (home.path / "logs/training_output.log").read_text()
+    assert log.count("===== worker:") == 1 and log.count("===== job ") == 2, log[-3000:]
+    assert "(worker pid" in log and ", warm)" in log and "base already loaded" in log
+    pid = int(log.split("(worker pid ", 1)[1].split(")")[0].split(",")[0])
+    assert wait_for(lambda: not alive(pid), timeout=10, what="the worker's exit"), "worker left behind"
