@@ -167,8 +167,12 @@ class Home:
         for pid in children(daemon):
             args = cmdline(pid)
             if "trainer.worker" in args:
-                m = JOB_ARG_RE.search(args[-1]) if args else None
-                return pid, int(m.group(1)) if m else -1
+                # a one-job worker names its job file in argv; the warm (serving) worker's job
+                # is the job file the daemon wrote for the attempt under way (status/jobs/)
+                names = [args[-1]] if args and "--job" in args else \
+                    [p.name for p in (self.path / "status" / "jobs").glob("job-*.json")]
+                ids = {int(m.group(1)) for n in names if (m := JOB_ARG_RE.search(n))}
+                return pid, ids.pop() if len(ids) == 1 else -1
         return None
 
     def stop(self, timeout: float = 180) -> bool:
