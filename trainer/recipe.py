@@ -629,7 +629,8 @@ class _RecipeRun:
     def _emit_step(self, info: dict[str, Any], epoch_progress: float) -> None:
         # a skipped (non-finite) step reports loss and grad_norm None: charts show a gap
         loss = info["loss"] if info["finite"] else None
-        gnorm = info["grad_norm"] if info["finite"] else None
+        # (an fp16 overflow step: the loss is real, the gradient norm is not)
+        gnorm = info["grad_norm"] if info["finite"] and math.isfinite(info["grad_norm"]) else None
         if loss is not None:
             self.last_loss = loss
         self._step_times.append(info["dt"])
