@@ -251,6 +251,11 @@ class _RecipeRun:
         self.precision = resolve_precision(str(cfg.get("precision", "auto")), self.device)
         gc_on = want_gradient_checkpointing(cfg.get("gradient_checkpointing", "auto"), self.base)
         attn = str(cfg.get("attn_implementation", "auto"))
+        if attn == "flex_attention" and self.device.type != "cuda":
+            # PyTorch has no flex-attention backward off CUDA: train with SDPA (same result)
+            self.note("attn_implementation flex_attention trains on CUDA only (PyTorch has no flex "
+                      f"backward on {self.device.type}): using sdpa here", "warning")
+            attn = "sdpa"
         if self.device.type == "cuda":
             enable_tf32()
         self.base_key = (str(self.base), self.fingerprint, use_qlora, str(self.device), attn, gc_on,

@@ -247,3 +247,29 @@ def test_flash_attention_with_packed_rows_is_refused_unless_one_row(tmp_path: Pa
     assert load_config(p).attn_implementation == "flash_attention_2"
     p.write_text(json.dumps({"attn_implementation": "flash_attention_2", "batch_size": 4, "packing": False}))
     assert load_config(p).batch_size == 4
+
+
+def test_flex_attention_mask_of_packed_rows_has_only_the_diagonal_blocks(tiny_base: Path) -> None:
+    """With flex_attention (CUDA), our packed inputs (restarting position ids, no mask) give a
+    BlockMask whose every 128-token query block visits only its own example's block."""
+    from transformers import AutoConfig
+    from transformers.masking_utils import create_causal_mask
+
+    config = AutoConfig.from_pretrained(tiny_base)
+    config._attn_implementation = "flex_attention"
+    packed = torch.cat([torch.arange(128)] * 3).unsqueeze(0)          # three examples of 128 tokens
+    emb = torch.zeros(1, 384, config.hidden_size)
+
+    def blocks(position_ids: torch.Tensor) -> list[int]:
+        m = create_causal_mask(config=config, inputs_embeds=emb, attention_mask=None, cache=None,
+                               position_ids=position_ids)
+        return (m.kv_num_blocks + m.full_kv_num_blocks)[0, 0].tolist()
+    assert blocks(packed) == [1, 1, 1], "a query block of one example must not visit another's"
+    assert blocks(torch.arange(384).unsqueeze(0)) == [1, 2, 3]        # one long example: causal
+
+
+def test_flex_attention_off_cuda_trains_with_sdpa_and_says_so(tiny_base: Path, data: Path, tmp_path: Path) -> None:
+    _, sdpa = run(data, tmp_path / "sdpa", cfg(tiny_base))
+    res, flex = run(data, tmp_path / "flex", cfg(tiny_base, attn_implementation="flex_attention"))
+    assert res.outcome is Outcome.COMPLETED and losses(flex) == losses(sdpa)
+    assert any("flex_attention trains on CUDA only" in e["message"] for e in flex.of("log"))

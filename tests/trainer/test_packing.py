@@ -40,7 +40,7 @@ def summed_loss(model, input_ids, labels, **kwargs) -> float:
     return float(token_losses(model, input_ids, labels, **kwargs).sum())
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
+@pytest.fixture(scope="module", params=["sdpa", "eager", "flex_attention"])
 def sharp_model(request, tiny_base: Path):
     """The tiny base in fp32, with its matrices scaled up so that attention visibly matters.
 
@@ -49,6 +49,13 @@ def sharp_model(request, tiny_base: Path):
     """
     from transformers import AutoModelForCausalLM
 
+    if request.param == "flex_attention":
+        # torch 2.13's CPU flex-attention template fails to compile once shapes go dynamic
+        # ("cur_qSplitSize4 was not declared"): compile each shape statically on CPU
+        import torch._dynamo
+        was = torch._dynamo.config.automatic_dynamic_shapes
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        request.addfinalizer(lambda: setattr(torch._dynamo.config, "automatic_dynamic_shapes", was))
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32,
                                                  attn_implementation=request.param)
     with torch.no_grad():
