@@ -242,8 +242,8 @@ class SubprocessTrainer:
                 raise RuntimeError("this trainer was closed")
             w, self._worker = self._worker, None
         if w is not None and w.alive() and w.key == key:
-            with self._lock:
-                self._worker = w
+            with self._lock:    # busy before it is back in view: the idle check must not retire it
+                w.busy, self._worker = True, w
             return w
         if w is not None:
             if w.alive():
@@ -251,7 +251,7 @@ class SubprocessTrainer:
             self._retire(w)
         w = self._on_owner(lambda: self._spawn(Path(job.home), key))
         with self._lock:
-            self._worker = w
+            w.busy, self._worker = True, w
         return w
 
     def close(self) -> None:
@@ -292,7 +292,7 @@ class SubprocessTrainer:
         with open(Path(job.home) / "logs" / "training_output.log", "ab") as log_fh:
             log_fh.write(f"\n===== job {job.job_id} {job.name} attempt {job.attempt} (worker pid "
                          f"{w.proc.pid}{', warm' if w.jobs else ''})\n".encode())
-        w.busy, self._job_id = True, job.job_id
+        self._job_id = job.job_id
         w.jobs += 1
         result: JobResult | None = None
         hung: str | None = None
@@ -302,8 +302,9 @@ class SubprocessTrainer:
                 gone = True
             result, hung, gone = self._relay(w, job, sink, control, timeout, startup_timeout, gone)
         finally:
-            w.busy, self._job_id = False, None
-            w.idle_since = time.monotonic()
+            with self._lock:
+                w.busy, self._job_id = False, None
+                w.idle_since = time.monotonic()
             if result is None or not self.keep_worker or self._idle_limit <= 0 \
                     or ends_worker(result) or not w.alive():     # a crashed worker exits by itself
                 with self._lock:
