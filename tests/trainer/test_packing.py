@@ -52,10 +52,10 @@ def sharp_model(request, tiny_base: Path):
     if request.param == "flex_attention":
         # torch 2.13's CPU flex-attention template fails to compile once shapes go dynamic
         # ("cur_qSplitSize4 was not declared"): compile each shape statically on CPU
-        import torch._dynamo
-        was = torch._dynamo.config.automatic_dynamic_shapes
-        torch._dynamo.config.automatic_dynamic_shapes = False
-        request.addfinalizer(lambda: setattr(torch._dynamo.config, "automatic_dynamic_shapes", was))
+        import torch._dynamo as dynamo
+        was = dynamo.config.automatic_dynamic_shapes
+        dynamo.config.automatic_dynamic_shapes = False
+        request.addfinalizer(lambda: setattr(dynamo.config, "automatic_dynamic_shapes", was))
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32,
                                                  attn_implementation=request.param)
     with torch.no_grad():
