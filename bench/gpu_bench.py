@@ -284,7 +284,7 @@ class Steps:
                 "timed_seconds": round(secs, 4), "timed_real_tokens": real, "timed_padded_tokens": padded,
                 "real_tokens_per_s": real / secs, "padded_tokens_per_s": padded / secs,
                 "padding_fraction": 1 - real / padded if padded else 0.0,
-                "tokens_trained": sum(self.real[:n]), "capped": self.capped, "cap_s": self.cap_s,
+                "tokens_trained": sum(self.real[:n]), "cap_reached": self.capped, "cap_s": self.cap_s,
                 "first_loss": finite[0] if finite else None, "final_loss": finite[-1] if finite else None,
                 "peak_memory_bytes": _peak_memory(self.device),
                 "peak_memory_kind": ("torch.cuda.max_memory_allocated" if self.device == "cuda"
@@ -442,6 +442,7 @@ def recipe_c(s: dict[str, Any], attn: str = "auto") -> dict[str, Any]:
         base_model=s["base"], max_length=s["max_length"], batch_size=ROWS, gradient_accumulation=1,
         lr_scheduler="constant", warmup_steps=0, epochs=1, eval_fraction=0.0, seed=d["seed"],
         checkpoint_every_steps=10 ** 9, attn_implementation=attn,
+        gradient_checkpointing="auto" if s["gc_setting"] == "auto" else s["gradient_checkpointing"],
         device="cuda" if s["device"] == "cuda" else "cpu"))
     for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate",
               "weight_decay", "max_grad_norm"):
@@ -607,6 +608,7 @@ def derive(res: dict[str, Any]) -> None:
     res["common_tokens"] = common
     for name, r in ran.items():
         tps = r["real_tokens_per_s"]
+        r["capped"] = r["tokens_trained"] < data["tokens"]      # stopped by its time cap before the epoch's end
         r["mfu"] = 6 * fl["n_active"] * tps / peak if peak else None
         r["mfu_useful"] = useful * tps / peak if peak else None
         r["loss_at_common_tokens"] = loss_at(r["loss_curve"], common)
@@ -712,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the whole run's time (default 450; smoke 85): later sections get what is left")
     ap.add_argument("--recipes", default=",".join(DEFAULT_ORDER),
                     help=f"which, in this order (of {','.join(ALL_RECIPES)}); e.g. C,A or C,A,B,C-flex")
+    ap.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default=None,
+                    help="auto (default): the product's rule (on above 200 M parameters); smoke: on, "
+                         "so the CPU run takes the GPU run's checkpointing paths")
     ap.add_argument("--no-check", action="store_true", help="skip the packed-loss check")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child", nargs=2, metavar=("RECIPE", "SETTINGS"), help=argparse.SUPPRESS)
@@ -752,18 +757,19 @@ def main(argv: list[str] | None = None) -> int:
         write_records(base, data, max_length, records, args.seed)
         res["data"] = tokenize_once(base, data, work / "examples.json", max_length)
         from trainer.model import want_gradient_checkpointing
-        gc_on = want_gradient_checkpointing("auto", base)
+        gc_setting = args.gradient_checkpointing or ("on" if smoke else "auto")
+        gc_on = want_gradient_checkpointing("auto", base) if gc_setting == "auto" else gc_setting == "on"
     except Exception:  # noqa: BLE001 - nothing to bench without the model and data
         res["status"] = "failed: setup: " + traceback.format_exc()[-2000:]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2, default=str) + "\n")
         print(res["status"], file=sys.stderr)
         return 1
-    res.update(defaults=defaults, gradient_checkpointing=gc_on, flops=model_flops(base, int(defaults["lora_r"])),
+    res.update(defaults=defaults, gradient_checkpointing=gc_on, gradient_checkpointing_setting=gc_setting, flops=model_flops(base, int(defaults["lora_r"])),
                setup_s=round(time.monotonic() - t0, 1))
     settings = {"base": str(base), "data": str(data), "examples": str(work / "examples.json"),
                 "device": device, "max_length": max_length, "warmup": warmup, "work": str(work),
-                "gradient_checkpointing": gc_on, "defaults": defaults, "cap_s": cap_s}
+                "gradient_checkpointing": gc_on, "gc_setting": gc_setting, "defaults": defaults, "cap_s": cap_s}
     sfile = work / "settings.json"
     sfile.write_text(json.dumps(settings))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
@@ -796,11 +802,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {res['recipes'][name]['status']}", flush=True)
             continue
         cap = min(cap_s, max(min_cap, left / (len(todo) - i) - setup_allow))
-        r = run_child(name, sfile, env, timeout=left, cap_s=cap)
+        # its limit: the cap plus room for setup and the untimed steps, never past the budget
+        r = run_child(name, sfile, env, timeout=min(left, cap + 2 * setup_allow + 60), cap_s=cap)
         res["recipes"][name] = r
         print(f"{name}: {r.get('status')} ({r['wall_s']} s)"
               + (f": {r['real_tokens_per_s']:,.0f} real tokens/s, {r['tokens_trained']:,} tokens"
-                 + (" (capped)" if r.get("capped") else "") if r.get("status") == "ran" else ""), flush=True)
+                 + (" (capped)" if r["tokens_trained"] < res["data"]["tokens"] else "")
+                 if r.get("status") == "ran" else ""), flush=True)
         save(res, args.out)          # each section lands on disk: a global timeout keeps what ran
     if not args.no_check:
         left = deadline - time.monotonic()
