@@ -19,6 +19,14 @@ class ConfigError(ValueError):
     """config.json is missing, not JSON, or has invalid keys; the message names every key."""
 
 
+class _CrossKeyError(ValueError):
+    """A problem of several keys together, reported under *keys[0]* (pydantic would say "(top level)")."""
+
+    def __init__(self, keys: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
 class MonitorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     host: str = "127.0.0.1"
@@ -115,7 +123,8 @@ class Config(BaseModel):
     @model_validator(mode="after")
     def _packed_attention(self) -> "Config":
         if self.attn_implementation.startswith("flash_attention") and self.packing and self.batch_size > 1:
-            raise ValueError(
+            raise _CrossKeyError(
+                ("attn_implementation", "batch_size", "packing"),
                 f"attn_implementation {self.attn_implementation} lets packed examples attend to each "
                 f"other when a micro-batch has more than one row (batch_size {self.batch_size}): use "
                 "batch_size 1 (and a larger max_length), packing false, or sdpa/flex_attention")
@@ -139,15 +148,34 @@ class Config(BaseModel):
 PRESET_FORBIDDEN = ("presets", "active_preset")
 
 
+def _problems(exc: ValidationError, prefix: str) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        cross = (err.get("ctx") or {}).get("error")
+        if isinstance(cross, _CrossKeyError):
+            problems.append(f"  {prefix}{cross.keys[0]}: {cross}")
+            continue
+        key = prefix + (".".join(str(p) for p in err["loc"]) or "(top level)")
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        problems.append(f"  {key}: {msg}")
+    return problems
+
+
 def _validate(raw: dict[str, Any], prefix: str = "") -> tuple[Config | None, list[str]]:
     try:
         return Config.model_validate(raw), []
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = prefix + (".".join(str(p) for p in err["loc"]) or "(top level)")
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"  {key}: {msg}")
+        problems = _problems(exc, prefix)
+        # a key's own error stops pydantic before the checks of keys together: run those on the
+        # other keys too, so that one message names every problem
+        bad = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
+        if bad:
+            try:
+                Config.model_validate({k: v for k, v in raw.items() if k not in bad})
+            except ValidationError as again:
+                problems += [p for err, p in zip(again.errors(), _problems(again, prefix))
+                             if isinstance(cross := (err.get("ctx") or {}).get("error"), _CrossKeyError)
+                             and not bad.intersection(cross.keys)]
         return None, problems
 
 

@@ -278,7 +278,7 @@ class _RecipeRun:
                                            weight_decay=float(cfg.get("weight_decay", 0.0)))
         self.scheduler = self._make_scheduler()
         # fp16 needs loss scaling (its range is too small for gradients); bf16 and fp32 do not
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.scaler = self._new_scaler()
         self.micro_rows = int(cfg["batch_size"])
         if payload is not None:
             self._restore(payload)
@@ -558,7 +558,17 @@ class _RecipeRun:
             self.optimizer.zero_grad(set_to_none=True)
             free_memory()
             restore_rng_state(rng)
+            # its scale as it was (no update ran), but not a half-done step: an OOM after unscale_
+            # (in clip_grad_norm_) would make the redo's unscale_ raise
+            self.scaler = self._new_scaler(self.scaler.state_dict())
             self._halve_micro_rows("training step")
+
+    def _new_scaler(self, state: dict[str, Any] | None = None) -> Any:
+        """The fp16 loss scaler (disabled for bf16/fp32), holding *state* if given."""
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        if state:
+            scaler.load_state_dict(state)
+        return scaler
 
     def _halve_micro_rows(self, where: str) -> None:
         if self.micro_rows <= 1:
@@ -725,10 +735,15 @@ class _RecipeRun:
                                     f"(max_length {self.cfg['max_length']}); lower max_length or use a smaller base")
         self.micro_rows //= 2
         accum = self.ga * math.ceil(int(self.cfg["batch_size"]) / self.micro_rows)
-        self.emit("oom_backoff", micro_batch=self.micro_rows, gradient_accumulation=accum)
-        self.note(f"CUDA OOM: {self.micro_rows} rows per micro-batch, {accum} micro-batches per step", "warning")
+        self.emit("oom_backoff", micro_batch=self.micro_rows, gradient_accumulation=accum, step=self.step + 1)
+        self.note(f"CUDA out of memory in the optimizer update of step {self.step + 1}: back to the last "
+                  f"checkpoint with {self.micro_rows} rows per micro-batch ({accum} micro-batches per step)",
+                  "warning")
         micro = self.micro_rows
         payload, _ = self.ckpts.load_latest()
+        # a fresh scaler: the failed scaler.step left this one mid-step (unscale_ done, no update),
+        # so the next step's unscale_ would raise
+        self.scaler = self._new_scaler()
         if payload is not None:
             self._restore(payload)
         else:
@@ -736,7 +751,6 @@ class _RecipeRun:
             load_adapter_state(self.model, adapter)
             self.optimizer.state.clear()
             self.scheduler = self._make_scheduler()
-            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
             restore_rng_state(rng)
             self.step = self.epoch = self.batch_index = 0
         self.micro_rows = micro
