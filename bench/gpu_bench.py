@@ -793,12 +793,12 @@ def main(argv: list[str] | None = None) -> int:
     # load, warm-up) as the cap of its timed steps, at least min_cap; one that starts with less
     # than min_left left is not run. The child's own limit is what is left.
     setup_allow, min_cap, min_left = (20.0, 5.0, 15.0) if device == "cpu" else (60.0, 20.0, 60.0)
-    trl_ok = importlib.util.find_spec("trl") is not None and importlib.util.find_spec("datasets") is not None
-    todo = [r for r in wanted if r != "B" or trl_ok]
+    trl_missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
+    todo = [r for r in wanted if r != "B" or not trl_missing]
     for name in wanted:
         if name not in todo:
-            res["recipes"][name] = {"status": TRL_MISSING}
-            print(f"{name}: {TRL_MISSING}", flush=True)
+            res["recipes"][name] = {"status": f"{TRL_MISSING} (No module named '{trl_missing[0]}')"}
+            print(f"{name}: {res['recipes'][name]['status']}", flush=True)
     for i, name in enumerate(todo):
         left = deadline - time.monotonic()
         if left < min_left:
