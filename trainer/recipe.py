@@ -258,6 +258,8 @@ class _RecipeRun:
             attn = "sdpa"
         if self.device.type == "cuda":
             enable_tf32()
+            # this job's peak (a warm worker ran others before it)
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.base_key = (str(self.base), self.fingerprint, use_qlora, str(self.device), attn, gc_on,
                          self.precision)
         base_model = self.warm.take(self.base_key) if self.warm is not None else None
