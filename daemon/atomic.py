@@ -14,6 +14,27 @@ from pathlib import Path
 from typing import Any
 
 
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 less this process's umask
+    (read from /proc, which, unlike os.umask, changes nothing another thread could see)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
+def give_default_modes(directory: Path) -> None:
+    """Give the regular files in *directory* the mode their siblings have: writers that go
+    through a private temp file (safetensors) leave 0600 weights next to 0644 configs."""
+    mode = default_file_mode()
+    for f in directory.iterdir():
+        if f.is_file() and not f.is_symlink() and (f.stat().st_mode & 0o777) != mode:
+            os.chmod(f, mode)
+
+
 def fsync_dir(directory: Path) -> None:
     """Make the directory entries (renames, creations) of *directory* durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

@@ -50,7 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.atomic import atomic_write_json, durable_rename, fsync_dir, fsync_tree, read_json
+from daemon.atomic import atomic_write_json, durable_rename, fsync_dir, fsync_tree, give_default_modes, read_json
 from daemon.config import base_model_value, locked_namespace, set_base_model
 from daemon.diskfull import is_disk_full
 from daemon.lock import AlreadyRunning, DaemonLock, read_pid
@@ -573,6 +573,7 @@ def consolidate(home: Path, config: dict[str, Any], description: str, *,
             try:
                 merged.save_pretrained(str(tmp))
                 tokenizer.save_pretrained(str(tmp))
+                give_default_modes(tmp)
                 del merged
                 new_fp = base_fingerprint(tmp, None)
                 meta = {

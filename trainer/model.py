@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from daemon.atomic import atomic_write_json, sha256_file
+from daemon.atomic import atomic_write_json, give_default_modes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,7 @@ def save_adapter(model: Any, directory: Path) -> None:
     cfg.save_pretrained(str(directory))
     save_file(adapter_state_dict(model), str(directory / "adapter_model.safetensors"),
               metadata={"format": "pt"})
+    give_default_modes(directory)           # safetensors writes 0600; the configs are 0644
 
 
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:

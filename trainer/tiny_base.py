@@ -17,7 +17,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from daemon.atomic import fsync_dir, fsync_tree
+from daemon.atomic import fsync_dir, fsync_tree, give_default_modes
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CORPUS = ASSETS / "corpus.txt"
@@ -126,6 +126,7 @@ def build_tiny_base(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024, hid
             do_sample=False)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        give_default_modes(tmp)
         n_params = sum(p.numel() for p in model.parameters())
         meta = {"kind": "tiny-qwen3", "created_at": datetime.now(timezone.utc).isoformat(),
                 "seed": seed, "parameters": n_params,
