@@ -322,7 +322,7 @@ def describe_validation(v: dict[str, Any]) -> list[str]:
 
 
 def _find_job(db: StateDB, ref: str):
-    job = db.by_name(ref)
+    job = db.by_name(ref) or db.by_original_name(ref)
     if job is None and ref.isdigit():
         job = db.get(int(ref))
     return job

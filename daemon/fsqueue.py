@@ -15,6 +15,7 @@ import re
 import shutil
 import stat
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +41,7 @@ def _fsync_dirs(src: Path, dst: Path) -> None:
 
 IGNORED_SUFFIXES = (".tmp", ".part")
 ERROR_SUFFIX = ".error.json"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+@=-]+")
+_UNSAFE = re.compile(r"[^\w.+@=-]+")     # \w: letters and digits of any script, and _
 
 
 class QueueError(RuntimeError):
@@ -66,10 +67,12 @@ def is_candidate(name: str) -> bool:
 
 
 def safe_name(name: str) -> str:
-    """A file name safe to keep in the queue: no path parts, no odd characters, ends .jsonl."""
-    base = Path(name).name
+    """A file name safe to keep in the queue: no path parts, no odd characters, ends .jsonl.
+    Letters of any script stay (NFC: one form per letter); ``données_✓.jsonl`` -> ``données.jsonl``."""
+    base = unicodedata.normalize("NFC", Path(name).name)
     stem = base[: -len(".jsonl")] if base.endswith(".jsonl") else base
-    stem = _UNSAFE.sub("_", stem).strip("._") or "dataset"
+    # a leading "-" would read as an option in every command line that names the file
+    stem = _UNSAFE.sub("_", stem).strip("._").lstrip("-").strip("._") or "dataset"
     return stem[:120] + ".jsonl"
 
 
@@ -331,13 +334,16 @@ class FsQueue:
 
     # ---- user operations ----------------------------------------------------------------
     def get(self, name: str) -> Job:
-        job = self.db.by_name(name)
+        """A job by its queue name, or by the name its file had when it arrived (the newest)."""
+        job = self.db.by_name(name) or self.db.by_name(unicodedata.normalize("NFC", name)) \
+            or self.db.by_original_name(name)
         if job is None:
             raise QueueError(f"no job named '{name}' (see `trainer-ctl queue list`)")
         return job
 
     def remove(self, name: str) -> Job:
         job = self.get(name)
+        name = job.name
         if job.state != JobState.PENDING.value:
             raise QueueError(f"'{name}' is {job.state}; only pending jobs can be removed")
         job = self.move(job, JobState.FAILED, error="removed by user")
@@ -346,6 +352,7 @@ class FsQueue:
 
     def retry(self, name: str, *, force: bool = False) -> Job:
         job = self.get(name)
+        name = job.name
         if job.state != JobState.FAILED.value:
             raise QueueError(f"'{name}' is {job.state}; only failed jobs can be retried")
         path = self.path(JobState.FAILED, name)

@@ -307,6 +307,11 @@ class StateDB:
     def by_name(self, name: str) -> Job | None:
         return self._job(self.conn.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone())
 
+    def by_original_name(self, name: str) -> Job | None:
+        """The newest job whose file arrived as *name* (before safe_name)."""
+        return self._job(self.conn.execute("SELECT * FROM jobs WHERE original_name = ? ORDER BY id DESC LIMIT 1",
+                                           (name,)).fetchone())
+
     def name_taken(self, name: str) -> bool:
         return self.conn.execute("SELECT 1 FROM jobs WHERE name = ?", (name,)).fetchone() is not None
 
