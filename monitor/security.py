@@ -198,6 +198,21 @@ class SecurityMiddleware:
                 if n > limit:
                     return await _deny(send, 413, f"request body of {n} bytes is larger than the "
                                        f"limit of {limit} bytes (monitor.max_upload_bytes)")
+            elif path not in self.upload_paths:
+                # a chunked body of unknown size: read it here (up to the small control limit), so
+                # that the limit holds also for the routes that never read their body
+                body = b""
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return                          # the client went away
+                    body += message.get("body", b"")
+                    if len(body) > limit:
+                        return await _deny(send, 413, f"request body is larger than the limit of "
+                                           f"{limit} bytes (monitor.max_body_bytes)")
+                    if not message.get("more_body", False):
+                        break
+                receive = _replayed(body, receive)
             receive = _limited(receive, limit)
 
         started = False
@@ -249,6 +264,19 @@ def _security_headers(path: str) -> list[tuple[bytes, bytes]]:
     if path.startswith("/api/") or path == "/metrics":
         h.append((b"cache-control", b"no-store"))
     return h
+
+
+def _replayed(body: bytes, receive: Receive) -> Receive:
+    """*receive* with its (already read) body handed out once more, first."""
+    pending = True
+
+    async def wrapped() -> dict[str, Any]:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return wrapped
 
 
 def _limited(receive: Receive, limit: int) -> Receive:

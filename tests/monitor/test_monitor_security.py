@@ -154,6 +154,18 @@ def test_control_body_is_capped(mon: Monitor) -> None:
     assert status == 413
 
 
+def test_a_chunked_body_is_capped_also_where_the_route_reads_none(mon: Monitor) -> None:
+    """No Content-Length (chunked): the limit still holds, also for a route that ignores its body."""
+    def chunks(n: int) -> Iterator[bytes]:
+        for _ in range(n):
+            yield b"x" * 1024
+    with httpx.Client(base_url=mon.base, timeout=15) as c:
+        r = c.post("/api/control/pause", content=chunks(100), headers={**REQ, "Content-Type": "application/json"})
+        assert r.status_code == 413 and "larger than the limit" in r.json()["detail"]
+        r = c.post("/api/control/pause", content=chunks(1), headers={**REQ, "Content-Type": "application/json"})
+        assert r.status_code == 503, r.text          # small: through to the route (daemon is down)
+
+
 # ---- path traversal --------------------------------------------------------------------------
 TRAVERSALS = ["../victim.jsonl", "..%2fvictim.jsonl", "%2e%2e%2fvictim.jsonl", "%2E%2E%2Fvictim.jsonl",
               "%252e%252e%252fvictim.jsonl", "..%252fconfig.json", "%2fetc%2fpasswd", "/etc/passwd",
