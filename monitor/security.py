@@ -216,15 +216,24 @@ class SecurityMiddleware:
             receive = _limited(receive, limit)
 
         started = False
+        head = method == "HEAD"      # answered wherever GET is: the GET's status and headers, no body
+        if head:
+            scope = {**scope, "method": "GET"}
+        ended = False
 
         async def send_wrapper(message: dict[str, Any]) -> None:
-            nonlocal started
+            nonlocal started, ended
             if message["type"] == "http.response.start":
                 started = True
                 hdrs = [(k, v) for k, v in message.get("headers", [])
                         if not k.lower().startswith(b"access-control-")]
                 hdrs += _security_headers(path)
                 message = {**message, "headers": hdrs}
+            elif head and message["type"] == "http.response.body":
+                if ended:
+                    return                  # e.g. a stream's later events: the HEAD answer is over
+                ended = True
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
 
         try:

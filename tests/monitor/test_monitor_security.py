@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from typing import Iterator
 
 import httpx
@@ -145,6 +146,19 @@ def test_other_methods_and_no_cors(mon: Monitor) -> None:
     assert headers["x-content-type-options"] == "nosniff" and "frame-ancestors 'none'" in headers[
         "content-security-policy"]
     assert "server" not in headers
+
+
+def test_head_is_answered_wherever_get_is(mon: Monitor) -> None:
+    for path in ("/metrics", "/healthz", "/api/status", "/api/queue", "/openapi.json", "/"):
+        g_status, g_headers, g_body = raw(mon, "GET", path)
+        status, headers, body = raw(mon, "HEAD", path)
+        assert status == g_status == 200 and body == b"", (path, status)
+        assert headers["content-type"] == g_headers["content-type"], path
+    t0 = time.monotonic()
+    status, headers, body = raw(mon, "HEAD", "/api/stream")        # a stream: headers, then the end
+    assert status == 200 and body == b"" and "text/event-stream" in headers["content-type"]
+    assert time.monotonic() - t0 < 5
+    assert raw(mon, "HEAD", "/api/nothing-here")[0] == 404
 
 
 def test_control_body_is_capped(mon: Monitor) -> None:
