@@ -73,7 +73,10 @@ def safe_name(name: str) -> str:
     stem = base[: -len(".jsonl")] if base.endswith(".jsonl") else base
     # a leading "-" would read as an option in every command line that names the file
     stem = _UNSAFE.sub("_", stem).strip("._").lstrip("-").strip("._") or "dataset"
-    return stem[:120] + ".jsonl"
+    stem = stem[:120]
+    while len(stem.encode("utf-8")) > 180:     # a file name holds 255 bytes, not characters
+        stem = stem[:-1]
+    return stem + ".jsonl"
 
 
 @dataclass

@@ -18,6 +18,8 @@ def test_safe_name_keeps_letters_and_drops_only_what_is_unsafe() -> None:
     assert safe_name("-rf.jsonl") == "rf.jsonl" and safe_name("--.jsonl") == "dataset.jsonl"
     assert safe_name("../../etc/ÉTÉ;rm -rf.jsonl") == "ÉTÉ_rm_-rf.jsonl"
     assert safe_name("a$(b)`c`.jsonl") == "a_b_c.jsonl"
+    long = safe_name("日" * 300 + ".jsonl")                        # 3 bytes a letter
+    assert len(long.encode()) <= 190 and long.endswith(".jsonl") and set(long[:-6]) == {"日"}
 
 
 def test_the_duplicate_hint_works_as_printed_and_the_original_name_is_known(home) -> None:
