@@ -19,7 +19,7 @@ from daemon.config import Config, MonitorConfig
 from daemon.diskfull import describe as describe_disk, is_disk_full
 from daemon.paths import REPO_ROOT, Layout
 from monitor import routes_control, routes_events, routes_metrics, routes_queue, routes_status, routes_system
-from monitor.security import SecurityMiddleware
+from monitor.security import API_NOT_FOUND, SecurityMiddleware
 from monitor.services import Services, resolve_token
 
 log = logging.getLogger("monitor")
@@ -85,14 +85,14 @@ def create_app(layout: Layout, config: Config | MonitorConfig | None = None, *,
         raise HTTPException(404, "no such API route")
     for pattern in ("/api", "/api/{rest:path}"):
         app.add_api_route(pattern, api_not_found, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
-                          include_in_schema=False)
+                          include_in_schema=False, name=API_NOT_FOUND)
 
     web = Path(web_dir) if web_dir else WEB_DIR
     # only the files of web/: StaticFiles resolves and checks containment, never lists folders,
     # and does not follow symlinks out of it
     app.mount("/", StaticFiles(directory=web, html=True, check_dir=True), name="web")
     app.add_middleware(SecurityMiddleware, allowed_hosts=mon.allowed_hosts, token=token,
-                       bind_host=bind_host, max_upload_bytes=mon.max_upload_bytes)
+                       bind_host=bind_host, max_upload_bytes=mon.max_upload_bytes, routes=app.router.routes)
     return app
 
 

@@ -37,6 +37,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 SAFE_METHODS = frozenset({"GET", "HEAD"})
+API_NOT_FOUND = "api_not_found"     # the name of the API's catch-all route (a 404 for any method)
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 ALLOWED_METHODS = SAFE_METHODS | MUTATING_METHODS
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -130,8 +131,10 @@ class SecurityMiddleware:
 
     def __init__(self, app: ASGIApp, *, allowed_hosts: Iterable[str] = (), token: str | None = None,
                  bind_host: str | None = None, max_upload_bytes: int = 256 << 20,
-                 max_body_bytes: int = 64 << 10, upload_paths: Iterable[str] = ("/api/queue",)) -> None:
+                 max_body_bytes: int = 64 << 10, upload_paths: Iterable[str] = ("/api/queue",),
+                 routes: list[Any] | None = None) -> None:
         self.app = app
+        self.routes = routes if routes is not None else []   # the app's, to answer 405 with Allow
         self.allowed = allowed_host_set(allowed_hosts, bind_host)
         self.token = token.encode() if token else None
         self.max_upload_bytes = max_upload_bytes
@@ -160,6 +163,10 @@ class SecurityMiddleware:
             return await _deny(send, 421, f"Host '{parsed[0][:100]}' is not allowed (DNS rebinding "
                                "protection); add it to monitor.allowed_hosts in config.json")
 
+        allow = self._allowed_methods(scope)
+        if allow and method not in allow:
+            return await _deny(send, 405, f"method {method[:20]} not allowed on {path[:200]}",
+                               extra=[(b"allow", ", ".join(sorted(allow)).encode())])
         if method not in ALLOWED_METHODS:
             return await _deny(send, 405, f"method {method[:20]} not allowed",
                                extra=[(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE")])
@@ -242,6 +249,19 @@ class SecurityMiddleware:
             if started:
                 raise
             await _deny(send, 413, str(exc.detail))
+
+    def _allowed_methods(self, scope: Scope) -> set[str]:
+        """The methods the app's own routes answer at this path (HEAD wherever GET), asked of
+        the routes themselves; empty when none matches (the static files, the API's catch-all 404)."""
+        from starlette.routing import Match, Mount
+
+        routes = [r for r in self.routes
+                  if not isinstance(r, Mount) and getattr(r, "name", None) != API_NOT_FOUND]
+        allow = {m for m in ("GET", "POST", "PUT", "PATCH", "DELETE")
+                 if any(r.matches({**scope, "method": m})[0] is Match.FULL for r in routes)}
+        if "GET" in allow:
+            allow.add("HEAD")
+        return allow
 
     def _token_ok(self, scope: Scope, headers: dict[str, list[str]], method: str) -> bool:
         assert self.token is not None

@@ -96,14 +96,24 @@ def test_rebinding_post_refused_even_with_the_header(mon: Monitor) -> None:
 MUTATIONS = [("POST", "/api/control/pause"), ("POST", "/api/control/stop"),
              ("POST", "/api/queue/victim.jsonl/priority"), ("POST", "/api/queue/victim.jsonl/retry"),
              ("DELETE", "/api/queue/victim.jsonl"), ("POST", "/api/queue?name=x.jsonl"),
-             ("PUT", "/api/queue/victim.jsonl"), ("PATCH", "/api/queue/victim.jsonl"),
-             ("DELETE", "/api/status"), ("PUT", "/index.html")]
+             ("PUT", "/index.html")]
+WRONG_METHODS = [("PUT", "/api/queue/victim.jsonl", "DELETE, GET, HEAD"),
+                 ("PATCH", "/api/queue/victim.jsonl", "DELETE, GET, HEAD"),
+                 ("DELETE", "/api/status", "GET, HEAD")]
 
 
 @pytest.mark.parametrize("method,path", MUTATIONS)
 def test_mutation_without_custom_header_is_403(mon: Monitor, method: str, path: str) -> None:
     status, headers, body = raw(mon, method, path, {"Content-Type": "application/json"}, b'{"level": "low"}')
     assert status == 403 and b"X-Trainer-Request" in body
+    assert not any(k.startswith("access-control-") for k in headers)
+
+
+@pytest.mark.parametrize("method,path,allow", WRONG_METHODS)
+def test_a_method_the_route_lacks_is_405_before_anything_else(mon: Monitor, method: str, path: str,
+                                                              allow: str) -> None:
+    status, headers, body = raw(mon, method, path, {"Content-Type": "application/json"}, b'{"level": "low"}')
+    assert status == 405 and headers["allow"] == allow and b"not allowed" in body
     assert not any(k.startswith("access-control-") for k in headers)
 
 
@@ -159,6 +169,16 @@ def test_head_is_answered_wherever_get_is(mon: Monitor) -> None:
     assert status == 200 and body == b"" and "text/event-stream" in headers["content-type"]
     assert time.monotonic() - t0 < 5
     assert raw(mon, "HEAD", "/api/nothing-here")[0] == 404
+
+
+def test_a_wrong_method_is_405_with_the_route_s_own_allow(mon: Monitor) -> None:
+    status, headers, _ = raw(mon, "PUT", "/api/status", REQ)
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+    status, headers, _ = raw(mon, "OPTIONS", "/api/control/pause")
+    assert status == 405 and headers["allow"] == "POST"
+    status, headers, _ = raw(mon, "DELETE", "/metrics")
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+    assert raw(mon, "PUT", "/api/no-such-route", REQ)[0] == 404      # no route: no Allow to give
 
 
 def test_control_body_is_capped(mon: Monitor) -> None:
