@@ -570,18 +570,10 @@ def versions() -> dict[str, Any]:
 
 
 def device_name(device: str) -> str:
-    if device == "cuda":
-        import torch
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {cpu} ({os.cpu_count()} cores)"
+    import torch
+
+    from bench_throughput import device_name as named
+    return named(torch.device("cuda", 0) if device == "cuda" else torch.device("cpu"))
 
 
 def loss_at(curve: list[list[Any]], tokens: int) -> float | None:

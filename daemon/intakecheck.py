@@ -11,7 +11,6 @@ pickled ``("ok", Checked)`` or ``("error", exception)`` to stdout.
 """
 from __future__ import annotations
 
-import logging
 import pickle
 import subprocess
 import sys
@@ -25,7 +24,6 @@ from daemon.pdeathsig import set_pdeathsig
 from daemon.status import iso
 from daemon.validation import ValidationCancelled
 
-log = logging.getLogger("trainerd")
 REPO_ROOT = Path(__file__).resolve().parent.parent     # where ``-m daemon.intakecheck`` imports from
 
 
