@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Crash loop: random SIGKILLs of the daemon and its worker never lose, duplicate or change training.
 
-Two runs over the same queue of deterministic JSONL files (trainer/generator.py), each in its own
+Two runs over the same queue of deterministic JSONL files (daemon/generator.py), each in its own
 base dir, with the product's default settings except ``base_model`` (the tiny base, or ``--base``)
 and ``checkpoint_every_steps`` (5: the default 50 is more than a whole file takes here):
 
@@ -148,7 +148,7 @@ class Home:
         return rec
 
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "daemon.ctl", "--home", str(self.path), *args],
+        return subprocess.run([sys.executable, "-m", "ops.ctl", "--home", str(self.path), *args],
                               cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def daemon_pid(self) -> int | None:
@@ -270,7 +270,7 @@ def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.1) -
 # ================================================================ the data
 def make_datasets(n_files: int, records: int, seed: int) -> list[tuple[str, bytes]]:
     """(name, content) of each file, in drop order: deterministic for (n_files, records, seed)."""
-    from trainer.generator import generate_records
+    from daemon.generator import generate_records
 
     kinds = ("arithmetic", "syllables", "arithmetic2")
     out = []
@@ -824,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         inv[f"B: adapter equal to A's (max abs diff <= {args.atol:g})"] = adapter["max_abs_diff"] <= args.atol
         inv["B: same steps per dataset as A"] = (
             [d["steps"] for d in runs["A"]["verify"]["lineage"]] == [d["steps"] for d in runs["B"]["verify"]["lineage"]])
-        from daemon.config import Config
+        from core.config import Config
         res = {
             "command": "python bench/crash_loop.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -223,7 +223,7 @@ class Home:
         return pid
 
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "daemon.ctl", "--home", str(self.path), *args],
+        return subprocess.run([sys.executable, "-m", "ops.ctl", "--home", str(self.path), *args],
                               cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def daemon_pid(self) -> int | None:

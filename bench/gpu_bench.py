@@ -14,7 +14,7 @@
 
 What is the same for all: the base (Qwen3-0.6B-shaped, random weights, bench_throughput's
 QWEN3_06B and build_base; 4-bit nf4 + double quant, bf16 compute on a GPU), the LoRA (r, alpha,
-dropout, target modules: daemon/config.py's defaults), AdamW (torch) with the config's learning
+dropout, target modules: core/config.py's defaults), AdamW (torch) with the config's learning
 rate, weight decay and grad-norm clip, a constant schedule, gradient checkpointing by the
 product's auto rule, and the data: chat records whose lengths are bench_throughput's
 synthetic_examples lengths (lognormal, median ~350 tokens at max_length 2048), tokenized ONCE by
@@ -76,8 +76,8 @@ TRL_MISSING = "not run: trl not installed"
 # ============================================================================ setup (parent)
 
 def product_defaults() -> dict[str, Any]:
-    """LoRA and optimizer settings: daemon/config.py's defaults, the same for every recipe."""
-    from daemon.config import Config
+    """LoRA and optimizer settings: core/config.py's defaults, the same for every recipe."""
+    from core.config import Config
     c = Config()
     return {"lora_r": c.lora_r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
             "lora_target_modules": c.lora_target_modules, "learning_rate": c.learning_rate,
@@ -431,9 +431,9 @@ def recipe_b(s: dict[str, Any]) -> dict[str, Any]:
 def recipe_c(s: dict[str, Any], attn: str = "auto") -> dict[str, Any]:
     """The product's QLoRATrainer in process on a JobSpec of the JSONL file (as
     tests/trainer/test_recipe.py runs it), timed by its own step events."""
-    from daemon.config import Config, config_to_dict
+    from core.config import Config, config_to_dict
     from trainer import packing
-    from trainer.interface import Command, Outcome
+    from core.interface import Command, Outcome
     from trainer.recipe import QLoRATrainer
     from trainer.train import make_job
 

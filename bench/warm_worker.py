@@ -29,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from trainer.generator import generate_records  # noqa: E402
+from daemon.generator import generate_records  # noqa: E402
 from trainer.tiny_base import build_tiny_base  # noqa: E402
 
 MODES = {"cold": {"worker_idle_exit_s": 0}, "warm": {}}

@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$PY" - "$HOME_DIR" <<'PYEOF'
 import sys
 from pathlib import Path
-from daemon.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 home = Path(sys.argv[1])
 try:
     cfg = load_config(home / "config.json")
@@ -31,13 +31,13 @@ PYEOF
 # Demo data when there is nothing to do.
 if [ -z "$(ls -A "$HOME_DIR/inbox" 2>/dev/null | grep -v '^\.')" ] && [ -z "$(ls -A "$HOME_DIR/queue/pending" 2>/dev/null)" ] \
    && [ ! -s "$HOME_DIR/status/state.db" ]; then
-  "$PY" -m daemon.ctl --home "$HOME_DIR" generate --count 2000 --seed 0
+  "$PY" -m ops.ctl --home "$HOME_DIR" generate --count 2000 --seed 0
 fi
 rc=0; "$ROOT/bin/launch_training_daemon.sh" --home "$HOME_DIR" || rc=$?
 [ "$rc" -eq 0 ] || [ "$rc" -eq 1 ] || exit "$rc"     # 1: already running, which is fine here
 "$ROOT/bin/monitor.sh" --background --home "$HOME_DIR" \
   || echo "start_all: the dashboard did not start (see $HOME_DIR/logs/monitor_stdout.log); training goes on" >&2
-PORT="$("$PY" -c "import sys; from daemon.config import load_config; print(load_config(sys.argv[1]).monitor.port)" "$HOME_DIR/config.json")"
+PORT="$("$PY" -c "import sys; from core.config import load_config; print(load_config(sys.argv[1]).monitor.port)" "$HOME_DIR/config.json")"
 cat <<MSG
 
 Watch:  http://localhost:$PORT/        (dashboard: loss, throughput, memory, layers, queue)

@@ -12,8 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from daemon.atomic import atomic_write
-from daemon.config import AutoGenerateConfig
+from core.atomic import atomic_write
+from core.config import AutoGenerateConfig
 
 log = logging.getLogger("trainerd.autogen")
 
@@ -62,7 +62,7 @@ class AutoGenerator:
     def produce(self, cfg: AutoGenerateConfig) -> Path:
         stamp = time.strftime("%Y%m%d_%H%M%S")
         if cfg.source == "builtin":
-            from trainer.generator import generate_records, write_jsonl_atomic
+            from daemon.generator import generate_records, write_jsonl_atomic
             return write_jsonl_atomic(generate_records(cfg.count), self.inbox)
         if cfg.source == "http":
             if not cfg.url:

@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from daemon.atomic import atomic_write_json
-from daemon.paths import Layout
+from core.atomic import atomic_write_json
+from core.paths import Layout
 
 log = logging.getLogger("trainerd.control")
 

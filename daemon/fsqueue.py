@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon.atomic import atomic_write_json, fsync_dir, sha256_file
-from daemon.config import Config, ConfigError, load_config
-from daemon.paths import Layout
-from daemon.statedb import Job, StateDB
-from daemon.states import JobState, Priority, check_transition
+from core.atomic import atomic_write_json, fsync_dir, sha256_file
+from core.config import Config, ConfigError, load_config
+from core.paths import Layout
+from core.statedb import Job, StateDB
+from core.states import FOLDER_STATES, JobState, Priority, check_transition
+from core.validation import ValidationCancelled, ValidationReport, validate_file
 from daemon.status import iso
-from daemon.validation import ValidationCancelled, ValidationReport, validate_file
 
 log = logging.getLogger("trainerd.queue")
 
@@ -190,7 +190,7 @@ class FsQueue:
     def _unique_name(self, wanted: str) -> str:
         """A name no job and no queue folder has (names stay unique across the whole queue)."""
         return self._unique(wanted, lambda n: self.db.name_taken(n) or any(
-            self.path(s, n).exists() or self.path(s, n).is_symlink() for s in JobState))
+            self.path(s, n).exists() or self.path(s, n).is_symlink() for s in FOLDER_STATES))
 
     def unique_inbox_name(self, wanted: str) -> str:
         return self._unique(wanted, lambda n: os.path.lexists(self.layout.inbox / n))
@@ -329,11 +329,16 @@ class FsQueue:
             return self.move(job, JobState.PROCESSING, attempts=job.attempts + 1, started_at=time.time())
         except FileNotFoundError:       # removed by hand behind our back: record it, go on
             msg = f"{job.name}: file vanished from queue/pending/ (not moved by trainerd)"
-            self.db.update(job.id, state="missing", error=msg)
+            self._mark_missing(job, msg)
             self.changes += 1
             self.db.add_event("missing", msg, level="error", job_id=job.id)
             log.error("%s", msg)
             return None
+
+    def _mark_missing(self, job: Job, error: str) -> None:
+        """Record that a job's file vanished from its folder (state.db only: no file to move)."""
+        check_transition(JobState(job.state), JobState.MISSING)
+        self.db.update(job.id, state=JobState.MISSING.value, error=error)
 
     # ---- user operations ----------------------------------------------------------------
     def get(self, name: str) -> Job:
@@ -398,7 +403,7 @@ class FsQueue:
         fixes: list[str] = []
         seen: set[str] = set()
         rows = {j.name: j for j in self.db.jobs()}      # one query, not one per file
-        for state in JobState:
+        for state in FOLDER_STATES:
             folder = self.layout.state_dir(state)
             for entry in sorted(folder.iterdir(), key=lambda p: p.name):
                 name = entry.name
@@ -434,11 +439,10 @@ class FsQueue:
                 fixes.append(f"{job.name}: failed, its checkpoints set aside")
                 self._move_checkpoints(job.id, aside=True)
         for job in rows.values():
-            if job.name not in seen and job.state in {s.value for s in JobState}:
+            if job.name not in seen and job.state in {s.value for s in FOLDER_STATES}:
                 fixes.append(f"{job.name}: recorded as {job.state} but not found in any queue folder")
                 if not dry_run:
-                    self.db.update(job.id, state="missing",
-                                   error=f"file vanished from queue/{job.state}/ (not moved by trainerd)")
+                    self._mark_missing(job, f"file vanished from queue/{job.state}/ (not moved by trainerd)")
         if not dry_run:
             self.changes += 1
             for fix in fixes:

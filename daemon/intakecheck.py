@@ -19,10 +19,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from core.pdeathsig import set_pdeathsig
+from core.validation import ValidationCancelled
 from daemon.fsqueue import Checked, check_file
-from daemon.pdeathsig import set_pdeathsig
 from daemon.status import iso
-from daemon.validation import ValidationCancelled
 
 REPO_ROOT = Path(__file__).resolve().parent.parent     # where ``-m daemon.intakecheck`` imports from
 

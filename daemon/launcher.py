@@ -13,11 +13,11 @@ import subprocess
 import sys
 import time
 
-from daemon.atomic import atomic_write
-from daemon.diskfull import MIB, describe as describe_disk, free_bytes, is_disk_full
-from daemon.logsetup import tail_lines
-from daemon.lock import AlreadyRunning, DaemonLock, pid_alive, read_pid
-from daemon.paths import REPO_ROOT, Layout
+from core.atomic import atomic_write
+from core.diskfull import MIB, describe as describe_disk, free_bytes, is_disk_full
+from core.lock import AlreadyRunning, DaemonLock, pid_alive, read_pid
+from core.logsetup import tail_lines
+from core.paths import REPO_ROOT, Layout
 from daemon.status import read_status
 
 

@@ -20,25 +20,23 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import control as ctl
+from core.atomic import atomic_write
+from core.config import Config, ConfigError, config_to_dict, describe_locked_diffs, load_config, locked_diffs
+from core.diskfull import MIB, Reserve, describe as describe_disk, free_bytes, is_disk_full
+from core.interface import Command, JobResult, JobSpec, Outcome, QueueControl, Trainer
+from core.lock import AlreadyRunning, DaemonLock, read_pid
+from core.logsetup import setup_logging
+from core.paths import Layout
+from core.statedb import Job, StateDB
+from core.states import DaemonStatus, JobState
+from core.validation import ValidationCancelled
+from daemon import control as ctl, queueops, retention
 from daemon.autogen import AutoGenerator
-from daemon.atomic import atomic_write, durable_rename
-from daemon.config import (Config, ConfigError, config_to_dict, describe_locked_diffs, load_config,
-                           locked_diffs)
-from daemon.diskfull import MIB, Reserve, describe as describe_disk, free_bytes, is_disk_full
-from daemon.fsqueue import Checked, FileChanged, FsQueue, Intake, QueueError, printable
+from daemon.fsqueue import Checked, FileChanged, FsQueue, QueueError, printable
 from daemon.intakecheck import IntakeCheck
-from daemon.lock import AlreadyRunning, DaemonLock, read_pid
-from daemon.logsetup import setup_logging
-from daemon.paths import Layout
-from daemon.presets import PresetError, recover_preset_switch, switch_preset
-from daemon import retention
-from daemon.statedb import Job, StateDB
-from daemon.states import DaemonStatus, JobState, Priority
+from daemon.presets import recover_preset_switch
 from daemon.status import StatusBoard, iso
-from daemon.validation import ValidationCancelled
 from daemon.watcher import InboxTracker, Watcher
-from trainer.interface import Command, JobResult, JobSpec, Outcome, QueueControl, Trainer
 
 log = logging.getLogger("trainerd")
 
@@ -83,7 +81,7 @@ def recover_interrupted_consolidation(layout: Layout) -> None:
     """Finish or undo a consolidation that a crash interrupted (its journal says which)."""
     if not (layout.status_dir / "consolidation.json").exists() and not any(layout.consolidated.glob(".tmp-*")):
         return          # the common case: no torch import at daemon start
-    from trainer.consolidate import recover_consolidation
+    from core.switch import recover_consolidation
     what = recover_consolidation(layout.home)
     if what:
         log.warning("consolidation recovery: %s", what)
@@ -110,7 +108,7 @@ class Daemon:
         self.tracker = InboxTracker(layout.inbox, self.config.inbox_stable_seconds)
         self.events: "queue.Queue[dict[str, Any]]" = queue.Queue()
         if trainer_factory is None:
-            from trainer.factory import make_trainer
+            from daemon.factory import make_trainer
             trainer_factory = make_trainer
         self.trainer_factory = trainer_factory
         # one trainer across jobs (its warm worker keeps the base loaded); closed at the stop
@@ -272,42 +270,15 @@ class Daemon:
         if command == "stop":
             self.request_stop("trainer-ctl stop")
             return True, "stopping at the next step boundary"
-        if command == "queue_add":
-            staged = str(args.get("staged", ""))
-            if "/" in staged or not staged.startswith(".") or not staged.endswith(".part"):
-                return False, "bad staged file name"
-            src = self.layout.inbox / staged
-            if not src.exists():
-                return False, f"staged file {staged} not found in inbox/"
-            try:
-                job = self.queue.accept(src, Intake(priority=Priority(args.get("priority", "normal")),
-                                                    force=bool(args.get("force")),
-                                                    original_name=str(args.get("name") or "dataset.jsonl")))
-            except Exception:
-                # keep the (possibly only) copy: make it an ordinary inbox file, taken later
-                visible = self.layout.inbox / self.queue.unique_inbox_name(str(args.get("name") or "dataset.jsonl"))
-                durable_rename(src, visible)
-                raise
-            return job.state == JobState.PENDING.value, _describe(job)
-        if command == "queue_remove":
-            return True, f"removed {self.queue.remove(args['name']).name} (moved to failed/)"
-        if command == "queue_retry":
-            job = self.queue.retry(args["name"], force=bool(args.get("force")))
-            return True, f"{job.name} moved back to pending"
-        if command == "queue_prioritize":
-            job = self.queue.prioritize(args["name"], Priority(args["level"]))
-            return True, f"{job.name} priority is now {job.priority}"
-        if command == "preset_switch":
-            if running:
-                return False, (f"refused: {self.current.name if self.current else 'a job'} is training; "
-                               "switch presets when the queue is idle")
-            try:
-                msg = switch_preset(self.layout, str(args.get("name")))
-            except PresetError as exc:
-                return False, str(exc)
-            self.effective_config()
-            self.db.add_event("preset", msg)
-            return True, msg
+        if command == "preset_switch" and running:
+            return False, (f"refused: {self.current.name if self.current else 'a job'} is training; "
+                           "switch presets when the queue is idle")
+        if command in queueops.QUEUE_OPS:
+            ok, message = queueops.apply(self.queue, command, args)
+            if ok and command == "preset_switch":
+                self.effective_config()
+                self.db.add_event("preset", message)
+            return ok, message
         return False, f"unknown command {command}"
 
     # ---- intake ---------------------------------------------------------------------------------
@@ -718,12 +689,6 @@ class Daemon:
             log.info("trainerd stopped (%s)", self._stop_reason or "queue drained")
             self.db.close()
         return 0
-
-
-def _describe(job: Job) -> str:
-    if job.state == JobState.PENDING.value:
-        return f"queued {job.original_name} as {job.name} (job {job.id}, priority {job.priority})"
-    return f"rejected {job.original_name}: {job.error} (kept as queue/failed/{job.name})"
 
 
 def _as_dict(table: Any) -> dict[str, Any]:

@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from daemon.atomic import atomic_write_json, durable_rename, read_json
-from daemon.config import ConfigError, parse_config
-from daemon.paths import Layout
-from daemon.states import JobState
+from core.atomic import atomic_write_json, durable_rename, read_json
+from core.config import ConfigError, parse_config
+from core.paths import Layout
+from core.states import JobState
 
 log = logging.getLogger("trainerd.presets")
 

@@ -46,23 +46,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from daemon.paths import Layout
-from daemon.states import JobState
+from core.artifacts import BACKUP_SUFFIX, CONSOLIDATION_META, SNAPSHOT_META
+from core.paths import Layout
+from core.states import JobState
 
 if TYPE_CHECKING:
-    from daemon.config import Config
-    from daemon.statedb import StateDB
+    from core.config import Config
+    from core.statedb import StateDB
 
 log = logging.getLogger("trainerd.retention")
 
-SNAPSHOT_META = "snapshot.json"          # trainer/adapter_store.py
-CONSOLIDATION_META = "consolidation.json"  # trainer/consolidate.py (also its journal in status/)
-BACKUP_SUFFIX = "__pre-consolidation"    # trainer/consolidate.py
 PROTECTED_KINDS = ("pre-consolidation", "manual")
 DELETING_PREFIX = ".deleting-"
 # tempfile.mkstemp(prefix="job-N-", suffix=".json"): 8 random characters in between
 JOB_SPEC_RE = re.compile(r"job-[0-9]+-[A-Za-z0-9_]{6,16}\.json")
-# trainer/adapter_store.py write_snapshot, trainer/consolidate.py snapshot_now: the writer's pid
+# trainer/adapter_store.py write_snapshot, ops/consolidate.py snapshot_now: the writer's pid
 SNAPSHOT_COPY_RES = (re.compile(r"\.tmp-.+-([0-9]+)"), re.compile(r"\.copy-manual-([0-9]+)-[0-9]+"))
 
 

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.atomic import atomic_write_json, fsync_dir
-from daemon.diskfull import is_disk_full
-from daemon.paths import Layout
-from daemon.states import DaemonStatus
+from core.atomic import atomic_write_json, fsync_dir
+from core.diskfull import is_disk_full
+from core.paths import Layout
+from core.states import DaemonStatus
 
 log = logging.getLogger("trainerd.status")
 
@@ -74,7 +74,7 @@ class StatusBoard:
 
     def __init__(self, layout: Layout, *, interval: float = 1.0, metrics_max_mb: float | None = None,
                  metrics_keep_files: int | None = None) -> None:
-        from daemon.config import Config       # the defaults live in one place
+        from core.config import Config  # the defaults live in one place
 
         self.layout = layout
         self.interval = interval

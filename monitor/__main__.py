@@ -10,9 +10,9 @@ import logging
 import re
 import sys
 
-from daemon.config import Config, ConfigError, load_config
-from daemon.logsetup import DailyFileHandler
-from daemon.paths import Layout
+from core.config import Config, ConfigError, load_config
+from core.logsetup import DailyFileHandler
+from core.paths import Layout
 from monitor.security import is_loopback_bind
 from monitor.services import resolve_token
 

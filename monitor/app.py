@@ -15,9 +15,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from daemon.config import Config, MonitorConfig
-from daemon.diskfull import describe as describe_disk, is_disk_full
-from daemon.paths import REPO_ROOT, Layout
+from core.config import Config, MonitorConfig
+from core.diskfull import describe as describe_disk, is_disk_full
+from core.paths import REPO_ROOT, Layout
 from monitor import routes_control, routes_events, routes_metrics, routes_queue, routes_status, routes_system
 from monitor.security import API_NOT_FOUND, SecurityMiddleware
 from monitor.services import Services, resolve_token

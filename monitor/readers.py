@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.logsetup import daemon_log_path, tail_lines  # noqa: F401 (re-exported)
-from daemon.paths import Layout
-from daemon.statedb import Job, StateDB
+from core.logsetup import daemon_log_path, tail_lines  # noqa: F401 (re-exported)
+from core.paths import Layout
+from core.statedb import Job, StateDB
 from daemon.status import rotated_metrics
-from daemon.states import JobState
+from core.states import JobState
 
 log = logging.getLogger("monitor.readers")
 

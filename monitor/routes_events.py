@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
-from daemon.lock import daemon_running
+from core.lock import daemon_running
 from monitor.readers import LogFollower, db_version, log_paths, queue_snapshot, recent_events, stat_key
 from monitor.services import Services, services
 

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import PlainTextResponse
 
-from daemon.states import DaemonStatus
+from core.states import DaemonStatus
 from monitor.readers import iter_queue_files
 from monitor.services import Services, services
 

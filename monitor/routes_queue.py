@@ -22,10 +22,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
 
-from daemon.atomic import fsync_dir
+from core.atomic import fsync_dir
 from daemon.fsqueue import ERROR_SUFFIX, safe_name
-from daemon.lock import daemon_running
-from daemon.states import JobState, Priority
+from core.lock import daemon_running
+from core.states import JobState, Priority
 from monitor.readers import find_job, queue_snapshot
 from monitor.services import QUEUE_ADD_REPLY_TIMEOUT_S, Services, services
 

@@ -10,9 +10,9 @@ from typing import Any
 from fastapi import HTTPException, Request
 
 from daemon import control as ctl
-from daemon.config import Config, ConfigError, MonitorConfig, load_config
-from daemon.lock import daemon_running
-from daemon.paths import Layout
+from core.config import Config, ConfigError, MonitorConfig, load_config
+from core.lock import daemon_running
+from core.paths import Layout
 from daemon.status import iso
 from monitor.readers import JsonFileReader, MetricsIndex, job_counts, stat_key
 from monitor.system import GpuProbe, SystemSampler

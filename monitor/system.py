@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import psutil
 
-from daemon.lock import daemon_running
-from daemon.paths import Layout
+from core.lock import daemon_running
+from core.paths import Layout
 
 log = logging.getLogger("monitor.system")
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.paths import Layout
+from core.paths import Layout
 from daemon_helpers import Home
 
 

@@ -56,7 +56,7 @@ class Home:
         return r
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "daemon.ctl", *args], env=env_for(self.path),
+        return subprocess.run([sys.executable, "-m", "ops.ctl", *args], env=env_for(self.path),
                               capture_output=True, text=True, timeout=60, cwd=REPO)
 
     def burst(self, timeout: float = 60) -> subprocess.CompletedProcess:

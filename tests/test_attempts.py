@@ -15,11 +15,11 @@ from pathlib import Path
 
 from daemon_helpers import STANDIN, alive, text_records, wait_for, write_jsonl
 from daemon.main import Daemon
-from daemon.paths import Layout
-from daemon.statedb import StateDB
-from trainer.interface import ControlSource, EventSink, JobResult, JobSpec
-from trainer.standin import StandInTrainer
-from trainer.subprocess_trainer import SubprocessTrainer
+from core.paths import Layout
+from core.statedb import StateDB
+from core.interface import ControlSource, EventSink, JobResult, JobSpec
+from daemon.standin import StandInTrainer
+from daemon.subprocess_trainer import SubprocessTrainer
 
 
 def _jobs(home) -> dict[str, dict]:

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from daemon_helpers import STANDIN, text_records, write_jsonl
-from daemon.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from daemon.main import Daemon
-from daemon.paths import Layout
-from daemon.statedb import StateDB
-from trainer.standin import StandInTrainer
+from core.paths import Layout
+from core.statedb import StateDB
+from daemon.standin import StandInTrainer
 
 
 class RecordingStandIn(StandInTrainer):

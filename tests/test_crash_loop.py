@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.paths import Layout
-from daemon.statedb import StateDB
-from daemon.states import JobState
+from core.paths import Layout
+from core.statedb import StateDB
+from core.states import JobState
 
 REPO = Path(__file__).resolve().parent.parent
 

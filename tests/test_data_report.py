@@ -13,10 +13,10 @@ import pytest
 
 from daemon_helpers import STANDIN, text_records, write_jsonl
 from daemon.main import Daemon
-from daemon.paths import Layout
-from daemon.statedb import StateDB, normalize_data_report
-from trainer.interface import JobResult, Outcome
-from trainer.standin import StandInTrainer
+from core.paths import Layout
+from core.statedb import StateDB, normalize_data_report
+from core.interface import JobResult, Outcome
+from daemon.standin import StandInTrainer
 
 NEW = {"format": "messages", "truncation": "keep_answer", "max_length": 512,
        "records": 1000, "examples": 1010, "tokens": 491000, "trained_tokens": 250000, "tokens_cut": 1234,
@@ -201,7 +201,7 @@ def test_normalize_accepts_any_reason_shape() -> None:
 def test_a_real_tiny_training_run_reports_its_data(home, tmp_path) -> None:
     """The real QLoRA worker on the tiny base (a real daemon process in burst mode): its `started`
     event's report, in whichever shape this worker sends, reaches state.db, list and show."""
-    from trainer.generator import generate_records
+    from daemon.generator import generate_records
     from trainer.tiny_base import build_tiny_base
 
     base = build_tiny_base(tmp_path / "tiny")

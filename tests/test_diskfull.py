@@ -38,9 +38,9 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from daemon.paths import Layout
+from core.paths import Layout
 from daemon_helpers import REPO, Home, alive, env_for, text_records, wait_for, write_jsonl
-from trainer.generator import generate_records
+from daemon.generator import generate_records
 
 MIB = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -412,7 +412,7 @@ def test_state_db_commit_fails(disk: Disk, mode: str) -> None:
         wait_for(lambda: f"accepted {n}.jsonl" in h.log_text(), what=f"{n} queued")   # and recorded
     time.sleep(0.3)
     with frozen(pid):
-        ctl = subprocess.Popen([sys.executable, "-m", "daemon.ctl",
+        ctl = subprocess.Popen([sys.executable, "-m", "ops.ctl",
                                 "queue", "prioritize", "b.jsonl", "high"], env=env_for(h.path), cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: list((h.path / "control").glob("0*.json")), what="the request written")
@@ -639,9 +639,9 @@ def tmpfs_size(folder: Path) -> int:
 def real_sizes(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     """What a checkpoint and an adapter of the REAL settings take on the tmpfs, measured once by
     running the product's recipe in this process up to its first checkpoint (on an ordinary disk)."""
-    from daemon.atomic import sha256_file
-    from daemon.config import Config, config_to_dict
-    from trainer.interface import Command, JobSpec, Outcome, QueueControl
+    from core.atomic import sha256_file
+    from core.config import Config, config_to_dict
+    from core.interface import Command, JobSpec, Outcome, QueueControl
     from trainer.recipe import QLoRATrainer
 
     home = tmp_path_factory.mktemp("diskfull_calibration")
@@ -787,7 +787,7 @@ def test_metrics_lines_wait_in_memory_while_the_disk_is_full(disk: Disk) -> None
 def test_log_lines_are_dropped_quietly_and_counted_while_the_disk_is_full(disk: Disk, capsys) -> None:
     import logging
 
-    from daemon.logsetup import DailyFileHandler
+    from core.logsetup import DailyFileHandler
 
     handler = DailyFileHandler(disk.mnt / "logs", prefix="unit")
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))

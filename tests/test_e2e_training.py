@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon_helpers import alive, wait_for, write_jsonl
-from trainer.generator import generate_records
+from daemon.generator import generate_records
 
 pytestmark = pytest.mark.slow
 

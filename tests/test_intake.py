@@ -172,7 +172,7 @@ def test_a_few_bad_lines_are_skipped_and_the_threshold_is_configurable(home):
 
 
 def test_max_bad_record_fraction_is_validated(home):
-    from daemon.config import ConfigError, parse_config
+    from core.config import ConfigError, parse_config
 
     assert parse_config({}).max_bad_record_fraction == 0.01
     assert parse_config({"max_bad_record_fraction": 0}).max_bad_record_fraction == 0

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from daemon import control as ctl
-from daemon.atomic import sha256_file
+from core.atomic import sha256_file
 from daemon.fsqueue import FileChanged, FsQueue, check_file
 from daemon.main import Daemon
-from daemon.paths import Layout
-from daemon.statedb import StateDB
+from core.paths import Layout
+from core.statedb import StateDB
 from daemon_helpers import STANDIN, alive, text_records, wait_for, write_jsonl
 
 BIG_MB = 120

@@ -7,10 +7,10 @@ import os
 import pytest
 
 from daemon_helpers import STANDIN, text_records, wait_for, write_jsonl
-from daemon.config import ConfigError, parse_config
-from daemon.paths import Layout
+from core.config import ConfigError, parse_config
+from core.paths import Layout
 from daemon.presets import JOURNAL, recover_preset_switch, switch_preset
-from daemon.statedb import StateDB
+from core.statedb import StateDB
 
 PRESETS = {"small": {"max_length": 64, "model_name": "small"}, "full": {"max_length": 256, "model_name": "full"}}
 

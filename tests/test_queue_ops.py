@@ -76,7 +76,7 @@ def test_concurrent_queue_adds_without_a_daemon_all_land(home, tmp_path):
     import sys
     from daemon_helpers import REPO, env_for
     srcs = [write_jsonl(tmp_path / f"c{i}.jsonl", text_records(200, f"c{i}")) for i in range(6)]
-    procs = [subprocess.Popen([sys.executable, "-m", "daemon.ctl", "queue", "add", str(s)], env=env_for(home.path),
+    procs = [subprocess.Popen([sys.executable, "-m", "ops.ctl", "queue", "add", str(s)], env=env_for(home.path),
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in srcs]
     results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
     assert all(rc == 0 for rc, _ in results), results

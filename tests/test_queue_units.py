@@ -9,12 +9,12 @@ import textwrap
 
 import pytest
 
-from daemon.atomic import atomic_write, atomic_write_json, read_json
+from core.atomic import atomic_write, atomic_write_json, read_json
 from daemon.fsqueue import FsQueue, Intake
-from daemon.logsetup import DailyFileHandler
-from daemon.paths import Layout
-from daemon.statedb import StateDB
-from daemon.states import TRANSITIONS, JobState, Priority, TransitionError, check_transition
+from core.logsetup import DailyFileHandler
+from core.paths import Layout
+from core.statedb import StateDB
+from core.states import TRANSITIONS, JobState, Priority, TransitionError, check_transition
 from daemon_helpers import text_records, write_jsonl
 
 
@@ -46,7 +46,7 @@ def test_failed_atomic_write_keeps_old_file(tmp_path):
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
-        from daemon.atomic import atomic_write
+        from core.atomic import atomic_write
         try:
             atomic_write(__import__("pathlib").Path({str(p)!r}), "x" * 100000)
         except OSError as e:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.statedb import StateDB
+from core.statedb import StateDB
 from daemon_helpers import alive, text_records, wait_for, write_jsonl
-from trainer.interface import JobSpec
+from core.interface import JobSpec
 
 MIB = 1 << 20
 
@@ -410,7 +410,7 @@ def test_a_consolidation_in_progress_keeps_the_snapshot_its_journal_names(tmp_pa
     """While `trainer-ctl consolidate` runs, its journal (status/consolidation.json) names the
     backup it is moving current_model/ to: pruning then (after a job) must leave it."""
     from daemon import retention
-    from daemon.paths import Layout
+    from core.paths import Layout
 
     layout = Layout(tmp_path / "h")
     layout.ensure()

@@ -6,9 +6,9 @@ import os
 import time
 
 from daemon.fsqueue import FsQueue
-from daemon.paths import Layout
-from daemon.statedb import StateDB
-from daemon.states import JobState
+from core.paths import Layout
+from core.statedb import StateDB
+from core.states import JobState
 from daemon_helpers import alive, text_records, wait_for, write_jsonl
 
 

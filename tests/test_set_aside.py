@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from daemon_helpers import alive, wait_for, write_jsonl
-from daemon.statedb import StateDB
-from trainer.generator import generate_records
+from core.statedb import StateDB
+from daemon.generator import generate_records
 
 pytestmark = pytest.mark.slow
 

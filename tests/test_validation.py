@@ -1,4 +1,4 @@
-"""Tests for daemon.validation: real JSONL files on disk, one per case."""
+"""Tests for core.validation: real JSONL files on disk, one per case."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from daemon.validation import (
+from core.validation import (
     FORMATS,
     LINE_KINDS,
     RECORD_KINDS,
@@ -582,7 +582,7 @@ def test_utf16_without_bom_is_named(tmp_path: Path, codec: str, order: str) -> N
 
 
 def test_cancel_stops_a_long_pass(tmp_path: Path) -> None:
-    from daemon.validation import ValidationCancelled
+    from core.validation import ValidationCancelled
 
     path = tmp_path / "long.jsonl"
     path.write_bytes((json.dumps(TEXT) + "\n").encode() * 50_000)

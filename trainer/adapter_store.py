@@ -36,14 +36,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon.atomic import fsync_dir
+from core.artifacts import ADAPTER_WEIGHTS, SNAPSHOT_META, TRAINER_STATE  # noqa: F401 (re-exported)
+from core.atomic import fsync_dir
 from trainer.checkpoint import CheckpointError, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.json"
-SNAPSHOT_META = "snapshot.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class NonFiniteAdapter(ValueError):

@@ -32,56 +32,20 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from daemon.atomic import fsync_dir, fsync_file, sha256_file  # noqa: F401 (re-exported)
+from core.artifacts import (  # noqa: F401 (re-exported)
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MANIFEST,
+    CheckpointError,
+    verify_manifest,
+    write_manifest,
+)
+from core.atomic import fsync_dir, fsync_file, sha256_file  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 STATE = "state.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is incomplete, corrupt or cannot be loaded."""
-
-
-def write_manifest(directory: Path) -> dict[str, Any]:
-    """Hash every regular file of *directory* (except the manifest), fsync them, write the manifest."""
-    files: dict[str, Any] = {}
-    for p in sorted(directory.iterdir()):
-        if p.name == MANIFEST or not p.is_file():
-            continue
-        fsync_file(p)
-        files[p.name] = {"sha256": sha256_file(p), "size": p.stat().st_size}
-    manifest = {"files": files}
-    mpath = directory / MANIFEST
-    with open(mpath, "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    fsync_dir(directory)
-    return manifest
-
-
-def verify_manifest(directory: Path) -> None:
-    """Raise CheckpointError unless every file named in the manifest is present and matches."""
-    mpath = directory / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{directory}: unreadable manifest: {exc}") from None
-    for name, meta in files.items():
-        p = directory / name
-        if not p.is_file():
-            raise CheckpointError(f"{directory}: {name} is missing")
-        if p.stat().st_size != meta.get("size"):
-            raise CheckpointError(f"{directory}: {name} has size {p.stat().st_size}, manifest says {meta.get('size')}")
-        if sha256_file(p) != meta.get("sha256"):
-            raise CheckpointError(f"{directory}: {name} does not match its sha256 in the manifest")
 
 
 # ----------------------------------------------------------------------------- RNG state

@@ -2,7 +2,7 @@
 
 The fast path of :mod:`trainer.data` (whose ``tokenize_record`` stays the per-record reference):
 
-* every line is read once, checked (``daemon.validation.check_record``) and accounted for: a bad
+* every line is read once, checked (``core.validation.check_record``) and accounted for: a bad
   line is reported with its kind and line number, never silently skipped;
 * the chat template renders once per record (``render_jinja_template`` with generation indices
   when the template has ``{% generation %}`` markers; else one render plus a search of the
@@ -28,8 +28,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from trainer.data import (DataError, DataReport, _chat_template, _eos_id, _render, _special_prefix,
-                          has_generation_markers, prompt_and_completion,
-                          record_to_messages, tokenize_record)
+                          has_generation_markers, prompt_and_completion, record_to_messages, tokenize_record)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ class LineChecker:
         self.new: list[bytes] = []          # digests added since the caller last took them
 
     def check(self, lineno: int, raw: bytes) -> dict | None:
-        from daemon.validation import check_record, detect_format, problem_kind
+        from core.validation import check_record, detect_format, problem_kind
 
         report = self.report
         if lineno == 1 and raw.startswith(_BOM):
@@ -112,7 +111,7 @@ class LineChecker:
 def first_format(path: Path, limit: int = 10000) -> str | None:
     """The format of the file's first detectable record, in file order (as the daemon's
     validation decides it), looking at most *limit* lines."""
-    from daemon.validation import detect_format
+    from core.validation import detect_format
 
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from daemon.atomic import atomic_write_json, give_default_modes, sha256_file
+from core.atomic import atomic_write_json, give_default_modes, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -35,20 +35,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from daemon.atomic import sha256_file
-from daemon.paths import Layout
+from core.atomic import sha256_file
+from core.config import LOCKED_KEYS
+from core.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
+from core.paths import Layout
 from trainer import adapter_store
-from trainer.checkpoint import (CheckpointManager, CheckpointPayload, capture_rng_state,
-                                restore_rng_state, save_torch)
-from daemon.config import LOCKED_KEYS
-from trainer.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
+from trainer.checkpoint import (CheckpointManager, CheckpointPayload, capture_rng_state, restore_rng_state,
+                                save_torch)
 from trainer.data import REASON_TEXT, DataReport
 from trainer.layer_activity import LayerActivityTracker
-from trainer.model import (FINGERPRINT_CACHE_NAME, PRECISIONS, BaseMismatchError, BaseModelError,
-                           attach_lora, base_fingerprint, check_same_base, enable_tf32,
-                           load_adapter_state, load_base_model, load_tokenizer, pick_device,
-                           resolve_base_path, resolve_precision, save_adapter, trainable_parameters,
-                           want_gradient_checkpointing)
+from trainer.model import (FINGERPRINT_CACHE_NAME, PRECISIONS, BaseMismatchError, BaseModelError, attach_lora,
+                           base_fingerprint, check_same_base, enable_tf32, load_adapter_state,
+                           load_base_model, load_tokenizer, pick_device, resolve_base_path, resolve_precision,
+                           save_adapter, trainable_parameters, want_gradient_checkpointing)
 from trainer.warm import WarmBase
 
 log = logging.getLogger("trainer.recipe")

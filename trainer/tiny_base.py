@@ -17,7 +17,8 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from daemon.atomic import fsync_dir, fsync_tree, give_default_modes
+
+from core.atomic import fsync_dir, fsync_tree, give_default_modes
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CORPUS = ASSETS / "corpus.txt"

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from daemon.atomic import atomic_write_json, fsync_dir
+from core.atomic import atomic_write_json, fsync_dir
 from trainer.data import IGNORE_INDEX, DataReport, Example, _chat_template
 
 log = logging.getLogger(__name__)

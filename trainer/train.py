@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.atomic import sha256_file
-from trainer.interface import Command, JobResult, JobSpec, Outcome, QueueControl
+from core.atomic import sha256_file
+from core.interface import Command, JobResult, JobSpec, Outcome, QueueControl
 
 
 def make_job(dataset: Path, home: Path, config: dict[str, Any], job_id: int | None = None,
@@ -77,7 +77,7 @@ def signal_control() -> QueueControl:
 
 
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
-    from daemon.config import Config, config_to_dict, load_config
+    from core.config import Config, config_to_dict, load_config
 
     cfg = load_config(args.config) if args.config else Config()
     raw = config_to_dict(cfg)

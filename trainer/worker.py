@@ -21,7 +21,7 @@ loaded between jobs (trainer/warm.py); adapter, optimizer and data are per job. 
 crashed (an exception, out of memory, a disk error) the worker exits: the next job gets a fresh
 process, so a crash is still isolated.
 
-``daemon.pdeathsig.set_pdeathsig`` (the parent's ``preexec_fn``) makes the kernel SIGKILL the worker when
+``core.pdeathsig.set_pdeathsig`` (the parent's ``preexec_fn``) makes the kernel SIGKILL the worker when
 the thread that spawned it dies, so a SIGKILLed daemon leaves no orphan training.
 """
 from __future__ import annotations
@@ -38,9 +38,8 @@ import traceback
 from pathlib import Path
 from typing import IO, Any
 
-from daemon.diskfull import disk_error
-
-from trainer.interface import Command, JobResult, JobSpec, Outcome, QueueControl
+from core.diskfull import disk_error
+from core.interface import Command, JobResult, JobSpec, Outcome, QueueControl, ends_worker
 
 log = logging.getLogger("trainer.worker")
 
@@ -161,12 +160,6 @@ def run_job(job_file: Path, sink: Any, control: QueueControl, trainer: Any = Non
         return JobResult(Outcome.FAILED, reason=f"worker error: {type(exc).__name__}: {exc}",
                          details={"exception": type(exc).__name__,
                                   "traceback": traceback.format_exc()[-4000:]})
-
-
-def ends_worker(result: JobResult) -> bool:
-    """A result after which a serving worker exits: its process may be in a bad state."""
-    d = result.details or {}
-    return bool(d.get("crash") or d.get("oom") or d.get("exception") or d.get("disk_full"))
 
 
 class Serving:

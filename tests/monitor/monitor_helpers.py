@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from daemon_helpers import REPO, Home, alive, env_for, wait_for
-from daemon.paths import Layout
+from core.paths import Layout
 
 REQ = {"X-Trainer-Request": "1"}
 

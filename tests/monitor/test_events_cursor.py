@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from daemon.config import MonitorConfig
-from daemon.paths import Layout
+from core.config import MonitorConfig
+from core.paths import Layout
 from monitor.routes_events import _changes, _Cursor
 from monitor.services import Services
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from daemon.paths import Layout
+from core.paths import Layout
 from daemon.status import StatusBoard, metrics_files
 from daemon_helpers import text_records, wait_for, write_jsonl
 from monitor.readers import MetricsIndex

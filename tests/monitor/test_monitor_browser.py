@@ -307,7 +307,7 @@ def test_token_from_the_address_bar(browser, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_every_panel_has_data_during_a_real_tiny_training_run(browser, tmp_path: Path) -> None:
     """The real QLoRA worker on the tiny base: loss, lr, tokens/s and layer activity all live."""
-    from trainer.generator import generate_records
+    from daemon.generator import generate_records
     from trainer.tiny_base import build_tiny_base
 
     base = build_tiny_base(tmp_path / "tiny-base")

@@ -9,9 +9,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from daemon.paths import Layout
-from daemon.statedb import StateDB
-from daemon.states import JobState
+from core.paths import Layout
+from core.statedb import StateDB
+from core.states import JobState
 from monitor_helpers import Monitor, make_home
 
 XSS = "<img src=x onerror=alert(1)>"

@@ -42,7 +42,7 @@ def _up(port: int) -> bool:
 
 
 def test_monitor_never_imports_torch() -> None:
-    code = ("import sys, monitor.app, monitor.__main__; from daemon.paths import Layout; "
+    code = ("import sys, monitor.app, monitor.__main__; from core.paths import Layout; "
             "monitor.app.create_app(Layout.from_env('/nonexistent-home')); "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer', 'transformers', 'peft')); "
             "print(bad); sys.exit(1 if bad else 0)")

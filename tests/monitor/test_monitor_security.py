@@ -13,9 +13,9 @@ from typing import Iterator
 import httpx
 import pytest
 
-from daemon.paths import Layout
-from daemon.statedb import StateDB
-from daemon.states import JobState
+from core.paths import Layout
+from core.statedb import StateDB
+from core.states import JobState
 from monitor_helpers import REQ, Monitor, make_home
 
 LIMIT = 1000
@@ -227,7 +227,7 @@ STATIC_TRAVERSALS = ["/../pyproject.toml", "/..%2fpyproject.toml", "/%2e%2e/pypr
                      "/vendor/../../pyproject.toml", "/vendor/..%2f..%2fpyproject.toml",
                      "/vendor/%2e%2e/%2e%2e/pyproject.toml", "//etc/passwd", "/%2fetc%2fpasswd",
                      "/..%5cpyproject.toml", "/index.html/../../pyproject.toml",
-                     "/../monitor/app.py", "/%2e%2e/daemon/config.py", "/vendor/", "/vendor",
+                     "/../monitor/app.py", "/%2e%2e/core/config.py", "/vendor/", "/vendor",
                      "/.git/config", "/../config.json"]
 
 

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 import torch
 
-from daemon.config import Config, config_to_dict
-from daemon.lock import DaemonLock
-from daemon.paths import Layout
-from daemon.statedb import StateDB
-from trainer.consolidate import (CONSOLIDATION_META, ConsolidationError, consolidate, lineage,
+from core.config import Config, config_to_dict
+from core.lock import DaemonLock
+from core.paths import Layout
+from core.statedb import StateDB
+from ops.consolidate import (CONSOLIDATION_META, ConsolidationError, consolidate, lineage,
                                  recover_consolidation, snapshot_now)
-from trainer.generator import generate_records
-from trainer.interface import Outcome
+from daemon.generator import generate_records
+from core.interface import Outcome
 from trainer.model import base_fingerprint
 from trainer.recipe import QLoRATrainer
 from trainer.train import make_job
@@ -305,7 +305,7 @@ from pathlib import Path
 import torch, transformers, peft, safetensors.torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 from peft import PeftModel
-from trainer.consolidate import consolidate
+from ops.consolidate import consolidate
 kids = {}
 for stage, home, marker in json.loads(sys.argv[1]):
     pid = os.fork()

@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from daemon.atomic import default_file_mode
-from daemon.config import Config, config_to_dict
-from trainer.generator import generate_records
-from trainer.interface import Outcome
+from core.atomic import default_file_mode
+from core.config import Config, config_to_dict
+from daemon.generator import generate_records
+from core.interface import Outcome
 from trainer.recipe import QLoRATrainer
 from trainer.train import make_job
 from trainer_helpers import ListSink, NoControl

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.validation import validate_file
+from core.validation import validate_file
 from trainer.data import load_examples
-from trainer.generator import KINDS, generate_records, write_jsonl_atomic
+from daemon.generator import KINDS, generate_records, write_jsonl_atomic
 
 
 @pytest.mark.parametrize("kind", KINDS)

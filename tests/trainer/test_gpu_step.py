@@ -20,11 +20,11 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from daemon.config import Config, ConfigError, config_to_dict, load_config
+from core.config import Config, ConfigError, config_to_dict, load_config
 from trainer import model as model_mod
 from trainer import recipe as recipe_mod
-from trainer.generator import generate_records
-from trainer.interface import Outcome
+from daemon.generator import generate_records
+from core.interface import Outcome
 from trainer.model import base_parameter_count, compute_dtype, resolve_precision, want_gradient_checkpointing
 from trainer.recipe import QLoRATrainer, _RecipeRun
 from trainer.train import make_job

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.config import Config, config_to_dict
-from trainer.generator import generate_records
-from trainer.interface import Outcome
+from core.config import Config, config_to_dict
+from daemon.generator import generate_records
+from core.interface import Outcome
 from trainer.layer_activity import lora_delta_norm
 from trainer.recipe import QLoRATrainer
 from trainer.train import make_job

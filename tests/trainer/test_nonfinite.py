@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from daemon.config import Config, config_to_dict
+from core.config import Config, config_to_dict
 from trainer import adapter_store
-from trainer.generator import generate_records
-from trainer.interface import Outcome
+from daemon.generator import generate_records
+from core.interface import Outcome
 from trainer.recipe import QLoRATrainer, _RecipeRun
 from trainer.train import make_job
 from trainer_helpers import ListSink, NoControl, StopAfter

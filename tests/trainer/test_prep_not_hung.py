@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from daemon.config import Config, config_to_dict
+from core.config import Config, config_to_dict
 from trainer.data import load_examples
-from trainer.interface import Command, Outcome
-from trainer.subprocess_trainer import SubprocessTrainer
+from core.interface import Command, Outcome
+from daemon.subprocess_trainer import SubprocessTrainer
 from trainer.train import make_job
 from test_worker import ListControl, Recorder
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Config, config_to_dict
-from daemon.ctl import describe_preparing
+from core.config import Config, config_to_dict
+from ops.ctl import describe_preparing
 from trainer import tokencache
-from trainer.generator import generate_records
-from trainer.interface import Outcome
+from daemon.generator import generate_records
+from core.interface import Outcome
 from trainer.recipe import QLoRATrainer, _RecipeRun
 from trainer.train import make_job
 from trainer_helpers import ListSink, NoControl

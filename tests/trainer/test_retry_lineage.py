@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from daemon.config import Config, config_to_dict
-from trainer.generator import generate_records
-from trainer.interface import Outcome
+from core.config import Config, config_to_dict
+from daemon.generator import generate_records
+from core.interface import Outcome
 from trainer.recipe import QLoRATrainer
 from trainer.train import make_job
 from trainer_helpers import ListSink, NoControl, StopAfter

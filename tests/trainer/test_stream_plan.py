@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from daemon.config import Config, config_to_dict
+from core.config import Config, config_to_dict
 from trainer import plan as plan_mod
 from trainer import tokencache
-from trainer.generator import generate_records
-from trainer.interface import Outcome
+from daemon.generator import generate_records
+from core.interface import Outcome
 from trainer.recipe import QLoRATrainer
 from trainer.train import make_job
 from trainer_helpers import ListSink, NoControl, StopAfter

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.config import Config, config_to_dict
-from daemon.paths import Layout
+from core.config import Config, config_to_dict
+from core.paths import Layout
 from trainer import tokencache
 from trainer.data import load_examples
-from trainer.generator import generate_records
-from trainer.interface import Outcome
+from daemon.generator import generate_records
+from core.interface import Outcome
 from trainer.recipe import QLoRATrainer
 from trainer.train import make_job
 from trainer_helpers import ListSink, NoControl, StopAfter

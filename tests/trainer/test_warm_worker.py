@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.generator import generate_records
-from trainer.interface import Command, JobSpec, Outcome
-from trainer.subprocess_trainer import SubprocessTrainer
+from daemon.generator import generate_records
+from core.interface import Command, JobSpec, Outcome
+from daemon.subprocess_trainer import SubprocessTrainer
 from trainer.train import make_job
 from trainer.worker import Serving
 

@@ -12,10 +12,10 @@ from typing import Any, Callable
 
 import pytest
 
-from daemon.config import Config, config_to_dict
-from trainer.generator import generate_records
-from trainer.interface import Command, Outcome
-from trainer.subprocess_trainer import SubprocessTrainer
+from core.config import Config, config_to_dict
+from daemon.generator import generate_records
+from core.interface import Command, Outcome
+from daemon.subprocess_trainer import SubprocessTrainer
 from trainer.train import make_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,7 +180,7 @@ def test_hung_worker_is_killed_after_timeout(job) -> None:
 def test_worker_dies_with_its_parent(tmp_path: Path) -> None:
     """PR_SET_PDEATHSIG: a SIGKILLed parent (the daemon) leaves no orphan behind."""
     code = ("import subprocess, sys, time\n"
-            "from daemon.pdeathsig import set_pdeathsig\n"
+            "from core.pdeathsig import set_pdeathsig\n"
             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=set_pdeathsig)\n"
             "print(p.pid, flush=True)\n"
             "time.sleep(60)\n")

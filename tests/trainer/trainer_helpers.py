@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from trainer.interface import Command
+from core.interface import Command
 
 
 class ListSink:

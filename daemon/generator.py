@@ -22,7 +22,8 @@ import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
-from daemon.atomic import atomic_write
+
+from core.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def generate_records(count: int, *, seed: int | None = None, kind: str = "arithm
 def write_jsonl_atomic(records: Iterable[dict], out_dir: Path, *, prefix: str = "autogen") -> Path:
     """Write *records* as ``out_dir/PREFIX_<utc timestamp>_<pid>_<rand>.jsonl``, atomically.
 
-    Through daemon.atomic.atomic_write: a hidden temp name (ignored by the inbox), fsync,
+    Through core.atomic.atomic_write: a hidden temp name (ignored by the inbox), fsync,
     rename, fsync of the directory. A failed write leaves no file behind.
     """
     out_dir = Path(out_dir)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from daemon.diskfull import is_disk_full
-from daemon.states import JobState, Priority
+from core.diskfull import is_disk_full
+from core.states import JobState, Priority
 
 log = logging.getLogger("trainerd.statedb")
 T = TypeVar("T")

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from daemon.paths import Layout
+from core.paths import Layout
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -58,7 +58,7 @@ class DailyFileHandler(logging.Handler):
             self._torn = False
             self.dropped = 0
         except OSError as exc:
-            from daemon.diskfull import is_disk_full
+            from core.diskfull import is_disk_full
             if is_disk_full(exc):
                 self.dropped += 1           # said in the first line written once space is back
             else:

@@ -8,13 +8,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.atomic import read_json
-from daemon.config import ConfigError, describe_locked_diffs, load_config, locked_diffs
+from core.atomic import read_json
+from core.config import ConfigError, describe_locked_diffs, load_config, locked_diffs
+from core.lock import daemon_running
+from core.paths import Layout
+from core.statedb import StateDB
+from core.states import FOLDER_STATES
 from daemon.fsqueue import FsQueue
-from daemon.lock import daemon_running
-from daemon.paths import Layout
-from daemon.statedb import StateDB
-from daemon.states import JobState
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -65,7 +65,7 @@ def run_checks(layout: Layout) -> list[Finding]:
                                if diffs else f"{len(recorded)} recorded, config.json agrees"))
         if cfg is not None:
             out.append(_check_base(layout, cfg))
-        if db is not None and all(layout.state_dir(s).is_dir() for s in JobState):
+        if db is not None and all(layout.state_dir(s).is_dir() for s in FOLDER_STATES):
             fixes = FsQueue(layout, db).reconcile(dry_run=True)
             stuck = [f for f in fixes if "interrupted in processing/" in f]
             other = [f for f in fixes if f not in stuck]
@@ -115,7 +115,7 @@ def _mib(n: int) -> str:
 
 def _check_sizes(layout: Layout, cfg: Any) -> Finding:
     """What grows with use, against its retention setting (daemon/retention.py, daemon/status.py)."""
-    from daemon.config import Config
+    from core.config import Config
     from daemon.status import metrics_files
 
     def setting(key: str) -> Any:

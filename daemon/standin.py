@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from daemon.validation import iter_records
-from trainer.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
+from core.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
+from core.validation import iter_records
 
 
 class StandInTrainer:

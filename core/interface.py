@@ -139,3 +139,9 @@ class Trainer(Protocol):
     name: str
 
     def run(self, job: JobSpec, sink: EventSink, control: ControlSource) -> JobResult: ...
+
+
+def ends_worker(result: JobResult) -> bool:
+    """A result after which a serving worker exits: its process may be in a bad state."""
+    d = result.details or {}
+    return bool(d.get("crash") or d.get("oom") or d.get("exception") or d.get("disk_full"))

@@ -1,8 +1,9 @@
 """Job states and the allowed transitions, in one table (stdlib only).
 
-Each state except ``duplicate``/``removed`` is a folder under ``queue/``; a transition is one
-``os.rename`` between folders, checked here first. Like supervisor's process states and rq's
-JobStatus: nothing moves a job without ``check_transition``.
+Each state but ``missing`` is a folder under ``queue/`` (``FOLDER_STATES``); a transition between
+them is one ``os.rename``, checked here first. ``missing`` is recorded (state.db only) when a
+job's file vanished from its folder behind trainerd's back; nothing leaves it. Like supervisor's
+process states and rq's JobStatus: nothing changes a job's state without ``check_transition``.
 """
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ class JobState(str, enum.Enum):
     PROCESSING = "processing"
     DONE = "done"
     FAILED = "failed"
+    MISSING = "missing"       # state.db only: the file vanished from its folder (not by trainerd)
 
     @property
     def folder(self) -> str:
+        if self is JobState.MISSING:
+            raise ValueError("a missing job has no queue folder")
         return self.value
 
 
@@ -26,13 +30,16 @@ class Priority(str, enum.Enum):
     LOW = "low"
 
 
-# from-state -> allowed to-states. Entering the queue (inbox -> pending/failed) is `ACCEPT`.
+# from-state -> allowed to-states. Entering the queue (inbox -> pending/failed/done) is `ACCEPT`.
+_M = JobState.MISSING
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.PENDING: frozenset({JobState.PROCESSING, JobState.FAILED}),
-    JobState.PROCESSING: frozenset({JobState.DONE, JobState.FAILED, JobState.PENDING}),
-    JobState.DONE: frozenset(),
-    JobState.FAILED: frozenset({JobState.PENDING}),
+    JobState.PENDING: frozenset({JobState.PROCESSING, JobState.FAILED, _M}),
+    JobState.PROCESSING: frozenset({JobState.DONE, JobState.FAILED, JobState.PENDING, _M}),
+    JobState.DONE: frozenset({_M}),
+    JobState.FAILED: frozenset({JobState.PENDING, _M}),
+    JobState.MISSING: frozenset(),
 }
+FOLDER_STATES: tuple[JobState, ...] = tuple(s for s in JobState if s is not _M)
 ACCEPT: frozenset[JobState] = frozenset({JobState.PENDING, JobState.FAILED, JobState.DONE})
 
 

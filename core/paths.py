@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.states import JobState
+from core.states import FOLDER_STATES, JobState
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,6 +68,6 @@ class Layout:
     def stop_flag(self) -> Path: return self.home / ".stop"
 
     def ensure(self) -> None:
-        for d in (self.inbox, *(self.state_dir(s) for s in JobState), self.status_dir,
+        for d in (self.inbox, *(self.state_dir(s) for s in FOLDER_STATES), self.status_dir,
                   self.logs, self.control, self.snapshots, self.consolidated, self.checkpoints):
             d.mkdir(parents=True, exist_ok=True)

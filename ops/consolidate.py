@@ -28,7 +28,7 @@ deletes a non-hidden base folder: no base is ever deleted (a rolled-back consoli
 its complete, verified folder unused).
 
 Exclusion: ``status/.consolidation.lock`` (flock) serialises consolidate/recover; consolidate
-also holds the daemon lock (see daemon/lock.py) while it runs, so no daemon starts (or trains) mid-way.
+also holds the daemon lock (see core/lock.py) while it runs, so no daemon starts (or trains) mid-way.
 Called from inside the daemon process itself (``.daemon.pid`` is our pid) the daemon lock is
 the caller's already, and the caller must not train at the same time.
 
@@ -38,54 +38,56 @@ stage, so a test can SIGKILL it exactly there. Stages: see ``PAUSE_STAGES``.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import os
 import shutil
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.atomic import atomic_write_json, durable_rename, fsync_dir, fsync_tree, give_default_modes, read_json
-from daemon.config import base_model_value, locked_namespace, set_base_model
-from daemon.diskfull import is_disk_full
-from daemon.lock import AlreadyRunning, DaemonLock, read_pid
-from daemon.paths import Layout
+from core.atomic import (atomic_write_json, durable_rename, fsync_dir, fsync_tree, give_default_modes,
+                         read_json)
+from core.config import base_model_value, set_base_model
+from core.diskfull import is_disk_full
+from core.lock import AlreadyRunning, DaemonLock, read_pid
+from core.paths import Layout
+from core.switch import (  # noqa: F401 (re-exported)
+    BACKUP_SUFFIX,
+    CONSOLIDATION_META,
+    JOURNAL_NAME,
+    LOCK_NAME,
+    ConsolidationError,
+    add_event,
+    consolidation_lock,
+    dataset_entries,
+    ensure_locked_base,
+    flock_nb,
+    journal_path,
+    now_iso,
+    read_config_raw,
+    recover_consolidation,
+    recover_locked,
+    resolve_path,
+    roll_back,
+    roll_forward,
+    write_backup_meta,
+)
+from trainer.merge import load_full_precision, max_diff, merge, probe as probe_logits
 
-log = logging.getLogger("trainer.consolidate")
+log = logging.getLogger("ops.consolidate")
 
-CONSOLIDATION_META = "consolidation.json"
-JOURNAL_NAME = "consolidation.json"          # under status/
-LOCK_NAME = ".consolidation.lock"            # under status/
-BACKUP_SUFFIX = "__pre-consolidation"
 PAUSE_ENV = "TRAINER_CONSOLIDATE_PAUSE_AT"
 PAUSE_MARKER_ENV = "TRAINER_CONSOLIDATE_PAUSE_MARKER"
 PAUSE_STAGES = ("merged", "tmp_written", "published", "journal_written", "current_moved",
                 "config_written", "db_updated")
 DEFAULT_TOLERANCE = 1e-4
 
-# A fixed probe batch: short plain and chat-shaped texts, each run on its own (no padding).
-PROBE_TEXTS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "<|im_start|>user\nWhat is 12 plus 7?<|im_end|>\n<|im_start|>assistant\n19<|im_end|>\n",
-    "Once upon a time, in a small village by the sea, there lived",
-    "def add(a, b):\n    return a + b\n",
-)
-
-
-class ConsolidationError(RuntimeError):
-    """Consolidation refused or failed; the message says why (state is left as it was)."""
 
 
 # ============================================================================ small helpers
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
 
 def _stamp() -> str:
     return datetime.now().strftime("%Y%m%d_%H%M%S")
@@ -98,13 +100,6 @@ def _unique(parent: Path, name: str) -> Path:
         cand = parent / f"{name}-{n}"
         n += 1
     return cand
-
-
-def _resolve(home: Path, raw: str | os.PathLike[str] | None) -> Path | None:
-    if not raw:
-        return None
-    p = Path(raw).expanduser()
-    return p if p.is_absolute() else Path(home) / p
 
 
 def _config_value(path: Path, home: Path) -> str:
@@ -124,31 +119,6 @@ def _pause_point(home: Path, stage: str) -> None:
     log.warning("paused at stage %s (test hook %s); waiting to be killed", stage, PAUSE_ENV)
     while True:
         time.sleep(3600)
-
-
-def _flock(path: Path) -> int | None:
-    """A non-blocking exclusive flock on *path*: the fd, or None when another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise
-    return fd
-
-
-@contextmanager
-def _consolidation_lock(home: Path) -> Iterator[bool]:
-    """Hold status/.consolidation.lock; yields False (holding nothing) if another process has it."""
-    fd = _flock(Layout(Path(home)).status_dir / LOCK_NAME)
-    try:
-        yield fd is not None
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 @contextmanager
@@ -179,30 +149,10 @@ def _daemon_lock_free(home: Path) -> int | None:
         return None
 
 
-def _read_config_raw(home: Path) -> dict[str, Any]:
-    path = Layout(Path(home)).config
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except ValueError as exc:
-        raise ConsolidationError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConsolidationError(f"{path} must hold a JSON object")
-    return raw
-
-
 def _fingerprint_cache(home: Path) -> Path:
     from trainer.model import FINGERPRINT_CACHE_NAME
 
     return Layout(Path(home)).checkpoints / FINGERPRINT_CACHE_NAME
-
-
-def _dataset_entries(state: dict[str, Any]) -> list[dict[str, Any]]:
-    keep = ("name", "sha256", "job_id", "steps", "final_loss", "eval_loss", "examples",
-            "trained_tokens", "completed_at")
-    return [{k: d.get(k) for k in keep if k in d} for d in (state.get("datasets") or [])
-            if isinstance(d, dict)]
 
 
 # ============================================================================ snapshots
@@ -262,9 +212,9 @@ def snapshot_now(home: Path, description: str) -> Path:
             meta = {"kind": "manual", "description": description,
                     "base_model": state.get("base_model"),
                     "base_fingerprint": state.get("base_fingerprint"),
-                    "datasets": _dataset_entries(state),
+                    "datasets": dataset_entries(state),
                     "total_steps": state.get("total_steps"),
-                    "source": str(cur), "snapshot_time": _now_iso()}
+                    "source": str(cur), "snapshot_time": now_iso()}
             snap = adapter_store.write_snapshot(home, "manual", private, meta)
         except adapter_store.NonFiniteAdapter as exc:   # not a race: no retry makes it finite
             raise ConsolidationError(f"{cur}: {exc}") from exc
@@ -286,215 +236,6 @@ def snapshot_now(home: Path, description: str) -> Path:
 
 
 # ============================================================================ recovery
-
-def _journal_path(home: Path) -> Path:
-    return Layout(Path(home)).status_dir / JOURNAL_NAME
-
-
-def _ensure_locked_base(home: Path, value: str) -> bool:
-    """state.db's locked base_model = *value*; True if it had to change."""
-    from daemon.statedb import StateDB
-
-    ns = locked_namespace(_read_config_raw(home))
-    db = StateDB(Layout(Path(home)).state_db)
-    try:
-        if db.locked(ns).get("base_model") == value:
-            return False
-        db.unlock("base_model", ns)
-        db.record_locked({"base_model": value}, ns)
-        return True
-    finally:
-        db.close()
-
-
-def _add_event(home: Path, kind: str, message: str, data: dict[str, Any] | None = None,
-               level: str = "info") -> None:
-    from daemon.statedb import StateDB
-
-    try:
-        db = StateDB(Layout(Path(home)).state_db)
-        try:
-            db.add_event(kind, message, level=level, data=data)
-        finally:
-            db.close()
-    except Exception as exc:  # noqa: BLE001 - an event is a courtesy, never a failure
-        log.warning("could not record event %s: %s", kind, exc)
-
-
-def _write_backup_meta(backup: Path, journal: dict[str, Any]) -> None:
-    from trainer.adapter_store import SNAPSHOT_META, TRAINER_STATE
-
-    if not backup.is_dir() or (backup / SNAPSHOT_META).is_file():
-        return
-    state = read_json(backup / TRAINER_STATE, {}) or {}
-    atomic_write_json(backup / SNAPSHOT_META, {
-        "kind": "pre-consolidation", "description": journal.get("description"),
-        "consolidated_into": journal.get("new_base"),
-        "consolidated_fingerprint": journal.get("new_fingerprint"),
-        "base_model": state.get("base_model"), "base_fingerprint": state.get("base_fingerprint"),
-        "datasets": _dataset_entries(state), "total_steps": state.get("total_steps"),
-        "created_at": journal.get("started_at") or _now_iso()})
-
-
-def _roll_forward(home: Path, journal: dict[str, Any]) -> None:
-    """config.json names the new base: finish steps b, d, e of the switch."""
-    layout = Layout(Path(home))
-    backup = _resolve(home, journal["backup"])
-    assert backup is not None
-    cur = layout.current_model
-    if cur.exists() and not backup.exists():
-        durable_rename(cur, backup)
-    elif cur.exists():
-        # Cannot happen through consolidate (b precedes c); a newer adapter is kept, never lost.
-        log.warning("roll forward: both %s and %s exist; keeping both", cur, backup)
-    _ensure_locked_base(home, journal["new_base"])
-    _write_backup_meta(backup, journal)
-
-
-def _roll_back(home: Path, journal: dict[str, Any]) -> None:
-    """config.json still names the old base: the adapter goes back to current_model/."""
-    layout = Layout(Path(home))
-    backup = _resolve(home, journal["backup"])
-    assert backup is not None
-    if not layout.current_model.exists() and backup.is_dir():
-        durable_rename(backup, layout.current_model)
-
-
-def _recover_locked(home: Path) -> str | None:
-    layout = Layout(Path(home))
-    actions: list[str] = []
-    jpath = _journal_path(home)
-    journal = read_json(jpath) if jpath.exists() else None
-    if jpath.exists() and not isinstance(journal, dict):
-        journal = None
-        log.error("unreadable consolidation journal %s: left in place for a human", jpath)
-    if journal is not None:
-        current = base_model_value(_read_config_raw(home))
-        if current == journal.get("new_base"):
-            _roll_forward(home, journal)
-            actions.append("rolled_forward")
-        else:
-            if current != journal.get("old_base"):
-                log.warning("config.json names %r, neither the old (%r) nor the new (%r) base of the "
-                            "interrupted consolidation; restoring the adapter",
-                            current, journal.get("old_base"), journal.get("new_base"))
-            _roll_back(home, journal)
-            actions.append("rolled_back")
-        jpath.unlink()
-        fsync_dir(jpath.parent)
-    if layout.consolidated.is_dir():
-        for p in sorted(layout.consolidated.glob(".tmp-*")):
-            shutil.rmtree(p, ignore_errors=True)
-            actions.append(f"removed {p.name}")
-        if any(a.startswith("removed") for a in actions):
-            fsync_dir(layout.consolidated)
-    if not actions:
-        return None
-    what = ", ".join(actions)
-    log.warning("consolidation recovery: %s", what)
-    if journal is not None:
-        _add_event(home, "consolidation_recovered",
-                   f"interrupted consolidation {actions[0].replace('_', ' ')}: new base "
-                   f"{journal.get('new_base')}, old base {journal.get('old_base')}",
-                   data={"actions": actions, "journal": journal}, level="warning")
-    return what
-
-
-def recover_consolidation(home: Path) -> str | None:
-    """Finish or undo an interrupted consolidation; what was done, or None if nothing was.
-
-    Returns None too (with a log line) when another process is consolidating right now.
-    """
-    home = Path(home)
-    with _consolidation_lock(home) as held:
-        if not held:
-            log.info("a consolidation is in progress in another process; recovery skipped")
-            return None
-        return _recover_locked(home)
-
-
-# ============================================================================ merge
-
-def _probe_inputs(tokenizer: Any) -> list[Any]:
-    import torch
-
-    out = []
-    for text in PROBE_TEXTS:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:64]
-        if ids:
-            out.append(torch.tensor([ids], dtype=torch.long))
-    if not out:
-        raise ConsolidationError("the base's tokenizer produced no tokens for the probe texts")
-    return out
-
-
-def _probe(model: Any, inputs: list[Any]) -> list[Any]:
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        return [model(input_ids=x, use_cache=False).logits.detach().float().clone() for x in inputs]
-
-
-def _max_diff(a: list[Any], b: list[Any]) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
-
-
-def _load_full_precision(path: Path) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
-    model.to("cpu")
-    model.eval()
-    return model
-
-
-def _check_adapter_loaded(peft_model: Any, adapter_dir: Path) -> None:
-    """The adapter's weights in the model are exactly those in the file (nothing silently missing)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from trainer.model import adapter_state_dict
-
-    on_disk = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    loaded = adapter_state_dict(peft_model)
-    if set(on_disk) != set(loaded):
-        missing = sorted(set(on_disk) ^ set(loaded))[:5]
-        raise ConsolidationError(f"adapter {adapter_dir} does not fit the base: keys differ ({missing})")
-    for k, v in on_disk.items():
-        if not torch.equal(v.float(), loaded[k].float()):
-            raise ConsolidationError(f"adapter weight {k} did not load as saved")
-
-
-def _merge(base: Path, adapter_dir: Path, tolerance: float) -> tuple[Any, Any, list[Any], list[Any], dict[str, float]]:
-    """(merged model, tokenizer, probe inputs, merged probe logits, probe numbers)."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
-    inputs = _probe_inputs(tokenizer)
-    model = _load_full_precision(base)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    peft_model.eval()
-    _check_adapter_loaded(peft_model, adapter_dir)
-    with peft_model.disable_adapter():
-        base_logits = _probe(peft_model, inputs)
-    unmerged = _probe(peft_model, inputs)
-    merged = peft_model.merge_and_unload()
-    merged.eval()
-    merged_logits = _probe(merged, inputs)
-    diff = _max_diff(unmerged, merged_logits)
-    effect = _max_diff(base_logits, unmerged)
-    numbers = {"max_abs_diff": diff, "tolerance": tolerance, "adapter_effect_max_abs": effect,
-               "texts": len(inputs), "tokens": int(sum(x.numel() for x in inputs))}
-    log.info("probe: merged vs base+adapter max |diff| %.3g (tolerance %.3g); adapter effect %.3g",
-             diff, tolerance, effect)
-    if not diff <= tolerance:  # also catches NaN
-        raise ConsolidationError(f"merged model does not reproduce base+adapter: probe max |diff| "
-                                 f"{diff:.3g} > tolerance {tolerance:.3g}; nothing was changed")
-    return merged, tokenizer, inputs, merged_logits, numbers
-
 
 # ============================================================================ consolidate
 
@@ -520,11 +261,11 @@ def consolidate(home: Path, config: dict[str, Any], description: str, *,
     home = Path(home).resolve()
     layout = Layout(home)
     t0 = time.monotonic()
-    with _consolidation_lock(home) as held:
+    with consolidation_lock(home) as held:
         if not held:
             raise ConsolidationError("another consolidation is running in this home")
         with _daemon_lock(home):
-            _recover_locked(home)
+            recover_locked(home)
 
             # ---- 1. what is merged into what
             cur, state = adapter_store.read_current(home)
@@ -549,19 +290,19 @@ def consolidate(home: Path, config: dict[str, Any], description: str, *,
                     f"the adapter in current_model/ was trained on base {recorded_base} (fingerprint "
                     f"{recorded_fp}), but the configured base is {base} (fingerprint {fingerprint}); "
                     f"refusing to merge it into a different base")
-            datasets = _dataset_entries(state)
+            datasets = dataset_entries(state)
             manifest = json.loads((cur / MANIFEST).read_text(encoding="utf-8"))["files"]
             adapter_cfg = json.loads((cur / "adapter_config.json").read_text(encoding="utf-8"))
-            old_value = base_model_value(_read_config_raw(home))
-            if old_value is not None and _resolve(home, old_value) is not None \
-                    and _resolve(home, old_value).resolve() != base:  # type: ignore[union-attr]
+            old_value = base_model_value(read_config_raw(home))
+            if old_value is not None and resolve_path(home, old_value) is not None \
+                    and resolve_path(home, old_value).resolve() != base:  # type: ignore[union-attr]
                 log.warning("config.json names base %r but the given config names %s; config.json "
                             "will name the new base", old_value, base)
             parent_value = _config_value(base, home)
             log.info("consolidating %s (%d datasets) into %s", cur, len(datasets), base)
 
             # ---- 2. merge in full precision, probe before/after
-            merged, tokenizer, inputs, merged_logits, probe = _merge(base, cur, probe_tolerance)
+            merged, tokenizer, inputs, merged_logits, probe = merge(base, cur, probe_tolerance)
             _pause_point(home, "merged")
 
             # ---- 3. write hidden, fsync, verify from disk, publish by one rename
@@ -577,7 +318,7 @@ def consolidate(home: Path, config: dict[str, Any], description: str, *,
                 del merged
                 new_fp = base_fingerprint(tmp, None)
                 meta = {
-                    "kind": "consolidation", "description": description, "created_at": _now_iso(),
+                    "kind": "consolidation", "description": description, "created_at": now_iso(),
                     "parent": {"path": parent_value, "abs_path": str(base), "fingerprint": fingerprint},
                     "adapters": [{"path": _config_value(cur, home), "lora": state.get("lora"),
                                   "peft_type": adapter_cfg.get("peft_type"), "r": adapter_cfg.get("r"),
@@ -597,8 +338,8 @@ def consolidate(home: Path, config: dict[str, Any], description: str, *,
                 fsync_dir(layout.consolidated)
                 _pause_point(home, "tmp_written")
                 try:
-                    reloaded = _load_full_precision(tmp)
-                    reload_diff = _max_diff(merged_logits, _probe(reloaded, inputs))
+                    reloaded = load_full_precision(tmp)
+                    reload_diff = max_diff(merged_logits, probe_logits(reloaded, inputs))
                     del reloaded
                 except Exception as exc:  # noqa: BLE001 - any failure to reload is a failed verification
                     reload_diff, reload_exc = float("nan"), exc
@@ -628,20 +369,20 @@ def consolidate(home: Path, config: dict[str, Any], description: str, *,
             journal = {"stage": "switching", "new_base": new_value, "old_base": old_value,
                        "new_fingerprint": new_fp, "old_fingerprint": fingerprint,
                        "backup": _config_value(backup, home), "description": description,
-                       "started_at": _now_iso(), "pid": os.getpid()}
+                       "started_at": now_iso(), "pid": os.getpid()}
             layout.status_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(_journal_path(home), journal)
+            atomic_write_json(journal_path(home), journal)
             _pause_point(home, "journal_written")
             durable_rename(cur, backup)
             _pause_point(home, "current_moved")
-            raw = _read_config_raw(home)
+            raw = read_config_raw(home)
             set_base_model(raw, new_value)                     # where it takes effect (preset)
             atomic_write_json(layout.config, raw)              # the commit point
             _pause_point(home, "config_written")
-            _ensure_locked_base(home, new_value)
+            ensure_locked_base(home, new_value)
             _pause_point(home, "db_updated")
-            _write_backup_meta(backup, journal)
-            _journal_path(home).unlink()
+            write_backup_meta(backup, journal)
+            journal_path(home).unlink()
             fsync_dir(layout.status_dir)
 
     result = {"new_base": new_value, "new_base_path": str(final), "fingerprint": new_fp,
@@ -651,7 +392,7 @@ def consolidate(home: Path, config: dict[str, Any], description: str, *,
               "adapter_effect_max_abs": probe["adapter_effect_max_abs"],
               "reload_max_abs_diff": reload_diff, "datasets": datasets,
               "description": description, "seconds": round(time.monotonic() - t0, 3)}
-    _add_event(home, "consolidated",
+    add_event(home, "consolidated",
                f"consolidated {len(datasets)} dataset(s) into new base {new_value} "
                f"(probe max |diff| {probe['max_abs_diff']:.2g}); adapter backed up to "
                f"{_config_value(backup, home)}: {description}", data=result)
@@ -678,10 +419,10 @@ def lineage(home: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
                     "base_fingerprint": state.get("base_fingerprint"),
                     "description": "live adapter (current_model/)",
                     "created_at": state.get("updated_at"), "total_steps": state.get("total_steps"),
-                    "datasets": _dataset_entries(state)})
+                    "datasets": dataset_entries(state)})
 
     raw = config.get("base_model")
-    path = _resolve(home, raw)
+    path = resolve_path(home, raw)
     known_fp: str | None = None
     seen: set[str] = set()
     while path is not None:
@@ -701,7 +442,7 @@ def lineage(home: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(entry)
             parent = meta.get("parent") or {}
             known_fp = parent.get("fingerprint")
-            path = _resolve(home, parent.get("path")) or _resolve(home, parent.get("abs_path"))
+            path = resolve_path(home, parent.get("path")) or resolve_path(home, parent.get("abs_path"))
             if path is not None and not path.exists() and parent.get("abs_path"):
                 path = Path(parent["abs_path"])
             continue

@@ -1,7 +1,7 @@
 """config.json: flat settings, validated on load, every problem gathered into one message.
 
 Locked keys are recorded in state.db the first time a job uses them; a later edit of one is
-refused (see daemon/statedb.py ``check_locked``) until ``trainer-ctl config unlock KEY``.
+refused (see core/statedb.py ``check_locked``) until ``trainer-ctl config unlock KEY``.
 """
 from __future__ import annotations
 

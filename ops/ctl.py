@@ -19,15 +19,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from daemon import control as ctl
-from daemon.atomic import atomic_write_json, durable_rename, fsync_dir
-from daemon.diskfull import MIB, describe as describe_disk, free_bytes, is_disk_full
-from daemon.config import LOCKED_KEYS, Config, ConfigError, base_model_value, load_config, locked_namespace
-from daemon.fsqueue import ERROR_SUFFIX, FsQueue, Intake, QueueError, safe_name
-from daemon.lock import AlreadyRunning, DaemonLock, daemon_running
-from daemon.paths import Layout
-from daemon.statedb import StateDB
-from daemon.states import JobState, Priority
+from core.atomic import atomic_write_json, durable_rename, fsync_dir
+from core.config import LOCKED_KEYS, Config, ConfigError, base_model_value, load_config, locked_namespace
+from core.diskfull import MIB, describe as describe_disk, free_bytes, is_disk_full
+from core.lock import daemon_running
+from core.paths import Layout
+from core.statedb import StateDB
+from core.states import JobState, Priority
+from daemon import control as ctl, queueops
+from daemon.fsqueue import ERROR_SUFFIX, safe_name
 from daemon.status import read_status
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_DOWN, EXIT_TIMEOUT = 0, 1, 2, 3, 4
@@ -142,42 +142,13 @@ def cmd_training(layout: Layout, args: argparse.Namespace) -> int:
 
 
 # ---- queue ------------------------------------------------------------------------------------
-def _lock_unless_daemon(layout: Layout, wait_s: float = 60.0) -> DaemonLock | None:
-    """The daemon lock if no daemon runs (waiting out another trainer-ctl holding it), else None."""
-    deadline = time.monotonic() + wait_s
-    while not daemon_running(layout):
-        try:
-            return DaemonLock(layout).acquire(wait_s=0.5)
-        except AlreadyRunning:
-            if time.monotonic() > deadline:
-                raise
-    return None
-
-
-def _direct_or_send(layout: Layout, command: str, direct, **cargs: Any) -> int:
-    """Apply a queue change through the daemon if it runs, else directly under the daemon lock."""
-    try:
-        lock = _lock_unless_daemon(layout)
-    except AlreadyRunning:
-        _err("the base dir stayed locked by another trainer-ctl operation for a minute; try again")
+def _submit(layout: Layout, command: str, **args: Any) -> int:
+    """A queue operation, through the daemon if it runs, else applied here under its lock."""
+    reply = queueops.submit(layout, command, args, source="cli", timeout=REPLY_TIMEOUT_S)
+    print(reply.message) if reply.ok else _err(reply.message)
+    if reply.how in ("timeout", "busy"):
         return EXIT_TIMEOUT
-    if lock is None:
-        return send(layout, command, **cargs)
-    try:
-        layout.ensure()
-        db = StateDB(layout.state_db)
-        try:
-            queue = FsQueue(layout, db)
-            queue.reconcile()        # what the daemon would do at start, so rows match files
-            ok, msg = direct(queue)
-        except QueueError as exc:
-            ok, msg = False, str(exc)
-        finally:
-            db.close()
-    finally:
-        lock.release()
-    print(msg) if ok else _err(msg)
-    return EXIT_OK if ok else EXIT_FAIL
+    return EXIT_OK if reply.ok else EXIT_FAIL
 
 
 def cmd_queue_add(layout: Layout, args: argparse.Namespace) -> int:
@@ -192,25 +163,17 @@ def cmd_queue_add(layout: Layout, args: argparse.Namespace) -> int:
     layout.inbox.mkdir(parents=True, exist_ok=True)
     staged = f".{name}.{uuid.uuid4().hex[:8]}.part"      # ignored by the inbox watcher
     dst = layout.inbox / staged
-    intake = Intake(priority=Priority(args.priority), force=args.force, original_name=name)
-
-    def direct(q: FsQueue) -> tuple[bool, str]:
-        job = q.accept(dst, intake)
-        if job.state == JobState.PENDING.value:
-            return True, f"queued {name} as {job.name} (job {job.id}, priority {job.priority})"
-        return False, f"rejected {name}: {job.error} (kept as queue/failed/{job.name})"
     try:
         with open(src, "rb") as fin, open(dst, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
             fout.flush()
             os.fsync(fout.fileno())
         fsync_dir(layout.inbox)
-        rc = _direct_or_send(layout, "queue_add", direct, staged=staged, name=name,
-                             priority=args.priority, force=args.force)
+        rc = _submit(layout, "queue_add", staged=staged, name=name, priority=args.priority, force=args.force)
     except BaseException:
         dst.unlink(missing_ok=True)      # the user's file is untouched; drop our partial copy
         raise
-    if rc in (EXIT_DOWN, EXIT_USAGE):    # nobody took the staged copy: don't leave it behind
+    if rc == EXIT_TIMEOUT and not daemon_running(layout):   # nobody will take the staged copy
         dst.unlink(missing_ok=True)
     return rc
 
@@ -383,22 +346,15 @@ def cmd_queue_show(layout: Layout, args: argparse.Namespace) -> int:
 
 
 def cmd_queue_remove(layout: Layout, args: argparse.Namespace) -> int:
-    return _direct_or_send(layout, "queue_remove",
-                           lambda q: (True, f"removed {q.remove(args.name).name} (moved to failed/)"),
-                           name=args.name)
+    return _submit(layout, "queue_remove", name=args.name)
 
 
 def cmd_queue_retry(layout: Layout, args: argparse.Namespace) -> int:
-    return _direct_or_send(layout, "queue_retry",
-                           lambda q: (True, f"{q.retry(args.name, force=args.force).name} moved back to pending"),
-                           name=args.name, force=args.force)
+    return _submit(layout, "queue_retry", name=args.name, force=args.force)
 
 
 def cmd_queue_prioritize(layout: Layout, args: argparse.Namespace) -> int:
-    def direct(q: FsQueue) -> tuple[bool, str]:
-        job = q.prioritize(args.name, Priority(args.level))
-        return True, f"{job.name} priority is now {job.priority}"
-    return _direct_or_send(layout, "queue_prioritize", direct, name=args.name, level=args.level)
+    return _submit(layout, "queue_prioritize", name=args.name, level=args.level)
 
 
 # ---- config -----------------------------------------------------------------------------------
@@ -473,7 +429,7 @@ def cmd_init_base(layout: Layout, args: argparse.Namespace) -> int:
 
 
 def cmd_generate(layout: Layout, args: argparse.Namespace) -> int:
-    from trainer.generator import generate_records, write_jsonl_atomic
+    from daemon.generator import generate_records, write_jsonl_atomic
     out = Path(args.out) if args.out else layout.inbox
     out.mkdir(parents=True, exist_ok=True)
     path = write_jsonl_atomic(generate_records(args.count, seed=args.seed), out)
@@ -489,7 +445,7 @@ def _raw_config(layout: Layout) -> dict[str, Any]:
 
 
 def cmd_snapshot(layout: Layout, args: argparse.Namespace) -> int:
-    from trainer.consolidate import ConsolidationError, snapshot_now
+    from ops.consolidate import ConsolidationError, snapshot_now
     try:
         path = snapshot_now(layout.home, args.description)
     except ConsolidationError as exc:
@@ -502,7 +458,7 @@ def cmd_snapshot(layout: Layout, args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(layout: Layout, args: argparse.Namespace) -> int:
-    from trainer.consolidate import lineage
+    from ops.consolidate import lineage
     chain = lineage(layout.home, _raw_config(layout))
     if args.json:
         print(json.dumps(chain, indent=2, default=str))
@@ -521,7 +477,7 @@ def cmd_lineage(layout: Layout, args: argparse.Namespace) -> int:
 
 def cmd_consolidate(layout: Layout, args: argparse.Namespace) -> int:
     """Merge current_model/ into a new base. Needs no job mid-way; --pause makes it so."""
-    from trainer.consolidate import ConsolidationError, consolidate
+    from ops.consolidate import ConsolidationError, consolidate
     pid = daemon_running(layout)
     status = read_status(layout) or {}
     midway = sorted(p.name for p in layout.checkpoints.glob("job-*") if p.is_dir())
@@ -586,14 +542,7 @@ def cmd_preset(layout: Layout, args: argparse.Namespace) -> int:
         if not raw.get("presets"):
             print("no presets in config.json")
         return EXIT_OK
-    from daemon.presets import PresetError, switch_preset
-
-    def direct(_q: FsQueue) -> tuple[bool, str]:
-        try:
-            return True, switch_preset(layout, args.name)
-        except PresetError as exc:
-            return False, str(exc)
-    return _direct_or_send(layout, "preset_switch", direct, name=args.name)
+    return _submit(layout, "preset_switch", name=args.name)
 
 
 def cmd_monitor(layout: Layout, args: argparse.Namespace) -> int:
@@ -608,7 +557,7 @@ def cmd_monitor(layout: Layout, args: argparse.Namespace) -> int:
 
 # ---- health and logs ---------------------------------------------------------------------------
 def cmd_check(layout: Layout, args: argparse.Namespace) -> int:
-    from daemon.health import render, run_checks
+    from ops.health import render, run_checks
     findings = run_checks(layout)
     if args.json:
         print(json.dumps([f.to_json() for f in findings], indent=2))
@@ -618,7 +567,7 @@ def cmd_check(layout: Layout, args: argparse.Namespace) -> int:
 
 
 def cmd_logs(layout: Layout, args: argparse.Namespace) -> int:
-    from daemon.logsetup import daemon_log_path, tail_lines
+    from core.logsetup import daemon_log_path, tail_lines
     daily = daemon_log_path(layout)
     files = ([("daemon", daily)] if daily else []) + [("train", layout.training_log)]
     offsets: dict[Path, int] = {}

@@ -11,8 +11,8 @@ import fcntl
 import os
 import time
 
-from daemon.atomic import atomic_write
-from daemon.paths import Layout
+from core.atomic import atomic_write
+from core.paths import Layout
 
 
 class AlreadyRunning(RuntimeError):

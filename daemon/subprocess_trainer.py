@@ -43,10 +43,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.paths import Layout
-from trainer.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
-from daemon.pdeathsig import set_pdeathsig
-from trainer.worker import ends_worker
+from core.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome, ends_worker
+from core.paths import Layout
+from core.pdeathsig import set_pdeathsig
 
 log = logging.getLogger(__name__)
 
