@@ -28,7 +28,7 @@ from core.logsetup import daemon_log_path, tail_lines  # noqa: F401 (re-exported
 from core.paths import Layout
 from core.statedb import Job, StateDB
 from daemon.status import rotated_metrics
-from core.states import JobState
+from core.states import FOLDER_STATES, JobState
 
 log = logging.getLogger("monitor.readers")
 
@@ -548,7 +548,7 @@ def recent_events(layout: Layout, limit: int = 100, since_id: int = 0) -> dict[s
 
 def iter_queue_files(layout: Layout) -> Iterator[tuple[str, int]]:
     """(state, number of data files in queue/<state>/), for Prometheus."""
-    for st in JobState:
+    for st in FOLDER_STATES:
         try:
             n = sum(1 for p in layout.state_dir(st).iterdir()
                     if p.name.endswith(".jsonl") and not p.name.startswith("."))

@@ -14,7 +14,7 @@ from daemon.fsqueue import FsQueue, Intake
 from core.logsetup import DailyFileHandler
 from core.paths import Layout
 from core.statedb import StateDB
-from core.states import TRANSITIONS, JobState, Priority, TransitionError, check_transition
+from core.states import FOLDER_STATES, TRANSITIONS, JobState, Priority, TransitionError, check_transition
 from daemon_helpers import text_records, write_jsonl
 
 
@@ -27,7 +27,18 @@ def test_transition_table_is_enforced():
         check_transition(JobState.DONE, JobState.PENDING)
     with pytest.raises(TransitionError):
         check_transition(JobState.PENDING, JobState.DONE)          # never trained
-    assert TRANSITIONS[JobState.DONE] == frozenset()
+    assert TRANSITIONS[JobState.DONE] == frozenset({JobState.MISSING})
+    # "missing" (the file vanished behind trainerd's back) is in the table, reachable from every
+    # folder state and left by nothing; it has no folder
+    for state in FOLDER_STATES:
+        check_transition(state, JobState.MISSING)
+    assert TRANSITIONS[JobState.MISSING] == frozenset()
+    with pytest.raises(TransitionError, match="from missing to pending"):
+        check_transition(JobState.MISSING, JobState.PENDING)
+    assert set(TRANSITIONS) == set(JobState)
+    assert JobState.MISSING not in FOLDER_STATES
+    with pytest.raises(ValueError):
+        JobState.MISSING.folder
 
 
 def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
