@@ -21,7 +21,7 @@ from typing import Any
 
 from core.pdeathsig import set_pdeathsig
 from core.validation import ValidationCancelled
-from daemon.fsqueue import Checked, check_file
+from daemon.intakefile import Checked, check_file
 from daemon.status import iso
 
 REPO_ROOT = Path(__file__).resolve().parent.parent     # where ``-m daemon.intakecheck`` imports from

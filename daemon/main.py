@@ -4,6 +4,9 @@ One thread owns the queue, state.db and the status files. Watchdog and signal ha
 set flags/wake the loop (huey's consumer); the trainer runs in a runner thread (and, for the
 real trainer, a worker subprocess) and talks to the loop through two queues. ``run(burst=True)``
 drains inbox and queue and returns (rq's burst worker), which makes tests deterministic.
+
+The loop's parts, one module each: control requests (daemon/commands.py), jobs and their events
+(daemon/jobflow.py), the disk-full pause (daemon/diskpause.py); intake, config and the loop here.
 """
 from __future__ import annotations
 
@@ -16,65 +19,36 @@ import stat
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from core.atomic import atomic_write
-from core.config import Config, ConfigError, config_to_dict, describe_locked_diffs, load_config, locked_diffs
-from core.diskfull import MIB, Reserve, describe as describe_disk, free_bytes, is_disk_full
-from core.interface import Command, JobResult, JobSpec, Outcome, QueueControl, Trainer
+from core.config import Config, ConfigError, describe_locked_diffs, load_config, locked_diffs
+from core.diskfull import Reserve, describe as describe_disk, is_disk_full
+from core.interface import Command, Trainer
 from core.lock import AlreadyRunning, DaemonLock, read_pid
 from core.logsetup import setup_logging
 from core.paths import Layout
 from core.statedb import Job, StateDB
-from core.states import DaemonStatus, JobState
+from core.states import DaemonStatus
 from core.validation import ValidationCancelled
-from daemon import control as ctl, queueops, retention
+from daemon import control as ctl, retention
 from daemon.autogen import AutoGenerator
-from daemon.fsqueue import Checked, FileChanged, FsQueue, QueueError, printable
+from daemon.fsqueue import FsQueue
+from daemon.intakefile import Checked, FileChanged, printable
 from daemon.intakecheck import IntakeCheck
 from daemon.presets import recover_preset_switch
 from daemon.status import StatusBoard, iso
 from daemon.watcher import InboxTracker, Watcher
+from daemon.commands import Commands
+from daemon.diskpause import DiskPause
+from daemon.jobflow import JobFlow, JobRunner
 
 log = logging.getLogger("trainerd")
 
 TICK_S = 0.2
-MAX_BACKOFF_FACTOR = 64         # a crash-looping job waits retry_backoff_s x 1, 2, 4 ... 64 at most
 INLINE_CHECK_BYTES = 1 << 20    # an inbox file up to this size is checked on the loop (some ms);
                                 # a bigger one in an IntakeCheck child process
-
-
-class QueueSink:
-    def __init__(self, q: "queue.Queue[dict[str, Any]]", wake: threading.Event) -> None:
-        self._q, self._wake = q, wake
-
-    def emit(self, event: dict[str, Any]) -> None:
-        self._q.put(event)
-        self._wake.set()
-
-
-class JobRunner(threading.Thread):
-    def __init__(self, trainer: Trainer, spec: JobSpec, sink: QueueSink, wake: threading.Event) -> None:
-        super().__init__(name=f"job-{spec.job_id}", daemon=True)
-        self.trainer, self.spec, self.sink, self.wake = trainer, spec, sink, wake
-        self.control = QueueControl()
-        self.result: JobResult | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = self.trainer.run(self.spec, self.sink, self.control)
-        except Exception as exc:  # a trainer bug must not take the daemon down
-            if is_disk_full(exc):
-                log.error("trainer could not write: %s", exc)
-                self.result = JobResult(Outcome.FAILED, f"disk full: {exc}", details={"disk_full": True})
-            else:
-                log.exception("trainer raised")
-                self.result = JobResult(Outcome.FAILED, f"trainer error: {exc!r}",
-                                        details={"crash": True, "traceback": traceback.format_exc()})
-        finally:
-            self.wake.set()
 
 
 def recover_interrupted_consolidation(layout: Layout) -> None:
@@ -87,7 +61,7 @@ def recover_interrupted_consolidation(layout: Layout) -> None:
         log.warning("consolidation recovery: %s", what)
 
 
-class Daemon:
+class Daemon(Commands, JobFlow, DiskPause):
     def __init__(self, layout: Layout, *, trainer_factory: Callable[[Config], Trainer] | None = None) -> None:
         layout.ensure()
         self.layout = layout
@@ -203,84 +177,6 @@ class Daemon:
             self._locked_msg = None
         return cfg
 
-    # ---- control requests ------------------------------------------------------------------------
-    def _handle_control(self) -> None:
-        for path, req in ctl.pending_requests(self.layout):
-            if req is None:
-                ctl.set_aside(self.layout, path)
-                continue
-            age = time.time() - float(req.get("requested_at") or 0)
-            data: dict[str, Any] = {}
-            try:
-                if age > ctl.MAX_AGE_S:
-                    ok, message = False, f"expired: sent {age:.0f} s ago and not applied"
-                else:
-                    ok, message = self._apply(req["command"], req.get("args") or {})
-            except QueueError as exc:
-                ok, message = False, str(exc)
-            except Exception as exc:
-                if is_disk_full(exc):   # nothing half-done (atomic writes, transactions): pause, say so
-                    self._enter_disk_full(f"{req['command']}: {type(exc).__name__}: {exc}")
-                    ok, message = False, (f"{self._disk_full}: {getattr(exc, 'strerror', None) or exc}; "
-                                          + ("the file waits in inbox/ and is queued when space is back"
-                                             if req["command"] == "queue_add" else "nothing was changed"))
-                    data = {"disk_full": True}     # the monitor answers 507
-                else:
-                    log.exception("control request %s failed", req.get("command"))
-                    ok, message = False, f"internal error: {exc!r}"
-            log.info("control %s from %s: %s", req["command"], req.get("source"), message)
-            self.board.update(last_command={"command": req["command"], "source": req.get("source"),
-                                            "ok": ok, "message": message, "at": iso()})
-            try:
-                ctl.write_reply(self.layout, req["id"], ok=ok, message=message, data=data)
-            finally:
-                path.unlink(missing_ok=True)
-            self.board.flush(force=True)
-
-    def _apply(self, command: str, args: dict[str, Any]) -> tuple[bool, str]:
-        running = self.runner is not None
-        if command == "pause":
-            self.paused = True
-            self.board.update(paused=True, paused_reason=self._disk_full or "paused by user")
-            if self._disk_full is not None:
-                return True, f"paused (also {self._disk_full}): stays paused when space is back"
-            if running:
-                self.runner.control.send(Command.PAUSE)
-                return True, "pause requested: takes effect at the next step boundary"
-            self.board.set_status(DaemonStatus.PAUSED)
-            return True, "paused: no job will start until resume"
-        if command == "resume":
-            if self._disk_full is not None:
-                self.paused = False
-                return False, (f"{self._disk_full}: training resumes by itself when space is back "
-                               f"(at least min_free_disk_mb {self.config.min_free_disk_mb:g} MiB free)")
-            was = self.paused
-            self.paused = False
-            self.board.update(paused=False, paused_reason=None)
-            if running:
-                self.runner.control.send(Command.RESUME)
-            elif self._stop_reason is None:
-                self.board.set_status(DaemonStatus.IDLE)
-            return True, "resumed" if was else "not paused; nothing to resume"
-        if command == "skip":
-            if not running:
-                return False, "no job is running; nothing to skip"
-            self.runner.control.send(Command.SKIP)
-            return True, f"skip requested for {self.current.name if self.current else 'current job'}"
-        if command == "stop":
-            self.request_stop("trainer-ctl stop")
-            return True, "stopping at the next step boundary"
-        if command == "preset_switch" and running:
-            return False, (f"refused: {self.current.name if self.current else 'a job'} is training; "
-                           "switch presets when the queue is idle")
-        if command in queueops.QUEUE_OPS:
-            ok, message = queueops.apply(self.queue, command, args)
-            if ok and command == "preset_switch":
-                self.effective_config()
-                self.db.add_event("preset", message)
-            return ok, message
-        return False, f"unknown command {command}"
-
     # ---- intake ---------------------------------------------------------------------------------
     def _intake(self) -> None:
         """Take complete inbox files in. The slow part of a big one (sha256, validation) runs on
@@ -349,245 +245,6 @@ class Daemon:
             check.cancel()
             log.info("inbox/%s: check interrupted by the stop; taken at the next start", check.name)
             self.board.update(checking=None)
-
-    # ---- jobs -------------------------------------------------------------------------------
-    def _start_next(self) -> None:
-        if self.db.next_pending() is None:     # idle ticks stay cheap: no config or lock reads
-            return
-        cfg = self.effective_config()
-        if free_bytes(self.layout.home) < cfg.min_free_disk_mb * MIB:
-            self._enter_disk_full(f"less than min_free_disk_mb ({cfg.min_free_disk_mb:g} MiB) free "
-                                  "to start a job")
-            return
-        job = self.queue.claim_next()
-        if job is None:
-            return
-        self._resumed_from, self._progress = 0, False
-        spec = JobSpec(job_id=job.id, name=job.name, dataset=self.queue.path(JobState.PROCESSING, job.name),
-                       sha256=job.sha256 or "", home=self.layout.home, config=config_to_dict(cfg),
-                       attempt=job.attempts)
-        self.current = job
-        self.board.clear_job()
-        self.board.update(current_file=job.name, current_job_id=job.id, current_step=0,
-                          trainer=cfg.trainer, base_model=cfg.base_model, model_name=cfg.model_name)
-        self.board.set_status(DaemonStatus.TRAINING)
-        self.db.add_event("started", f"training {job.name} (attempt {job.attempts})", job_id=job.id)
-        log.info("job %s: training %s (attempt %d)", job.id, job.name, job.attempts)
-        self.runner = JobRunner(self._trainer_for(cfg), spec, QueueSink(self.events, self.wake), self.wake)
-        self.runner.start()
-
-    def _trainer_for(self, cfg: Config) -> Trainer:
-        """The trainer kept from the last job, unless config chose another kind since."""
-        key = (cfg.trainer, cfg.standin_step_seconds)
-        if self._trainer is None or key != self._trainer_key:
-            self._close_trainer()
-            self._trainer, self._trainer_key = self.trainer_factory(cfg), key
-        return self._trainer
-
-    def _close_trainer(self) -> None:
-        """End the trainer's warm worker, if it keeps one (frees the GPU)."""
-        trainer, self._trainer = self._trainer, None
-        close = getattr(trainer, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:   # noqa: BLE001 - the stop goes on
-                log.exception("closing the trainer failed")
-
-    def _drain_events(self) -> None:
-        while True:
-            try:
-                ev = self.events.get_nowait()
-            except queue.Empty:
-                return
-            self._on_event(ev)
-
-    def _on_event(self, ev: dict[str, Any]) -> None:
-        kind = ev.get("event")
-        job_id = self.current.id if self.current else None
-        if kind == "preparing":
-            self.board.update(preparing={k: ev.get(k) for k in ("phase", "done", "total", "percent",
-                                                                 "records_per_second", "eta_seconds")})
-        elif kind == "started":
-            self._resumed_from = int(ev.get("resumed_from_step") or 0)
-            if job_id is not None and isinstance(ev.get("dataset"), dict):
-                # every attempt's report replaces the last one (a resumed attempt reads the same file)
-                self.db.set_data_report(job_id, ev["dataset"])
-            self.board.update(total_steps=ev.get("total_steps"), preparing=None,
-                              current_step=ev.get("resumed_from_step") or 0)
-        elif kind == "data_report":     # the whole file's report, once the background tokenizing ends
-            if job_id is not None and isinstance(ev.get("dataset"), dict):
-                self.db.set_data_report(job_id, ev["dataset"])
-            self.board.update(preparing=None)
-        elif kind == "step":
-            fields = {k: ev.get(k) for k in ("loss", "learning_rate", "grad_norm", "tokens_per_second",
-                                             "eta_seconds", "epoch", "peak_memory_bytes", "total_steps")
-                      if k in ev}
-            self.board.update(current_step=ev.get("step"), **fields)
-            self.board.append_metric({**ev, "job_id": job_id,
-                                      "file": self.current.name if self.current else None})
-        elif kind == "eval":
-            self.board.update(eval_loss=ev.get("eval_loss"))
-            self.board.append_metric({**ev, "job_id": job_id})
-        elif kind == "paused":
-            self.board.set_status(DaemonStatus.PAUSED)
-            self.db.add_event("paused", f"paused at step {ev.get('step')}", job_id=job_id)
-        elif kind == "resumed":
-            if self._stop_reason is None:
-                self.board.set_status(DaemonStatus.TRAINING)
-            self.db.add_event("resumed", f"resumed at step {ev.get('step')}", job_id=job_id)
-        elif kind == "layer_activity":
-            self.board.update(layer_activity_summary=ev.get("summary"))
-            if ev.get("table") is not None:
-                self.board.write_layer_activity({"step": ev.get("step"), "job_id": job_id,
-                                                 "updated_at": iso(), **_as_dict(ev["table"])})
-        elif kind in ("checkpoint", "snapshot", "oom_backoff", "nonfinite", "restarted"):
-            if kind == "checkpoint" and int(ev.get("step") or 0) > self._resumed_from:
-                self._progress = True
-            msg = {"checkpoint": f"checkpoint at step {ev.get('step')} ({ev.get('reason')})",
-                   "snapshot": f"snapshot saved: {ev.get('path')}",
-                   "oom_backoff": f"CUDA out of memory: micro-batch {ev.get('micro_batch')}, "
-                                  f"gradient accumulation {ev.get('gradient_accumulation')}",
-                   "nonfinite": f"non-finite step {ev.get('step')} skipped (loss {ev.get('loss')}, "
-                                f"grad norm {ev.get('grad_norm')}; {ev.get('consecutive')} in a row)",
-                   "restarted": f"restarted from the start: {ev.get('reason')}"}[kind]
-            self.db.add_event(kind, msg, level="info" if kind in ("checkpoint", "snapshot") else "warning",
-                              job_id=job_id, data=ev)
-            self.board.update(last_event={"kind": kind, "message": msg, "at": iso()})
-        elif kind == "log":
-            level = logging.getLevelName(str(ev.get("level", "INFO")).upper())
-            log.log(level if isinstance(level, int) else logging.INFO, "trainer: %s", ev.get("message"))
-
-    def _finish_job(self) -> None:
-        """Record how the attempt ended. The queue move comes first and is atomic: if it fails
-        (a full disk) nothing has changed and the loop calls this again once space is back."""
-        assert self.runner is not None and self.current is not None
-        self.runner.join()
-        self._drain_events()
-        result = self.runner.result or JobResult(Outcome.FAILED, "trainer returned nothing",
-                                                 details={"crash": True})
-        job = self.db.get(self.current.id)
-        assert job is not None
-        if result.details.get("disk_full"):
-            # the disk, not the job: back to the head of the queue, resumed from its checkpoint
-            self.queue.move(job, JobState.PENDING, resume=True, steps=result.steps)
-            self.db.add_event("interrupted", f"{job.name}: {result.reason}; it resumes from its last "
-                              "checkpoint when space is back", level="warning", job_id=job.id)
-            self._enter_disk_full(result.reason or "the trainer could not write")
-        elif result.outcome is Outcome.COMPLETED:
-            self.queue.move(job, JobState.DONE, steps=result.steps, finished_at=time.time(), crashes=0,
-                            not_before=None)
-            self.db.add_event("completed", f"{job.name} trained ({result.steps} steps)", job_id=job.id)
-            log.info("job %s: %s done (%d steps)", job.id, job.name, result.steps)
-        elif result.outcome is Outcome.SKIPPED:
-            self.queue.move(job, JobState.FAILED, error="skipped", steps=result.steps,
-                            finished_at=time.time(), error_extra={"step": result.steps})
-            self.db.add_event("skipped", f"{job.name} skipped at step {result.steps}", job_id=job.id)
-        elif result.outcome is Outcome.STOPPED:
-            if self._stop_reason is not None:
-                self.db.update(job.id, steps=result.steps)
-                self.db.add_event("interrupted", f"{job.name} stopped at step {result.steps}; "
-                                  "it resumes at next start", job_id=job.id)
-            else:
-                self.queue.move(job, JobState.PENDING, resume=True, steps=result.steps)
-        else:
-            self._job_failed(job, result)
-        self.board.update(last_job={"file": job.name, "job_id": job.id, "outcome": result.outcome.value,
-                                    "steps": result.steps, "loss": self.board.state.get("loss"),
-                                    "eval_loss": self.board.state.get("eval_loss"),
-                                    "reason": result.reason, "finished_at": iso()})
-        self.runner, self.current = None, None
-        self.board.clear_job()
-        if self._stop_reason is None and self._disk_full is None:
-            self.board.set_status(DaemonStatus.PAUSED if self.paused else DaemonStatus.IDLE)
-        try:
-            for what in retention.after_job(self.layout, self.db, self.config):
-                log.info("retention: %s", what)
-        except Exception:  # noqa: BLE001 - housekeeping never fails a finished job
-            log.exception("retention after job %s", job.id)
-
-    def _job_failed(self, job: Job, result: JobResult) -> None:
-        cfg = self.config
-        reason = result.reason or "failed"
-        if result.details.get("blocking"):
-            # the setup is wrong (base missing or mismatched), not the data: every job would
-            # fail the same way, so keep this one at the head of the queue and pause
-            self.queue.move(job, JobState.PENDING, resume=True)
-            self.paused = True
-            self.board.update(paused=True, paused_reason=f"blocked: {reason}")
-            self._report_error(f"training paused: {reason}. Fix it, then `trainer-ctl resume`", "blocked")
-        elif result.details.get("crash") and self._progress:
-            # it died, but after a new checkpoint: it is getting somewhere, so this is no strike
-            self.queue.move(job, JobState.PENDING, resume=True, crashes=0, not_before=None)
-            self._report_error(f"{job.name}: {reason}; it made progress (checkpoint past step "
-                               f"{self._resumed_from}), resuming from it", "job_retry")
-        elif result.details.get("crash") and job.crashes + 1 < cfg.max_attempts:
-            crashes = job.crashes + 1
-            delay = cfg.retry_backoff_s * min(2 ** (crashes - 1), MAX_BACKOFF_FACTOR)
-            self.queue.move(job, JobState.PENDING, resume=True, crashes=crashes,
-                            not_before=time.time() + delay)
-            self._report_error(f"{job.name}: {reason}; {crashes} attempt(s) in a row crashed without "
-                               f"progress (max_attempts {cfg.max_attempts}); retrying in {delay:g} s, "
-                               "other jobs go first meanwhile", "job_retry")
-        else:
-            if result.details.get("crash"):
-                reason = (f"{reason} ({job.crashes + 1} attempts in a row crashed without progress, "
-                          f"max_attempts {cfg.max_attempts}); `trainer-ctl queue retry {job.name}`")
-            self.queue.move(job, JobState.FAILED, error=reason, finished_at=time.time(),
-                            crashes=job.crashes + int(bool(result.details.get("crash"))), not_before=None,
-                            error_extra={k: v for k, v in result.details.items() if k != "traceback"})
-            self._report_error(f"{job.name} failed: {reason}", "job_failed")
-
-    # ---- a full disk ----------------------------------------------------------------------------
-    def _enter_disk_full(self, cause: str) -> None:
-        """Pause for a full disk: say so everywhere we still can, pause the worker. Never raises."""
-        msg = describe_disk(self.layout.home)
-        self._disk_check_at = time.monotonic() + self.config.disk_retry_interval_s
-        if self._disk_full is not None:
-            self._disk_full = msg
-            return
-        self._disk_full = msg
-        self.reserve.release()          # room to write the status and the event that say so
-        log.error("paused: %s (%s); training resumes by itself when space is back", msg, cause)
-        if self.runner is not None and self.runner.is_alive():
-            self.runner.control.send(Command.PAUSE)
-        try:
-            self.db.add_event("disk_full", f"paused: {msg} ({cause})", level="error")
-            self.board.update(paused=True, paused_reason=msg,
-                              last_error={"message": f"paused: {msg}", "at": iso(), "kind": "disk_full"})
-            self.board.set_status(DaemonStatus.PAUSED)
-        except Exception:   # noqa: BLE001 - the log line above is all we can do
-            log.exception("could not record the disk-full pause")
-
-    def _disk_recovered(self) -> bool:
-        """In a disk-full pause: look again every disk_retry_interval_s; True once space is back."""
-        if time.monotonic() < self._disk_check_at:
-            return False
-        self._disk_check_at = time.monotonic() + self.config.disk_retry_interval_s
-        # min_free_disk_mb must be free with the reserve made again (as _start_next counts it), or
-        # the reserve would take the space back and the next job start would pause again: a loop
-        need = self.config.min_free_disk_mb * MIB + self.reserve.missing()
-        if free_bytes(self.layout.home) < need or not self.reserve.ensure():
-            msg = describe_disk(self.layout.home)
-            if msg != self._disk_full:
-                self._disk_full = msg
-                self.board.update(paused_reason=msg)
-            return False
-        self.board.update(paused=self.paused, paused_reason="paused by user" if self.paused else None)
-        self.board.flush(force=True)
-        if self.board.write_error is not None:
-            return False
-        log.warning("disk space is back %s: %s", describe_disk(self.layout.home).replace("disk full ", ""),
-                    "staying paused (paused by user)" if self.paused else "resuming")
-        self.db.add_event("disk_ok", f"disk space is back ({free_bytes(self.layout.home) / MIB:.0f} MiB "
-                          f"free); {'still paused by user' if self.paused else 'resuming'}")
-        self._disk_full = None
-        if self.runner is not None and self.runner.is_alive():
-            if not self.paused:
-                self.runner.control.send(Command.RESUME)
-        elif self._stop_reason is None:
-            self.board.set_status(DaemonStatus.PAUSED if self.paused else DaemonStatus.IDLE)
-        return True
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _idle(self) -> bool:
@@ -689,10 +346,6 @@ class Daemon:
             log.info("trainerd stopped (%s)", self._stop_reason or "queue drained")
             self.db.close()
         return 0
-
-
-def _as_dict(table: Any) -> dict[str, Any]:
-    return table if isinstance(table, dict) else {"modules": table}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,9 @@ from core.paths import Layout
 from core.statedb import StateDB
 from core.states import JobState, Priority
 from daemon import control as ctl
-from daemon.fsqueue import FsQueue, Intake, Job, QueueError
+from core.statedb import Job
+from daemon.fsqueue import FsQueue, QueueError
+from daemon.intakefile import Intake
 
 QUEUE_OPS = ("queue_add", "queue_remove", "queue_retry", "queue_prioritize", "preset_switch")
 LOCK_WAIT_S = 60.0          # another trainer-ctl holding the lock for a short operation

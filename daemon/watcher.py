@@ -44,7 +44,7 @@ except ImportError:  # not Linux
     def _make_observer():
         return _Observer()
 
-from daemon.fsqueue import is_candidate, is_ignored
+from daemon.intakefile import is_candidate, is_ignored
 
 log = logging.getLogger("trainerd.watcher")
 # watchdog logs this when its observer is stopped during shutdown: noise, not a fault

@@ -18,7 +18,8 @@ import pytest
 
 from daemon import control as ctl
 from core.atomic import sha256_file
-from daemon.fsqueue import FileChanged, FsQueue, check_file
+from daemon.fsqueue import FsQueue
+from daemon.intakefile import FileChanged, check_file
 from daemon.main import Daemon
 from core.paths import Layout
 from core.statedb import StateDB

@@ -7,7 +7,7 @@ import os
 import shlex
 import unicodedata
 
-from daemon.fsqueue import safe_name
+from daemon.intakefile import safe_name
 from daemon_helpers import text_records, write_jsonl
 
 

@@ -10,7 +10,8 @@ import textwrap
 import pytest
 
 from core.atomic import atomic_write, atomic_write_json, read_json
-from daemon.fsqueue import FsQueue, Intake
+from daemon.fsqueue import FsQueue
+from daemon.intakefile import Intake
 from core.logsetup import DailyFileHandler
 from core.paths import Layout
 from core.statedb import StateDB
