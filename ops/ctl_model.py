@@ -54,7 +54,7 @@ def cmd_generate(layout: Layout, args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(layout: Layout, args: argparse.Namespace) -> int:
-    from ops.consolidate import ConsolidationError, snapshot_now
+    from ops.snapshot import ConsolidationError, snapshot_now
     try:
         path = snapshot_now(layout.home, args.description)
     except ConsolidationError as exc:
@@ -67,7 +67,7 @@ def cmd_snapshot(layout: Layout, args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(layout: Layout, args: argparse.Namespace) -> int:
-    from ops.consolidate import lineage
+    from ops.lineage import lineage
     chain = lineage(layout.home, raw_config(layout))
     if args.json:
         print(json.dumps(chain, indent=2, default=str))
