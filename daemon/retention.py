@@ -60,7 +60,7 @@ PROTECTED_KINDS = ("pre-consolidation", "manual")
 DELETING_PREFIX = ".deleting-"
 # tempfile.mkstemp(prefix="job-N-", suffix=".json"): 8 random characters in between
 JOB_SPEC_RE = re.compile(r"job-[0-9]+-[A-Za-z0-9_]{6,16}\.json")
-# trainer/adapter_store.py write_snapshot, ops/consolidate.py snapshot_now: the writer's pid
+# trainer/adapter_store.py write_snapshot, ops/snapshot.py snapshot_now: the writer's pid
 SNAPSHOT_COPY_RES = (re.compile(r"\.tmp-.+-([0-9]+)"), re.compile(r"\.copy-manual-([0-9]+)-[0-9]+"))
 
 

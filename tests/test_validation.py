@@ -1,4 +1,4 @@
-"""Tests for core.validation: real JSONL files on disk, one per case."""
+"""Tests for core.records and core.validation: real JSONL files on disk, one per case."""
 from __future__ import annotations
 
 import json
@@ -10,18 +10,8 @@ from typing import Any
 
 import pytest
 
-from core.validation import (
-    FORMATS,
-    LINE_KINDS,
-    RECORD_KINDS,
-    LineError,
-    ValidationReport,
-    check_record,
-    detect_format,
-    iter_records,
-    problem_kind,
-    validate_file,
-)
+from core.records import FORMATS, LINE_KINDS, RECORD_KINDS, check_record, detect_format, problem_kind
+from core.validation import LineError, ValidationReport, iter_records, validate_file
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 PC = {"prompt": "2+2=", "completion": "4"}

@@ -64,7 +64,7 @@ class LineChecker:
         self.new: list[bytes] = []          # digests added since the caller last took them
 
     def check(self, lineno: int, raw: bytes) -> dict | None:
-        from core.validation import check_record, detect_format, problem_kind
+        from core.records import check_record, detect_format, problem_kind
 
         report = self.report
         if lineno == 1 and raw.startswith(_BOM):
@@ -111,7 +111,7 @@ class LineChecker:
 def first_format(path: Path, limit: int = 10000) -> str | None:
     """The format of the file's first detectable record, in file order (as the daemon's
     validation decides it), looking at most *limit* lines."""
-    from core.validation import detect_format
+    from core.records import detect_format
 
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):

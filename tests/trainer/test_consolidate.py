@@ -21,8 +21,9 @@ from core.config import Config, config_to_dict
 from core.lock import DaemonLock
 from core.paths import Layout
 from core.statedb import StateDB
-from ops.consolidate import (CONSOLIDATION_META, ConsolidationError, consolidate, lineage,
-                                 recover_consolidation, snapshot_now)
+from ops.consolidate import CONSOLIDATION_META, ConsolidationError, consolidate, recover_consolidation
+from ops.lineage import lineage
+from ops.snapshot import snapshot_now
 from daemon.generator import generate_records
 from core.interface import Outcome
 from trainer.model import base_fingerprint

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.config import Config, config_to_dict
-from ops.ctl import describe_preparing
+from ops.describe import describe_preparing
 from trainer import tokencache
 from daemon.generator import generate_records
 from core.interface import Outcome
