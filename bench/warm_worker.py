@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                        "transformers": transformers.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"| mode | workers started | idle between files (median, each) | last step -> next first step (median) | wall |")
+    print("| mode | workers started | idle between files (median, each) | last step -> next first step (median) | wall |")
     print("|---|---|---|---|---|")
     for mode, r in res["modes"].items():
         print(f"| {mode} | {r['workers_started']} for {r['jobs']} files | {r['idle_median_s']:.2f} s "

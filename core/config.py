@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from core.paths import resolve_under
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 LOCKED_KEYS: tuple[str, ...] = ("base_model", "model_name", "max_length", "batch_size",
@@ -139,10 +140,7 @@ class Config(BaseModel):
         return {k: getattr(self, k) for k in LOCKED_KEYS}
 
     def base_model_path(self, home: Path) -> Path | None:
-        if not self.base_model:
-            return None
-        p = Path(self.base_model).expanduser()
-        return p if p.is_absolute() else (home / p)
+        return resolve_under(home, self.base_model)
 
 
 PRESET_FORBIDDEN = ("presets", "active_preset")

@@ -10,6 +10,15 @@ from core.states import FOLDER_STATES, JobState
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def resolve_under(home: Path, raw: str | os.PathLike[str] | None) -> Path | None:
+    """A path as config.json and the journals name it: ``~`` expanded, relative ones under *home*.
+    None for an empty value. The one place a configured path (base_model, ...) is resolved."""
+    if not raw:
+        return None
+    p = Path(raw).expanduser()
+    return p if p.is_absolute() else Path(home) / p
+
+
 def default_home() -> Path:
     env = os.environ.get("TRAINER_HOME")
     return Path(env).expanduser().resolve() if env else REPO_ROOT

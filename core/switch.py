@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from core.artifacts import BACKUP_SUFFIX, CONSOLIDATION_META, SNAPSHOT_META, TRAINER_STATE  # noqa: F401
 from core.atomic import atomic_write_json, durable_rename, fsync_dir, read_json
 from core.config import base_model_value, locked_namespace
-from core.paths import Layout
+from core.paths import Layout, resolve_under
 from core.statedb import StateDB
 
 log = logging.getLogger("core.switch")
@@ -40,13 +40,6 @@ class ConsolidationError(RuntimeError):
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
-
-
-def resolve_path(home: Path, raw: str | os.PathLike[str] | None) -> Path | None:
-    if not raw:
-        return None
-    p = Path(raw).expanduser()
-    return p if p.is_absolute() else Path(home) / p
 
 
 def flock_nb(path: Path) -> int | None:
@@ -140,7 +133,7 @@ def write_backup_meta(backup: Path, journal: dict[str, Any]) -> None:
 def roll_forward(home: Path, journal: dict[str, Any]) -> None:
     """config.json names the new base: finish steps b, d, e of the switch."""
     layout = Layout(Path(home))
-    backup = resolve_path(home, journal["backup"])
+    backup = resolve_under(home, journal["backup"])
     assert backup is not None
     cur = layout.current_model
     if cur.exists() and not backup.exists():
@@ -155,7 +148,7 @@ def roll_forward(home: Path, journal: dict[str, Any]) -> None:
 def roll_back(home: Path, journal: dict[str, Any]) -> None:
     """config.json still names the old base: the adapter goes back to current_model/."""
     layout = Layout(Path(home))
-    backup = resolve_path(home, journal["backup"])
+    backup = resolve_under(home, journal["backup"])
     assert backup is not None
     if not layout.current_model.exists() and backup.is_dir():
         durable_rename(backup, layout.current_model)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from core.artifacts import BACKUP_SUFFIX, CONSOLIDATION_META, SNAPSHOT_META
-from core.paths import Layout
+from core.paths import Layout, resolve_under
 from core.states import JobState
 
 if TYPE_CHECKING:
@@ -214,8 +214,7 @@ def _named_snapshots(layout: Layout, meta: Any) -> set[str]:
         if "snapshots" not in s:
             continue
         try:
-            p = Path(s).expanduser()
-            p = (p if p.is_absolute() else layout.home / p).resolve()
+            p = resolve_under(layout.home, s).resolve()  # type: ignore[union-attr]
         except (OSError, ValueError, RuntimeError):
             continue
         if p.parent == snaps:

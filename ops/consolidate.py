@@ -53,28 +53,10 @@ from typing import Any, Iterator
 from core.atomic import atomic_write_json, durable_rename, fsync_dir, fsync_tree, give_default_modes
 from core.config import base_model_value, set_base_model
 from core.lock import AlreadyRunning, DaemonLock, read_pid
-from core.paths import Layout
-from core.switch import (  # noqa: F401 (re-exported)
-    BACKUP_SUFFIX,
-    CONSOLIDATION_META,
-    JOURNAL_NAME,
-    LOCK_NAME,
-    ConsolidationError,
-    add_event,
-    consolidation_lock,
-    dataset_entries,
-    ensure_locked_base,
-    flock_nb,
-    journal_path,
-    now_iso,
-    read_config_raw,
-    recover_consolidation,
-    recover_locked,
-    resolve_path,
-    roll_back,
-    roll_forward,
-    write_backup_meta,
-)
+from core.paths import Layout, resolve_under
+from core.switch import (BACKUP_SUFFIX, CONSOLIDATION_META, ConsolidationError, add_event, consolidation_lock,
+                         dataset_entries, ensure_locked_base, journal_path, now_iso, read_config_raw,
+                         recover_locked, write_backup_meta)
 from ops.lineage import config_value, fingerprint_cache
 from trainer.merge import load_full_precision, max_diff, merge, probe as probe_logits
 
@@ -202,8 +184,8 @@ def _plan(home: Path, layout: Layout, config: dict[str, Any]) -> _Plan:
     manifest = json.loads((cur / MANIFEST).read_text(encoding="utf-8"))["files"]
     adapter_cfg = json.loads((cur / "adapter_config.json").read_text(encoding="utf-8"))
     old_value = base_model_value(read_config_raw(home))
-    if old_value is not None and resolve_path(home, old_value) is not None \
-            and resolve_path(home, old_value).resolve() != base:  # type: ignore[union-attr]
+    if old_value is not None and resolve_under(home, old_value) is not None \
+            and resolve_under(home, old_value).resolve() != base:  # type: ignore[union-attr]
         log.warning("config.json names base %r but the given config names %s; config.json "
                     "will name the new base", old_value, base)
     plan = _Plan(cur=cur, state=state, base=base, fingerprint=fingerprint, datasets=datasets,

@@ -13,7 +13,8 @@ from typing import Any
 
 from core.atomic import read_json
 from core.paths import Layout
-from core.switch import CONSOLIDATION_META, dataset_entries, resolve_path
+from core.paths import resolve_under
+from core.switch import CONSOLIDATION_META, dataset_entries
 
 log = logging.getLogger("ops.consolidate")  # the name its log lines have always had
 
@@ -52,7 +53,7 @@ def lineage(home: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
                     "datasets": dataset_entries(state)})
 
     raw = config.get("base_model")
-    path = resolve_path(home, raw)
+    path = resolve_under(home, raw)
     known_fp: str | None = None
     seen: set[str] = set()
     while path is not None:
@@ -72,7 +73,7 @@ def lineage(home: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(entry)
             parent = meta.get("parent") or {}
             known_fp = parent.get("fingerprint")
-            path = resolve_path(home, parent.get("path")) or resolve_path(home, parent.get("abs_path"))
+            path = resolve_under(home, parent.get("path")) or resolve_under(home, parent.get("abs_path"))
             if path is not None and not path.exists() and parent.get("abs_path"):
                 path = Path(parent["abs_path"])
             continue

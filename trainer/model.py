@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from core.atomic import atomic_write_json, give_default_modes, sha256_file
+from core.paths import resolve_under
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,8 @@ def resolve_base_path(config: dict[str, Any], home: Path) -> Path:
     if not raw:
         raise BaseModelError("config has no base_model: set it to a local Hugging Face model folder "
                              "(e.g. `trainer-ctl init-base --tiny`)")
-    p = Path(raw).expanduser()
-    if not p.is_absolute():
-        p = Path(home) / p
+    p = resolve_under(home, raw)
+    assert p is not None
     if not p.is_dir():
         raise BaseModelError(f"base model folder not found: {p}")
     if not (p / "config.json").is_file():

@@ -8,10 +8,8 @@ import json
 import os
 import random
 import re
-import time
 from pathlib import Path
 
-import httpx
 
 from core.paths import Layout
 from daemon.status import StatusBoard, metrics_files

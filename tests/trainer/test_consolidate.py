@@ -21,7 +21,8 @@ from core.config import Config, config_to_dict
 from core.lock import DaemonLock
 from core.paths import Layout
 from core.statedb import StateDB
-from ops.consolidate import CONSOLIDATION_META, ConsolidationError, consolidate, recover_consolidation
+from core.switch import recover_consolidation
+from ops.consolidate import CONSOLIDATION_META, ConsolidationError, consolidate
 from ops.lineage import lineage
 from ops.snapshot import snapshot_now
 from daemon.generator import generate_records
