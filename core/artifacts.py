@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from core.atomic import fsync_dir, fsync_file, sha256_file
 
@@ -61,3 +62,31 @@ def verify_manifest(directory: Path) -> None:
             raise CheckpointError(f"{directory}: {name} has size {p.stat().st_size}, manifest says {meta.get('size')}")
         if sha256_file(p) != meta.get("sha256"):
             raise CheckpointError(f"{directory}: {name} does not match its sha256 in the manifest")
+
+
+def fill_dir(tmp: Path, write_files: Callable[[Path], None],
+             check: Callable[[Path], None] | None = None) -> None:
+    """Write a folder that counts as complete once its manifest is there: ``write_files(tmp)``,
+    ``check(tmp)`` (a refusal raises before the manifest), then the manifest, which fsyncs every
+    file and the folder. An old *tmp* (a crash's leftover) is replaced."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write_files(tmp)
+    if check is not None:
+        check(tmp)
+    write_manifest(tmp)
+
+
+def publish_dir(tmp: Path, final: Path, write_files: Callable[[Path], None],
+                check: Callable[[Path], None] | None = None) -> Path:
+    """``fill_dir`` into the hidden *tmp* beside *final*, then one rename and an fsync of the
+    parent: *final* is absent or complete. On any failure *tmp* is removed and nothing is left."""
+    try:
+        fill_dir(tmp, write_files, check)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)
+    return final

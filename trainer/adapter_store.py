@@ -36,9 +36,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from core.artifacts import ADAPTER_WEIGHTS, SNAPSHOT_META, TRAINER_STATE  # noqa: F401 (re-exported)
+from core.artifacts import (ADAPTER_WEIGHTS, SNAPSHOT_META, TRAINER_STATE, fill_dir,  # noqa: F401 (re-exported)
+                            publish_dir)
 from core.atomic import fsync_dir
-from trainer.checkpoint import CheckpointError, verify_manifest, write_manifest
+from trainer.checkpoint import CheckpointError, verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +144,14 @@ def read_current(home: Path) -> tuple[Path | None, dict[str, Any]]:
     return cur, state
 
 
-def _write_dir(target_tmp: Path, write_files: Callable[[Path], None], meta_name: str,
-               meta: dict[str, Any]) -> None:
-    if target_tmp.exists():
-        shutil.rmtree(target_tmp)
-    target_tmp.mkdir(parents=True)
-    write_files(target_tmp)
-    check_finite(target_tmp)    # before the manifest: a refused dir is never "complete"
-    (target_tmp / meta_name).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n",
-                                        encoding="utf-8")
-    write_manifest(target_tmp)  # fsyncs every file and the dir
+def _with_meta(write_files: Callable[[Path], None], meta_name: str,
+               meta: dict[str, Any]) -> Callable[[Path], None]:
+    """write_files, then the folder's JSON description (*meta_name*)."""
+    def files(d: Path) -> None:
+        write_files(d)
+        (d / meta_name).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n",
+                                   encoding="utf-8")
+    return files
 
 
 def publish_current(home: Path, write_files: Callable[[Path], None], state: dict[str, Any],
@@ -166,7 +165,7 @@ def publish_current(home: Path, write_files: Callable[[Path], None], state: dict
     recover_current_model(home)
     cur, new, old = _paths(home)
     try:
-        _write_dir(new, write_files, TRAINER_STATE, state)
+        fill_dir(new, _with_meta(write_files, TRAINER_STATE, state), check=check_finite)
     except NonFiniteAdapter:
         shutil.rmtree(new, ignore_errors=True)
         raise
@@ -214,14 +213,7 @@ def write_snapshot(home: Path, dataset_name: str, source: Path, meta: dict[str, 
                 shutil.copy2(p, d / p.name)
 
     meta = {**meta, "created_at": datetime.now(timezone.utc).isoformat()}
-    try:
-        _write_dir(tmp, copy, SNAPSHOT_META, meta)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(snaps)
-    return final
+    return publish_dir(tmp, final, _with_meta(copy, SNAPSHOT_META, meta), check=check_finite)
 
 
 def find_snapshot(home: Path, job_id: int, sha256: str) -> Path | None:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from core.artifacts import (  # noqa: F401 (re-exported)
+from core.artifacts import (publish_dir,   # noqa: F401 (re-exported)
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MANIFEST,
@@ -158,16 +158,7 @@ class CheckpointManager:
                 shutil.rmtree(final)
                 fsync_dir(self.root)
         self._remove_temps()
-        tmp = self.root / f".tmp-step-{step}-{os.getpid()}"
-        tmp.mkdir()
-        try:
-            write_files(tmp)
-            write_manifest(tmp)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fsync_dir(self.root)
+        publish_dir(self.root / f".tmp-step-{step}-{os.getpid()}", final, write_files)
         self.prune()
         return final
 
