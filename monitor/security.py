@@ -44,6 +44,8 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 FORBIDDEN_CONTENT_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded"})
 REQUEST_HEADER = "x-trainer-request"
 TOKEN_HEADER = "x-trainer-token"
+MAX_BODY_BYTES = 64 << 10               # any body but an upload's
+UPLOAD_PATHS = frozenset({"/api/queue"})   # bodies capped at monitor.max_upload_bytes instead
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
@@ -131,7 +133,7 @@ class SecurityMiddleware:
 
     def __init__(self, app: ASGIApp, *, allowed_hosts: Iterable[str] = (), token: str | None = None,
                  bind_host: str | None = None, max_upload_bytes: int = 256 << 20,
-                 max_body_bytes: int = 64 << 10, upload_paths: Iterable[str] = ("/api/queue",),
+                 max_body_bytes: int = MAX_BODY_BYTES, upload_paths: Iterable[str] = UPLOAD_PATHS,
                  routes: list[Any] | None = None) -> None:
         self.app = app
         self.routes = routes if routes is not None else []   # the app's, to answer 405 with Allow

@@ -281,9 +281,11 @@ def test_upload_rules_with_daemon_down(mon: Monitor) -> None:
     assert post_upload(mon, params={"name": "a.jsonl"}, content=small,
                        headers={**REQ, "Content-Type": "text/plain"}).status_code == 415
     assert post_upload(mon, params={"name": "a.jsonl"}, content=small, headers=REQ).status_code == 415
-    assert post_upload(mon, content=small, headers=hdr).status_code == 400          # no name
     assert post_upload(mon, params={"name": "a.jsonl"}, content=b"", headers=hdr).status_code == 400
     assert inbox(mon) == []
+    r = post_upload(mon, content=small, headers=hdr)                 # no name: a default one
+    assert r.status_code == 202 and r.json()["name"] == "upload.jsonl", r.text
+    (mon.home / "inbox" / "upload.jsonl").unlink()
     names = {"../../escape.jsonl": "escape.jsonl", "/etc/passwd": "passwd.jsonl",
              "<img src=x onerror=alert(1)>.jsonl": "img_src=x_onerror=alert_1.jsonl",
              "..": "dataset.jsonl"}
