@@ -25,7 +25,7 @@ import json
 import logging
 import re
 from typing import Any, Awaitable, Callable, Iterable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from starlette.exceptions import HTTPException
 
@@ -52,6 +52,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "form-action 'none'; frame-ancestors 'none'")
 NO_CSP_PREFIXES = ("/docs", "/redoc")      # FastAPI's API docs pages load their own scripts
 
+_ENCODED_SLASH = re.compile(rb"%2f", re.IGNORECASE)
 _HOST_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?$")
 
 
@@ -150,6 +151,7 @@ class SecurityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope = _keep_encoded_slashes(scope)
         headers = _headers(scope)
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET").upper()
@@ -277,6 +279,16 @@ class SecurityMiddleware:
             qs = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             candidates += qs.get("token", [])
         return any(hmac.compare_digest(c.encode("utf-8", "replace"), self.token) for c in candidates)
+
+
+def _keep_encoded_slashes(scope: Scope) -> Scope:
+    """An encoded slash (%2F) is part of a path segment, never a separator: the path the routes see
+    keeps it encoded, so a job name like ``x%2Fretry`` is a name (404), not another route (405)."""
+    raw = scope.get("raw_path")
+    if not raw or not _ENCODED_SLASH.search(raw):
+        return scope
+    parts = _ENCODED_SLASH.split(raw.split(b"?", 1)[0])
+    return {**scope, "path": "%2F".join(unquote(p.decode("latin-1")) for p in parts)}
 
 
 def _headers(scope: Scope) -> dict[str, list[str]]:

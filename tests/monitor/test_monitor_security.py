@@ -222,6 +222,16 @@ def test_queue_routes_never_take_a_path(mon: Monitor, name: str) -> None:
     assert status == 503 and b"daemon not running" in resp
 
 
+@pytest.mark.parametrize("method", ["GET", "DELETE", "POST"])
+def test_an_encoded_slash_in_a_name_is_part_of_the_name(mon: Monitor, method: str) -> None:
+    """``x%2Fretry`` is a (missing) job's name, never the URL of another route (which would be 405)."""
+    for name in ("x%2Fretry", "x%2fpriority", "victim.jsonl%2Fretry"):
+        status, _, resp = raw(mon, method, f"/api/queue/{name}",
+                              {**REQ, "Content-Type": "application/json"}, b"{}" if method == "POST" else None)
+        assert status == (405 if method == "POST" else 404), (method, name, status, resp)
+    assert control_files(mon) == []
+
+
 STATIC_TRAVERSALS = ["/../pyproject.toml", "/..%2fpyproject.toml", "/%2e%2e/pyproject.toml",
                      "/%2e%2e%2fpyproject.toml", "/%252e%252e%252fpyproject.toml",
                      "/vendor/../../pyproject.toml", "/vendor/..%2f..%2fpyproject.toml",
