@@ -18,8 +18,9 @@ from fastapi.staticfiles import StaticFiles
 from core.config import Config, MonitorConfig
 from core.diskfull import describe as describe_disk, is_disk_full
 from core.paths import REPO_ROOT, Layout
-from monitor import routes_control, routes_events, routes_metrics, routes_queue, routes_status, routes_system
-from monitor.security import API_NOT_FOUND, SecurityMiddleware
+from monitor import api_schema, routes_control, routes_events, routes_metrics, routes_queue, routes_status, \
+    routes_system
+from monitor.security import API_NOT_FOUND, MAX_BODY_BYTES, UPLOAD_PATHS, SecurityMiddleware
 from monitor.services import Services, resolve_token
 
 log = logging.getLogger("monitor")
@@ -92,7 +93,11 @@ def create_app(layout: Layout, config: Config | MonitorConfig | None = None, *,
     # and does not follow symlinks out of it
     app.mount("/", StaticFiles(directory=web, html=True, check_dir=True), name="web")
     app.add_middleware(SecurityMiddleware, allowed_hosts=mon.allowed_hosts, token=token,
-                       bind_host=bind_host, max_upload_bytes=mon.max_upload_bytes, routes=app.router.routes)
+                       bind_host=bind_host, max_upload_bytes=mon.max_upload_bytes,
+                       max_body_bytes=MAX_BODY_BYTES, upload_paths=UPLOAD_PATHS, routes=app.router.routes)
+    # /openapi.json lists the middleware's answers (400/401/403/413/415/421) on every operation
+    api_schema.install(app, token=bool(token), upload_paths=UPLOAD_PATHS,
+                       max_upload_bytes=mon.max_upload_bytes, max_body_bytes=MAX_BODY_BYTES)
     return app
 
 

@@ -5,6 +5,7 @@ from typing import Any, Callable
 
 from fastapi import APIRouter, Depends
 
+from monitor.api_schema import DAEMON_RESPONSES, ControlReply
 from monitor.services import Services, services
 
 router = APIRouter(tags=["control"])
@@ -16,9 +17,10 @@ COMMANDS = {
     "stop": "stop the daemon gracefully; the current job resumes at next start",
 }
 RESPONSES: dict[int | str, dict[str, Any]] = {
-    409: {"description": "the daemon refused (e.g. nothing to skip)"},
-    503: {"description": "the daemon is not running"},
-    504: {"description": "the daemon did not answer within 5 s"},
+    **DAEMON_RESPONSES,
+    409: {**DAEMON_RESPONSES[409], "description": "the daemon refused (e.g. nothing to skip)"},
+    504: {**DAEMON_RESPONSES[504], "description": "the daemon did not answer within 5 s; the request "
+                                                  "stays in control/ and is applied when it gets to it"},
 }
 
 
@@ -32,4 +34,5 @@ def _endpoint(command: str) -> Callable[..., dict[str, Any]]:
 # one route per command: any other name is a plain 404 (the catch-all), never a path
 for _cmd, _text in COMMANDS.items():
     router.add_api_route(f"/api/control/{_cmd}", _endpoint(_cmd), methods=["POST"], responses=RESPONSES,
+                         response_model=ControlReply,
                          summary=f"{_cmd}: {_text} (waits up to 5 s for the daemon's answer)")

@@ -123,9 +123,22 @@ def _sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {payload}\n\n"
 
 
+EVENTS = ("status", "metrics", "queue", "events", "layers", "system", "system_history", "logs")
+# Open API 3.1 has no way to describe a stream's items; as schemathesis (and OAS 3.2 `itemSchema`)
+# read it, the schema of text/event-stream is that of one event
+STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
+    "description": "an endless Server-Sent Events stream: first the full picture, then each change",
+    "content": {"text/event-stream": {"schema": {
+        "type": "object",
+        "properties": {"event": {"type": "string", "enum": list(EVENTS)},
+                       "data": {"type": "string", "contentMediaType": "application/json",
+                                "description": "the event's payload, as JSON"},
+                       "retry": {"type": "integer", "description": "reconnect delay in ms"}}}}}}}
+
+
 @router.get("/api/stream", summary="Server-Sent Events: status, metrics, queue, events, layers, "
                                    "system, logs as they change",
-            response_class=StreamingResponse)
+            response_class=StreamingResponse, responses=STREAM_RESPONSES)
 async def stream(token: str | None = Query(None, description="the token, for EventSource (no headers)"),
                  svc: Services = Depends(services)) -> StreamingResponse:
     async def gen() -> AsyncIterator[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
@@ -26,6 +27,8 @@ from core.atomic import fsync_dir
 from daemon.fsqueue import ERROR_SUFFIX, safe_name
 from core.lock import daemon_running
 from core.states import JobState, Priority
+from monitor.api_schema import (BAD_JSON, DAEMON_RESPONSES, NOT_FOUND, ControlReply, UploadQueued,
+                                UploadSaved, error, json_content, ref)
 from monitor.readers import find_job, queue_snapshot
 from monitor.services import QUEUE_ADD_REPLY_TIMEOUT_S, Services, services
 
@@ -34,6 +37,20 @@ router = APIRouter(tags=["queue"])
 
 RAW_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/x-jsonlines",
                        "application/json", "application/octet-stream"})
+DEFAULT_UPLOAD_NAME = "upload.jsonl"       # a file sent without a name (no file name, no ?name=)
+FORM_FIELDS = ("file", "priority", "force")  # a multipart upload's fields (no others)
+
+
+def _conflict(what: str) -> dict[int | str, dict[str, Any]]:
+    return {409: error(f"{what}, or the daemon refused the request (the reason is in `detail`)")}
+
+
+def _job_change(what: str, *extra: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """The answers of a route that changes one job through the daemon."""
+    out: dict[int | str, dict[str, Any]] = {**NOT_FOUND, **DAEMON_RESPONSES, **_conflict(what)}
+    for more in extra:
+        out.update(more)
+    return out
 
 
 class PriorityBody(BaseModel):
@@ -62,7 +79,7 @@ def _job_or_404(svc: Services, name: str) -> dict[str, Any]:
 @router.get("/api/queue/{name}",
             summary="one job: its row, its data report (`data_report`) and, for a file rejected at "
                     "intake, its validation report (`validation`: bad lines per kind)",
-            responses={404: {"description": "no job has exactly this queue name"}})
+            responses=NOT_FOUND)
 def get_job(name: str, svc: Services = Depends(services)) -> dict[str, Any]:
     job = _job_or_404(svc, name)
     validation = None
@@ -77,7 +94,8 @@ def get_job(name: str, svc: Services = Depends(services)) -> dict[str, Any]:
     return {**job, "validation": validation if isinstance(validation, dict) else None}
 
 
-@router.post("/api/queue/{name}/retry", summary="move a failed job back to pending")
+@router.post("/api/queue/{name}/retry", summary="move a failed job back to pending",
+             response_model=ControlReply, responses=_job_change("the job is not failed", BAD_JSON))
 def retry(name: str, body: RetryBody | None = Body(None),
           svc: Services = Depends(services)) -> dict[str, Any]:
     job = _job_or_404(svc, name)
@@ -86,7 +104,8 @@ def retry(name: str, body: RetryBody | None = Body(None),
     return svc.send_control("queue_retry", name=job["name"], force=bool(body and body.force))
 
 
-@router.post("/api/queue/{name}/priority", summary="set a pending job's priority (high|normal|low)")
+@router.post("/api/queue/{name}/priority", summary="set a pending job's priority (high|normal|low)",
+             response_model=ControlReply, responses=_job_change("the job is not pending", BAD_JSON))
 def prioritize(name: str, body: PriorityBody, svc: Services = Depends(services)) -> dict[str, Any]:
     job = _job_or_404(svc, name)
     if job["state"] != JobState.PENDING.value:
@@ -94,7 +113,8 @@ def prioritize(name: str, body: PriorityBody, svc: Services = Depends(services))
     return svc.send_control("queue_prioritize", name=job["name"], level=body.level.value)
 
 
-@router.delete("/api/queue/{name}", summary="take a pending job out of the queue (kept in failed/)")
+@router.delete("/api/queue/{name}", summary="take a pending job out of the queue (kept in failed/)",
+               response_model=ControlReply, responses=_job_change("the job is not pending"))
 def remove(name: str, svc: Services = Depends(services)) -> dict[str, Any]:
     job = _job_or_404(svc, name)
     if job["state"] != JobState.PENDING.value:
@@ -166,8 +186,8 @@ def _hand_over(svc: Services, staged: Path, name: str, priority: Priority, force
                 return JSONResponse({"ok": False, "queued": False, "name": name, "detail": exc.detail,
                                      "message": exc.detail}, status_code=507)
             # refused: the daemon moved it into failed/ with the reason
-            return JSONResponse({"ok": False, "queued": False, "name": name, "message": exc.detail},
-                                status_code=422)
+            return JSONResponse({"ok": False, "queued": False, "name": name, "detail": exc.detail,
+                                 "message": exc.detail}, status_code=422)
         return JSONResponse({**reply, "queued": True, "name": name}, status_code=201)
     final = _publish_to_inbox(staged, name)
     extra = "" if priority is Priority.NORMAL and not force else \
@@ -177,17 +197,83 @@ def _hand_over(svc: Services, staged: Path, name: str, priority: Priority, force
                                     f"the daemon starts{extra}"}, status_code=202)
 
 
-@router.post("/api/queue", status_code=201,
+def _form_options(form: Any, priority: Priority, force: bool) -> tuple[Priority, bool]:
+    """The form's `priority` and `force` (over the query's): a value that is none of the declared
+    ones is a 422, never silently the default. A boolean form field is the text true or false.
+    Like the JSON bodies, the form has no other fields."""
+    errors: list[dict[str, Any]] = [
+        {"type": "extra_forbidden", "loc": ("body", str(key)[:100]), "input": None,
+         "msg": "Extra inputs are not permitted (the fields are file, priority and force)"}
+        for key in dict.fromkeys(form.keys()) if key not in FORM_FIELDS]
+    value = form.get("priority")
+    if value is not None:
+        try:
+            priority = Priority(str(value))
+        except ValueError:
+            errors.append({"type": "enum", "loc": ("body", "priority"), "input": str(value)[:100],
+                           "msg": "Input should be 'high', 'normal' or 'low'"})
+    value = form.get("force")
+    if value is not None:
+        text = str(value).strip().lower()
+        if text in ("true", "false"):
+            force = text == "true"
+        else:
+            errors.append({"type": "bool_parsing", "loc": ("body", "force"), "input": str(value)[:100],
+                           "msg": "Input should be true or false"})
+    if errors:
+        raise RequestValidationError(errors)
+    return priority, force
+
+
+# the body is read as a stream (never all in memory), so FastAPI sees no body parameter: declared here
+_FILE = {"type": "string", "format": "binary", "minLength": 1}
+UPLOAD_BODY: dict[str, Any] = {
+    "required": True,
+    "description": "the JSONL file: a multipart form with the file in the field `file`, or the file "
+                   "itself as the body (its name from `?name=`). Empty files are refused (400).",
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object", "required": ["file"], "additionalProperties": False,
+                "properties": {
+                    "file": {**_FILE, "description": "the file; its file name names the job"},
+                    "priority": {**ref("Priority"), "description": "overrides ?priority="},
+                    "force": {"type": "boolean", "description": "overrides ?force="},
+                },
+            },
+        },
+        **{t: {"schema": {**_FILE, "description": "the file's bytes"}} for t in sorted(RAW_TYPES)
+           if t != "application/json"},
+        # a JSONL file is not one JSON document: the bytes are stored as sent, never parsed here
+        "application/json": {"schema": {"description": "the file's bytes (a one-line JSONL file is "
+                                                       "one JSON value)"}},
+    },
+}
+UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    201: {"model": UploadQueued, "description": "the running daemon queued the file"},
+    202: {"model": UploadSaved,
+          "description": "saved, not queued yet: the daemon is down (saved in inbox/, queued when it "
+                         "starts) or did not answer in time (queued when it gets to it)"},
+    400: error("an empty file, or a multipart form without a file in the field `file`, or a body "
+               "that is not a well-formed multipart form"),
+    415: error("neither multipart/form-data nor a JSONL content type"),
+    422: {"description": "a parameter is invalid (`detail` lists them), or the daemon refused the "
+                         "file (kept in queue/failed/ with the reason)",
+          "content": json_content({"anyOf": [ref("HTTPValidationError"), ref("UploadRefused")]})},
+    507: {"description": "the disk is full: nothing queued (a file already handed to the daemon "
+                         "waits in inbox/ until there is space)",
+          "content": json_content({"anyOf": [ref("UploadRefused"), ref("ErrorBody")]})},
+}
+
+
+@router.post("/api/queue", status_code=201, response_model=None, responses=UPLOAD_RESPONSES,
+             openapi_extra={"requestBody": UPLOAD_BODY},
              summary="upload a JSONL file into the queue (multipart field 'file', or the raw body "
-                     "with ?name=)",
-             responses={413: {"description": "larger than monitor.max_upload_bytes"},
-                        415: {"description": "not multipart/form-data or a JSONL content type"},
-                        422: {"description": "the daemon rejected the file (it is kept in failed/)"},
-                        507: {"description": "the disk is full (nothing queued; a file handed to the "
-                                             "daemon waits in inbox/ until space is back)"}})
+                     "with ?name=)")
 async def upload(request: Request,
                  name: str | None = Query(None, max_length=1000,
-                                          description="file name for a raw-body upload"),
+                                          description="the file name when the file itself has none "
+                                                      f"(default {DEFAULT_UPLOAD_NAME})"),
                  priority: Priority = Query(Priority.NORMAL),
                  force: bool = Query(False, description="train even if the same content was trained"),
                  svc: Services = Depends(services)) -> JSONResponse:
@@ -202,14 +288,8 @@ async def upload(request: Request,
                 up = form.get("file")
                 if not isinstance(up, UploadFile):
                     raise HTTPException(400, "multipart upload needs one file in the field 'file'")
-                if form.get("priority"):
-                    try:
-                        priority = Priority(str(form.get("priority")))
-                    except ValueError:
-                        raise HTTPException(422, "priority must be high, normal or low") from None
-                if form.get("force") is not None:
-                    force = str(form.get("force")).lower() in ("1", "true", "yes", "on")
-                safe = safe_name(up.filename or name or "upload.jsonl")
+                priority, force = _form_options(form, priority, force)
+                safe = safe_name(up.filename or name or DEFAULT_UPLOAD_NAME)
                 staged = _stage_path(inbox, safe)
                 fd = _open_staged(staged)
                 size = 0
@@ -217,9 +297,7 @@ async def upload(request: Request,
                     size += len(chunk)
                     await asyncio.to_thread(_write_all, fd, chunk)
         elif ctype in RAW_TYPES:
-            if not name:
-                raise HTTPException(400, "a raw-body upload needs ?name=FILE.jsonl")
-            safe = safe_name(name)
+            safe = safe_name(name or DEFAULT_UPLOAD_NAME)
             staged = _stage_path(inbox, safe)
             fd = _open_staged(staged)
             size = 0

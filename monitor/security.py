@@ -25,7 +25,7 @@ import json
 import logging
 import re
 from typing import Any, Awaitable, Callable, Iterable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from starlette.exceptions import HTTPException
 
@@ -44,12 +44,15 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 FORBIDDEN_CONTENT_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded"})
 REQUEST_HEADER = "x-trainer-request"
 TOKEN_HEADER = "x-trainer-token"
+MAX_BODY_BYTES = 64 << 10               # any body but an upload's
+UPLOAD_PATHS = frozenset({"/api/queue"})   # bodies capped at monitor.max_upload_bytes instead
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
        "form-action 'none'; frame-ancestors 'none'")
 NO_CSP_PREFIXES = ("/docs", "/redoc")      # FastAPI's API docs pages load their own scripts
 
+_ENCODED_SLASH = re.compile(rb"%2f", re.IGNORECASE)
 _HOST_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?$")
 
 
@@ -131,7 +134,7 @@ class SecurityMiddleware:
 
     def __init__(self, app: ASGIApp, *, allowed_hosts: Iterable[str] = (), token: str | None = None,
                  bind_host: str | None = None, max_upload_bytes: int = 256 << 20,
-                 max_body_bytes: int = 64 << 10, upload_paths: Iterable[str] = ("/api/queue",),
+                 max_body_bytes: int = MAX_BODY_BYTES, upload_paths: Iterable[str] = UPLOAD_PATHS,
                  routes: list[Any] | None = None) -> None:
         self.app = app
         self.routes = routes if routes is not None else []   # the app's, to answer 405 with Allow
@@ -148,6 +151,7 @@ class SecurityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope = _keep_encoded_slashes(scope)
         headers = _headers(scope)
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET").upper()
@@ -275,6 +279,16 @@ class SecurityMiddleware:
             qs = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             candidates += qs.get("token", [])
         return any(hmac.compare_digest(c.encode("utf-8", "replace"), self.token) for c in candidates)
+
+
+def _keep_encoded_slashes(scope: Scope) -> Scope:
+    """An encoded slash (%2F) is part of a path segment, never a separator: the path the routes see
+    keeps it encoded, so a job name like ``x%2Fretry`` is a name (404), not another route (405)."""
+    raw = scope.get("raw_path")
+    if not raw or not _ENCODED_SLASH.search(raw):
+        return scope
+    parts = _ENCODED_SLASH.split(raw.split(b"?", 1)[0])
+    return {**scope, "path": "%2F".join(unquote(p.decode("latin-1")) for p in parts)}
 
 
 def _headers(scope: Scope) -> dict[str, list[str]]:

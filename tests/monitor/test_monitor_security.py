@@ -222,6 +222,16 @@ def test_queue_routes_never_take_a_path(mon: Monitor, name: str) -> None:
     assert status == 503 and b"daemon not running" in resp
 
 
+@pytest.mark.parametrize("method", ["GET", "DELETE", "POST"])
+def test_an_encoded_slash_in_a_name_is_part_of_the_name(mon: Monitor, method: str) -> None:
+    """``x%2Fretry`` is a (missing) job's name, never the URL of another route (which would be 405)."""
+    for name in ("x%2Fretry", "x%2fpriority", "victim.jsonl%2Fretry"):
+        status, _, resp = raw(mon, method, f"/api/queue/{name}",
+                              {**REQ, "Content-Type": "application/json"}, b"{}" if method == "POST" else None)
+        assert status == (405 if method == "POST" else 404), (method, name, status, resp)
+    assert control_files(mon) == []
+
+
 STATIC_TRAVERSALS = ["/../pyproject.toml", "/..%2fpyproject.toml", "/%2e%2e/pyproject.toml",
                      "/%2e%2e%2fpyproject.toml", "/%252e%252e%252fpyproject.toml",
                      "/vendor/../../pyproject.toml", "/vendor/..%2f..%2fpyproject.toml",
@@ -281,9 +291,11 @@ def test_upload_rules_with_daemon_down(mon: Monitor) -> None:
     assert post_upload(mon, params={"name": "a.jsonl"}, content=small,
                        headers={**REQ, "Content-Type": "text/plain"}).status_code == 415
     assert post_upload(mon, params={"name": "a.jsonl"}, content=small, headers=REQ).status_code == 415
-    assert post_upload(mon, content=small, headers=hdr).status_code == 400          # no name
     assert post_upload(mon, params={"name": "a.jsonl"}, content=b"", headers=hdr).status_code == 400
     assert inbox(mon) == []
+    r = post_upload(mon, content=small, headers=hdr)                 # no name: a default one
+    assert r.status_code == 202 and r.json()["name"] == "upload.jsonl", r.text
+    (mon.home / "inbox" / "upload.jsonl").unlink()
     names = {"../../escape.jsonl": "escape.jsonl", "/etc/passwd": "passwd.jsonl",
              "<img src=x onerror=alert(1)>.jsonl": "img_src=x_onerror=alert_1.jsonl",
              "..": "dataset.jsonl"}
