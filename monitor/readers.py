@@ -114,6 +114,7 @@ class MetricsIndex:
         self.generation = 0
         self._segs: list[_Segment] = []
         self._clear()
+        self._top: tuple[Any, int, dict[int, int]] = (None, 0, {})   # max_steps(): (key, upto, steps)
 
     def _clear(self) -> None:
         for seg in self._segs:
@@ -315,6 +316,22 @@ class MetricsIndex:
                         out.append(rec)
                 i = j
         return out
+
+    def max_steps(self) -> dict[int, int]:
+        """The highest step each job reached in the indexed history ({job_id: step}; records without
+        a job or a step left out). Kept up to date incrementally: a scan only of what is new, all
+        of it again after a rotation dropped the oldest file or the history was replaced."""
+        with self._lock:
+            key, upto, top = self._top
+            if key != (self.generation, self._base) or upto > len(self._steps):
+                key, upto, top = (self.generation, self._base), 0, {}
+            jobs, steps = self._jobs, self._steps
+            for i in range(upto, len(steps)):
+                j, s = jobs[i], steps[i]
+                if j >= 0 and s > top.get(j, -1):
+                    top[j] = s
+            self._top = (key, len(steps), top)
+            return dict(top)
 
     def latest_job(self) -> int | None:
         with self._lock:

@@ -3,6 +3,7 @@ a home dir with a real daemon (stand-in trainer), and a tiny SSE reader."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,6 +80,28 @@ class Monitor:
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.base, timeout=kw.pop("timeout", 15), **kw)
+
+
+def prometheus_samples(text: str) -> dict[str, dict[tuple, float]]:
+    """A /metrics exposition parsed by prometheus-client: {sample name: {sorted labels: value}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out: dict[str, dict[tuple, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def promtool_problems(text: str) -> str | None:
+    """What `promtool check metrics` says about an exposition ("" when clean); None without promtool."""
+    tool = shutil.which("promtool")
+    if tool is None:
+        return None
+    p = subprocess.run([tool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30,
+                       check=False)
+    problems = (p.stdout + p.stderr).decode().strip()
+    assert p.returncode == 0 or problems, f"promtool exited {p.returncode} without saying why"
+    return problems
 
 
 def make_home(path: Path, **config: Any) -> Home:

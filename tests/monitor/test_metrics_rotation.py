@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from pathlib import Path
 
 
@@ -15,7 +14,7 @@ from core.paths import Layout
 from daemon.status import StatusBoard, metrics_files
 from daemon_helpers import text_records, wait_for, write_jsonl
 from monitor.readers import MetricsIndex
-from monitor_helpers import Monitor, SSEReader, make_home, stop_daemon
+from monitor_helpers import Monitor, SSEReader, make_home, prometheus_samples, stop_daemon
 
 KIB = 1024
 
@@ -223,8 +222,9 @@ def test_dashboard_reads_the_whole_history_while_the_daemon_rotates(tmp_path: Pa
             # an old cursor pointing into rotated-out records: everything retained after it
             r = c.get("/api/metrics", params={"since_seq": 10, "limit": 20000}).json()
             assert _strip(r["records"]) == retained
-            prom = c.get("/metrics").text
-            assert re.search(r"^trainer_metrics_records 240$", prom, re.M), prom
+            prom = prometheus_samples(c.get("/metrics").text)
+            assert prom["trainer_metrics_history_records"] == {(): len(retained)}
+            assert prom["trainer_steps_total"] == {(): 240}      # what the rotated-out files held too
         # the live stream: every record once, in order, across the rotations
         wait_for(lambda: sum(len(d["records"]) for _, d in stream.of("metrics")) >= 240, timeout=10,
                  what="the stream caught up")

@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from daemon_helpers import text_records, wait_for, write_jsonl
-from monitor_helpers import REQ, Monitor, SSEReader, make_home, stop_daemon
+from monitor_helpers import (REQ, Monitor, SSEReader, make_home, prometheus_samples, promtool_problems,
+                             stop_daemon)
 
 STEP_S = 0.1
 
@@ -90,12 +91,14 @@ def test_status_queue_metrics_while_training(stack) -> None:
 
         prom = c.get("/metrics")
         assert prom.status_code == 200 and prom.headers["content-type"].startswith("text/plain")
-        text = prom.text
-        assert "trainer_daemon_up 1" in text
-        assert 'trainer_status{status="training"} 1' in text
-        assert 'trainer_jobs{state="processing"} 1' in text
-        assert 'trainer_queue_files{state="processing"} 1' in text
-        assert "trainer_step " in text and "trainer_gpu_available" in text
+        got = prometheus_samples(prom.text)
+        assert got["trainer_daemon_up"] == {(): 1}
+        assert got["trainer_status"][(("status", "training"),)] == 1
+        assert got["trainer_jobs"][(("state", "processing"),)] == 1
+        assert got["trainer_queue_files"][(("state", "processing"),)] == 1
+        assert got["trainer_step"][()] >= 3 and "trainer_gpu_available" in got
+        assert got["trainer_steps_total"][()] >= got["trainer_step"][()]     # the running job's, live
+        assert promtool_problems(prom.text) in (None, "")
         assert c.get("/healthz").json() == {"ok": True}
         assert c.get("/openapi.json").json()["info"]["title"]
 
@@ -221,7 +224,7 @@ def test_skip_then_stop_then_daemon_down(stack) -> None:
         for path in ("/api/queue", "/api/metrics", "/api/events", "/api/logs", "/api/layers",
                      "/api/gpu", "/api/memory", "/metrics"):
             assert c.get(path).status_code == 200, path
-        assert "trainer_daemon_up 0" in c.get("/metrics").text
+        assert prometheus_samples(c.get("/metrics").text)["trainer_daemon_up"] == {(): 0}
         mem = c.get("/api/memory").json()
         assert mem["daemon"] is None and mem["process_reason"] == "daemon not running"
 
