@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from core.diskfull import is_disk_full
+from core.datareport import normalize_data_report, parse_data_report  # noqa: F401 (re-exported)
 from core.states import JobState, Priority
 
 log = logging.getLogger("trainerd.statedb")
 T = TypeVar("T")
+Counts = dict[tuple[str, str], float]     # (counter name, labels as sorted JSON) -> amount to add
+
+
+def counter_key(name: str, **labels: str) -> tuple[str, str]:
+    """The key of one counter series in ``Counts``."""
+    return name, json.dumps(labels, sort_keys=True, separators=(",", ":"))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -57,6 +64,12 @@ CREATE TABLE IF NOT EXISTS events (
     job_id  INTEGER,
     message TEXT NOT NULL,
     data    TEXT
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}',
+    value REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, labels)
 );
 CREATE TABLE IF NOT EXISTS locked_keys (
     key         TEXT PRIMARY KEY,
@@ -100,37 +113,6 @@ class Job:
         d = dict(self.__dict__)
         d["data_report"] = self.report()
         return d
-
-
-# the data report's totals; any other top-level number of the older flat shape is a reason
-REPORT_TOTALS = frozenset({"records", "examples", "tokens", "trained_tokens", "tokens_cut", "max_length"})
-
-
-def normalize_data_report(report: Any) -> dict[str, Any] | None:
-    """The worker's ``started.dataset`` as it is stored: every key kept as given, plus ``reasons``
-    (``{name: {"count": n, "lines": [...], ...}}``). The older flat shape has no ``reasons``: its
-    non-zero counters (``truncated``, ``dropped_too_long``, ``skipped_invalid``...) become reasons
-    with a count and no lines. Anything but a JSON object is no report (None)."""
-    if not isinstance(report, dict):
-        return None
-    out = dict(report)
-    reasons = report.get("reasons")
-    if isinstance(reasons, dict):
-        out["reasons"] = {str(k): (v if isinstance(v, dict) else {"count": v}) for k, v in reasons.items()}
-    else:
-        out["reasons"] = {k: {"count": v} for k, v in report.items()
-                          if k not in REPORT_TOTALS and isinstance(v, int) and not isinstance(v, bool) and v}
-    return out
-
-
-def parse_data_report(text: str | None) -> dict[str, Any] | None:
-    """A stored data report, parsed; None when there is none (or it is not a JSON object)."""
-    if not text:
-        return None
-    try:
-        return normalize_data_report(json.loads(text))
-    except ValueError:
-        return None
 
 
 PENDING_ORDER = ("ORDER BY resume DESC, CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 "
@@ -350,6 +332,26 @@ class StateDB:
         for row in self.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
             out[row[0]] = row[1]
         return out
+
+    # ---- counters (monotonic totals for /metrics; only ever added to) ---------------------
+    @staticmethod
+    def add_counts_in(c: sqlite3.Connection, counts: Counts) -> None:
+        c.executemany("INSERT INTO counters (name, labels, value) VALUES (?, ?, ?) ON CONFLICT(name, labels) "
+                      "DO UPDATE SET value = value + excluded.value",
+                      [(name, labels, by) for (name, labels), by in counts.items() if by])
+
+    def add_counts(self, counts: Counts) -> None:
+        if any(counts.values()):
+            with self.tx() as c:
+                self.add_counts_in(c, counts)
+
+    def counters(self) -> list[tuple[str, dict[str, str], float]]:
+        """(name, labels, value) of every counter; [] for a state.db from before counters."""
+        try:
+            rows = self.conn.execute("SELECT name, labels, value FROM counters ORDER BY name, labels").fetchall()
+        except sqlite3.OperationalError:
+            return []
+        return [(r[0], json.loads(r[1]), r[2]) for r in rows]
 
     # ---- events -----------------------------------------------------------------------
     def add_event(self, kind: str, message: str, *, level: str = "info", job_id: int | None = None,

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from core.atomic import atomic_write_json, fsync_dir, sha256_file
 from core.config import Config, ConfigError, load_config
 from core.paths import Layout
-from core.statedb import Job, StateDB
+from core.statedb import Counts, Job, StateDB, counter_key
 from core.states import FOLDER_STATES, JobState, Priority, check_transition
 from core.validation import validate_file
 from daemon.intakefile import (Checked, FileChanged, Intake, check_file, ident, is_ignored,  # noqa: F401
@@ -38,6 +38,7 @@ def _fsync_dirs(src: Path, dst: Path) -> None:
             log.error("fsync of %s failed after a committed move: %s", d, exc)
 
 ERROR_SUFFIX = ".error.json"
+FINISHED = "trainer_jobs_finished"       # state.db counter: jobs that ended, by outcome
 
 
 class QueueError(RuntimeError):
@@ -129,7 +130,8 @@ class FsQueue:
                 job = self._enter(src, name, dict(
                     name=name, original_name=original, state=JobState.FAILED, sha256=sha, size=size,
                     priority=intake.priority, forced=intake.force, duplicate_of=duplicate_of,
-                    error=reason, fmt=fmt, records=records))
+                    error=reason, fmt=fmt, records=records),
+                    {counter_key(FINISHED, outcome="duplicate" if duplicate_of else "rejected"): 1.0})
             except BaseException:
                 self.error_path(name).unlink(missing_ok=True)
                 raise
@@ -149,10 +151,14 @@ class FsQueue:
         log.info("accepted %s -> pending/%s (%s records, %s%s)", original, name, records, fmt, skipped)
         return job
 
-    def _enter(self, src: Path, name: str, row: dict[str, Any]) -> Job:
+    def _enter(self, src: Path, name: str, row: dict[str, Any], counts: Counts | None = None) -> Job:
         """Insert the row and rename the file into its folder: together, or neither."""
         dst = self.path(row["state"], name)
-        job_id = self.db.commit_with(lambda c: self.db.insert_job_in(c, **row),
+
+        def insert(c: Any) -> int:
+            self.db.add_counts_in(c, counts or {})
+            return self.db.insert_job_in(c, **row)
+        job_id = self.db.commit_with(insert,
                                      effect=lambda: os.rename(src, dst), undo=lambda: os.rename(dst, src))
         _fsync_dirs(src, dst)
         self.changes += 1
@@ -162,9 +168,14 @@ class FsQueue:
 
     # ---- transitions ------------------------------------------------------------------
     def move(self, job: Job, dst: JobState, *, error: str | None = None,
-             error_extra: dict[str, Any] | None = None, **fields: Any) -> Job:
+             error_extra: dict[str, Any] | None = None, outcome: str | None = None, **fields: Any) -> Job:
+        """Move a job between folders: the row and the rename together. A move into done/ or
+        failed/ counts as the end of a job in ``trainer_jobs_finished{outcome}`` (state.db's
+        counters, in the same transaction): *outcome* names how it ended (default: the folder)."""
         src = JobState(job.state)
         check_transition(src, dst)
+        ended = {counter_key(FINISHED, outcome=outcome or dst.value): 1.0} \
+            if dst in (JobState.DONE, JobState.FAILED) else {}
         if dst is JobState.FAILED:
             self._write_error(job.name, error or "failed", job_id=job.id,
                               extra={"original_name": job.original_name, "sha256": job.sha256,
@@ -172,8 +183,9 @@ class FsQueue:
         a, b = self.path(src, job.name), self.path(dst, job.name)
         try:
             self.db.commit_with(
-                lambda c: self.db.update_in(c, job.id, state=dst,
-                                            error=error if dst is JobState.FAILED else None, **fields),
+                lambda c: (self.db.update_in(c, job.id, state=dst,
+                                             error=error if dst is JobState.FAILED else None, **fields),
+                           self.db.add_counts_in(c, ended)),
                 effect=lambda: os.rename(a, b), undo=lambda: os.rename(b, a))
         except BaseException:
             if dst is JobState.FAILED:
@@ -229,7 +241,9 @@ class FsQueue:
     def _mark_missing(self, job: Job, error: str) -> None:
         """Record that a job's file vanished from its folder (state.db only: no file to move)."""
         check_transition(JobState(job.state), JobState.MISSING)
-        self.db.update(job.id, state=JobState.MISSING.value, error=error)
+        with self.db.tx() as c:
+            self.db.update_in(c, job.id, state=JobState.MISSING.value, error=error)
+            self.db.add_counts_in(c, {counter_key(FINISHED, outcome="missing"): 1.0})
 
     # ---- user operations ----------------------------------------------------------------
     def get(self, name: str) -> Job:
@@ -245,7 +259,7 @@ class FsQueue:
         name = job.name
         if job.state != JobState.PENDING.value:
             raise QueueError(f"'{name}' is {job.state}; only pending jobs can be removed")
-        job = self.move(job, JobState.FAILED, error="removed by user")
+        job = self.move(job, JobState.FAILED, error="removed by user", outcome="removed")
         self.db.add_event("removed", f"{name} removed from the queue (kept in failed/)", job_id=job.id)
         return job
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from core.config import Config, config_to_dict
 from core.diskfull import MIB, free_bytes, is_disk_full
 from core.interface import JobResult, JobSpec, Outcome, QueueControl, Trainer
-from core.statedb import Job
+from core.statedb import Job, counter_key
 from core.states import DaemonStatus, JobState
 from daemon import retention
 from daemon.status import iso
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainerd")
 
+# state.db counters (/metrics adds _total): optimizer steps run (a step redone after a crash counts
+# again), the loss-carrying tokens of those steps, the NaN/inf steps skipped
+STEPS, TOKENS, NONFINITE = "trainer_steps", "trainer_tokens_trained", "trainer_nonfinite_steps"
 MAX_BACKOFF_FACTOR = 64         # a crash-looping job waits retry_backoff_s x 1, 2, 4 ... 64 at most
 
 
@@ -67,6 +70,22 @@ def _as_dict(table: Any) -> dict[str, Any]:
 
 class JobFlow:
     """Starting, relaying and ending jobs (see the module doc)."""
+
+    def _count(self: "Daemon", name: str, by: Any) -> None:
+        """Add to a state.db counter; kept here and written by ``flush_counts`` (each
+        status_interval_s and at a job's end): one transaction, not one per step."""
+        if isinstance(by, (int, float)) and not isinstance(by, bool) and by > 0:
+            key = counter_key(name)
+            self._counts[key] = self._counts.get(key, 0.0) + float(by)
+
+    def flush_counts(self: "Daemon") -> None:
+        counts, self._counts = self._counts, {}
+        try:
+            self.db.add_counts(counts)
+        except Exception:
+            for key, by in counts.items():        # written next time (a full disk, a busy db)
+                self._counts[key] = self._counts.get(key, 0.0) + by
+            raise
 
     def _start_next(self: "Daemon") -> None:
         if self.db.next_pending() is None:     # idle ticks stay cheap: no config or lock reads
@@ -141,6 +160,8 @@ class JobFlow:
                                              "eta_seconds", "epoch", "peak_memory_bytes", "total_steps")
                       if k in ev}
             self.board.update(current_step=ev.get("step"), **fields)
+            self._count(STEPS, 1)
+            self._count(TOKENS, ev.get("trained_tokens"))
             self.board.append_metric({**ev, "job_id": job_id,
                                       "file": self.current.name if self.current else None})
         elif kind == "eval":
@@ -161,6 +182,8 @@ class JobFlow:
         elif kind in ("checkpoint", "snapshot", "oom_backoff", "nonfinite", "restarted"):
             if kind == "checkpoint" and int(ev.get("step") or 0) > self._resumed_from:
                 self._progress = True
+            if kind == "nonfinite":
+                self._count(NONFINITE, 1)
             msg = {"checkpoint": f"checkpoint at step {ev.get('step')} ({ev.get('reason')})",
                    "snapshot": f"snapshot saved: {ev.get('path')}",
                    "oom_backoff": f"CUDA out of memory: micro-batch {ev.get('micro_batch')}, "
@@ -181,6 +204,7 @@ class JobFlow:
         assert self.runner is not None and self.current is not None
         self.runner.join()
         self._drain_events()
+        self.flush_counts()
         result = self.runner.result or JobResult(Outcome.FAILED, "trainer returned nothing",
                                                  details={"crash": True})
         job = self.db.get(self.current.id)
@@ -197,7 +221,7 @@ class JobFlow:
             self.db.add_event("completed", f"{job.name} trained ({result.steps} steps)", job_id=job.id)
             log.info("job %s: %s done (%d steps)", job.id, job.name, result.steps)
         elif result.outcome is Outcome.SKIPPED:
-            self.queue.move(job, JobState.FAILED, error="skipped", steps=result.steps,
+            self.queue.move(job, JobState.FAILED, error="skipped", outcome="skipped", steps=result.steps,
                             finished_at=time.time(), error_extra={"step": result.steps})
             self.db.add_event("skipped", f"{job.name} skipped at step {result.steps}", job_id=job.id)
         elif result.outcome is Outcome.STOPPED:

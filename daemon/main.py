@@ -29,7 +29,7 @@ from core.interface import Command, Trainer
 from core.lock import AlreadyRunning, DaemonLock, read_pid
 from core.logsetup import setup_logging
 from core.paths import Layout
-from core.statedb import Job, StateDB
+from core.statedb import Counts, Job, StateDB
 from core.states import DaemonStatus
 from core.validation import ValidationCancelled
 from daemon import control as ctl, retention
@@ -98,6 +98,8 @@ class Daemon(Commands, JobFlow, DiskPause):
         self._resumed_from = 0                    # the step the running attempt started from
         self._progress = False                    # the running attempt wrote a checkpoint past it
         self._stop_reason: str | None = None
+        self._counts: Counts = {}                 # counter increments not yet in state.db
+        self._counts_at = 0.0
         self._signal: int | None = None
 
     # ---- flags ---------------------------------------------------------------------------
@@ -286,6 +288,9 @@ class Daemon(Commands, JobFlow, DiskPause):
             self.tracker.scan()
             ctl.prune_replies(self.layout)
             self._last_scan = time.monotonic()
+        if self._counts and time.monotonic() - self._counts_at >= self.config.status_interval_s:
+            self._counts_at = time.monotonic()
+            self.flush_counts()
         if self.queue.changes != self._counted:          # only the daemon moves jobs: count on change
             self._counted = self.queue.changes
             self.board.update(queue=self.db.counts())
@@ -334,7 +339,7 @@ class Daemon(Commands, JobFlow, DiskPause):
                 self.runner.control.send(Command.STOP)
                 self.runner.join(timeout=60)
             self._close_trainer()
-            for last_write in (lambda: self.board.update(queue=self.db.counts()),
+            for last_write in (self.flush_counts, lambda: self.board.update(queue=self.db.counts()),
                                lambda: self.board.set_status(DaemonStatus.STOPPED),
                                self.board.close,
                                lambda: self.db.add_event("daemon_stop", "daemon stopped "

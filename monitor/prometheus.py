@@ -13,14 +13,15 @@ the running job's ``trainer_step``, ``trainer_total_steps``, ``trainer_loss``,
 ``trainer_gpu_*{gpu,name}``, ``trainer_system_memory_used_bytes``, ``trainer_daemon_rss_bytes``,
 ``trainer_worker_rss_bytes``. A gauge with no value now (no job, no GPU) is left out.
 
-Counters (since the home's first job), from state.db and the metrics history:
-``trainer_jobs_finished_total{outcome}``, ``trainer_steps_total``,
-``trainer_tokens_trained_total``, ``trainer_nonfinite_steps_total``,
-``trainer_data_records_total{reason}``. How each is derived is written at ``_read_db`` and
-``Collector._counters``.
+Counters: ``trainer_jobs_finished_total{outcome}``, ``trainer_steps_total``,
+``trainer_tokens_trained_total``, ``trainer_nonfinite_steps_total`` are state.db's ``counters``
+table, which the daemon only ever adds to (a job's end in the transaction of its move; steps,
+tokens and NaN steps each status interval), so they never go down, across restarts of either
+process; ``trainer_data_records_total{reason}`` sums the jobs' data reports.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sqlite3
@@ -41,34 +42,21 @@ log = logging.getLogger("monitor.prometheus")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-# What a finished job's row says about how it ended (the daemon's own words: daemon/main.py
-# ``_finish_job`` writes error "skipped" for a skip, daemon/fsqueue.py ``remove`` "removed by
-# user"; a job refused at intake, invalid or a duplicate, goes to failed/ without ever starting).
-# done: trained to the end; failed: a started job that failed; skipped: `trainer-ctl skip`;
-# removed: taken out of pending/ by the user; rejected: refused at intake; any other state a row
-# can hold (``missing``: the file vanished from pending/) is its own outcome.
-OUTCOMES = ("done", "failed", "skipped", "removed", "rejected", "missing")
-OUTCOME_SQL = """
-SELECT CASE
-         WHEN state = 'done' THEN 'done'
-         WHEN state = 'failed' AND error = 'skipped' THEN 'skipped'
-         WHEN state = 'failed' AND error = 'removed by user' THEN 'removed'
-         WHEN state = 'failed' AND started_at IS NULL THEN 'rejected'
-         WHEN state = 'failed' THEN 'failed'
-         ELSE state
-       END, COUNT(*)
-FROM jobs WHERE state NOT IN ('pending', 'processing') GROUP BY 1
-"""
+# How a job ended, as the daemon counts it (daemon/fsqueue.py, state.db's ``counters`` table, in
+# the transaction of the move): done; failed (a started job that failed for good); skipped
+# (`trainer-ctl skip`); removed (taken out of pending/ by the user); rejected (refused at intake);
+# duplicate (the same content was trained or queued); missing (the file vanished from its folder).
+OUTCOMES = ("done", "failed", "skipped", "removed", "rejected", "duplicate", "missing")
 
 
 @dataclass
 class DbTotals:
     """What the counters take from state.db, read in one transaction."""
-    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
-    steps: dict[int, int] = field(default_factory=dict)       # job id -> steps state.db records
-    tokens_trained: int = 0
+    counters: dict[str, dict[str, float]] = field(default_factory=dict)   # name -> labels JSON -> value
     records: dict[str, int] = field(default_factory=dict)     # data-report reason -> lines
-    nonfinite: int = 0
+
+    def value(self, name: str) -> float:
+        return sum(self.counters.get(name, {}).values())
 
 
 def _int(v: Any) -> int:
@@ -76,9 +64,9 @@ def _int(v: Any) -> int:
 
 
 def _read_db(layout: Layout) -> DbTotals:
-    """The counters' share of state.db. Job rows are never deleted, and a row keeps its last
-    outcome, its steps and its last attempt's data report, so these sums only grow, with one
-    exception each, said where it applies. Raises NoDatabase or sqlite3.Error."""
+    """The counters' share of state.db. The daemon's counters only ever grow (they are added to,
+    never set); the data reports are per job, and a job's report is rewritten with the same counts
+    by each attempt (it reads the same file). Raises NoDatabase or sqlite3.Error."""
     out = DbTotals()
     if not layout.state_db.exists():
         return out                                      # no daemon has run here yet: all zero
@@ -86,40 +74,15 @@ def _read_db(layout: Layout) -> DbTotals:
     c = db.conn
     try:
         c.execute("BEGIN")                              # one snapshot for all the sums
-        # trainer_jobs_finished_total{outcome}: each job once, under the outcome of its last end.
-        # A job a user retries (failed -> pending) leaves its outcome until it ends again: that
-        # outcome's count goes down by one then (Prometheus reads it as a counter reset).
-        for outcome, n in c.execute(OUTCOME_SQL):
-            out.outcomes[str(outcome)] = out.outcomes.get(str(outcome), 0) + int(n)
-        # trainer_steps_total (with the history, see Collector._counters): the steps each job's
-        # row records (written when an attempt completes, is skipped or interrupted).
-        out.steps = {int(j): int(s) for j, s in c.execute("SELECT id, steps FROM jobs WHERE steps > 0")}
+        for name, labels, value in db.counters():
+            out.counters.setdefault(name, {})[json.dumps(labels, sort_keys=True)] = value
         cols = {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
         if "data_report" in cols:                       # a state.db older than data reports has none
-            rows = c.execute("SELECT state, data_report FROM jobs WHERE data_report IS NOT NULL")
-            for state, text in rows:
+            for (text,) in c.execute("SELECT data_report FROM jobs WHERE data_report IS NOT NULL"):
                 report = parse_data_report(text) or {}
-                # trainer_tokens_trained_total: the loss-carrying tokens of the data of every job
-                # trained to the end, its data report's ``trained_tokens`` (the figure the
-                # adapter's lineage, trainer_state.json, records for it), counted once, when the
-                # job is done. The per-step counts in metrics.jsonl would move during a job, but
-                # the daemon deletes its oldest history files (metrics_keep_files), so a sum over
-                # them would fall back; state.db keeps every job. Epochs repeat these tokens and
-                # eval_fraction holds some of them out: this is the data the model has learned
-                # from, not the tokens the GPU processed (trainer_tokens_per_second is that rate).
-                if state == "done":
-                    out.tokens_trained += _int(report.get("trained_tokens"))
-                # trainer_data_records_total{reason}: every job's report, per reason, lines.
-                # A report is written at each attempt's start (the whole file's once it is
-                # tokenized); a new attempt reads the same file and writes the same counts.
                 for reason, r in (report.get("reasons") or {}).items():
                     out.records[str(reason)] = out.records.get(str(reason), 0) + _int(
                         r.get("count") if isinstance(r, dict) else r)
-        # trainer_nonfinite_steps_total: the daemon records every skipped NaN/inf step as a
-        # "nonfinite" event (nothing else keeps them: the step's metrics line has no loss, as has
-        # every line of the stand-in trainer). The events table keeps its newest keep_events rows
-        # (100 000 by default): once those pruned reach a nonfinite event, the count goes down.
-        out.nonfinite = int(c.execute("SELECT COUNT(*) FROM events WHERE kind = 'nonfinite'").fetchone()[0])
         c.execute("COMMIT")
     finally:
         db.close()
@@ -214,31 +177,23 @@ class Collector:
             return []                  # no value rather than a 0 that would read as a reset
         out: list[Metric] = []
         c = CounterMetricFamily("trainer_jobs_finished_total",
-                                "jobs that ended, by how (done, failed, skipped, removed, rejected at "
-                                "intake, missing); a job counts once, under its last outcome",
+                                "jobs that ended, by how: done, failed, skipped, removed, rejected or a "
+                                "duplicate at intake, missing (a retried job that ends again counts again)",
                                 labels=["outcome"])
-        for outcome, n in db.outcomes.items():
-            c.add_metric([outcome], n)
+        finished = {json.loads(k).get("outcome", ""): v
+                    for k, v in db.counters.get("trainer_jobs_finished", {}).items()}
+        for outcome in sorted(set(OUTCOMES) | set(finished)):
+            c.add_metric([outcome], finished.get(outcome, 0.0))
         out.append(c)
-        # Steps: per job, the larger of what its state.db row records and the highest step the
-        # metrics history holds for it. The row alone misses the running job (written when an
-        # attempt ends) and a job that failed (the daemon records no steps then); the history
-        # alone forgets what its deleted oldest files held. Together: live, and a job's count
-        # falls back only if it failed and its history files were deleted since.
-        steps = dict(db.steps)
-        for job, top in self.svc.metrics.max_steps().items():
-            steps[job] = max(steps.get(job, 0), top)
         out.append(CounterMetricFamily("trainer_steps_total",
-                                       "optimizer steps trained, every job (each step once: steps "
-                                       "redone after a resume are not counted again)",
-                                       value=sum(steps.values())))
+                                       "optimizer steps run, every job (a step redone after a crash "
+                                       "counts again)", value=db.value("trainer_steps")))
         out.append(CounterMetricFamily("trainer_tokens_trained_total",
-                                       "loss-carrying tokens of the data of the jobs trained to the end "
-                                       "(their data reports' trained_tokens), added when a job is done",
-                                       value=db.tokens_trained))
+                                       "loss-carrying tokens of the steps run (every epoch)",
+                                       value=db.value("trainer_tokens_trained")))
         out.append(CounterMetricFamily("trainer_nonfinite_steps_total",
-                                       "NaN/inf training steps skipped (state.db nonfinite events)",
-                                       value=db.nonfinite))
+                                       "NaN/inf training steps skipped",
+                                       value=db.value("trainer_nonfinite_steps")))
         c = CounterMetricFamily("trainer_data_records_total",
                                 "lines of the jobs' data files by data-report reason (truncated, "
                                 "dropped_too_long, ...), every job with a report", labels=["reason"])

@@ -45,6 +45,8 @@ FORBIDDEN_CONTENT_TYPES = frozenset({"text/plain", "application/x-www-form-urlen
 REQUEST_HEADER = "x-trainer-request"
 TOKEN_HEADER = "x-trainer-token"
 MAX_BODY_BYTES = 64 << 10               # any body but an upload's
+# a refusal: status, detail and extra headers
+Denial = tuple[int, str] | tuple[int, str, list[tuple[bytes, bytes]]]
 UPLOAD_PATHS = frozenset({"/api/queue"})   # bodies capped at monitor.max_upload_bytes instead
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -155,82 +157,93 @@ class SecurityMiddleware:
         headers = _headers(scope)
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET").upper()
-
-        hosts = headers.get("host", [])
-        if len(hosts) != 1:
-            return await _deny(send, 400, "missing or repeated Host header")
-        parsed = parse_host(hosts[0])
-        if parsed is None:
-            return await _deny(send, 400, "malformed Host header")
-        if parsed[0] not in self.allowed:
-            log.warning("refused Host %r (%s %s)", hosts[0][:100], method, path[:200])
-            return await _deny(send, 421, f"Host '{parsed[0][:100]}' is not allowed (DNS rebinding "
-                               "protection); add it to monitor.allowed_hosts in config.json")
-
-        allow = self._allowed_methods(scope)
-        if allow and method not in allow:
-            return await _deny(send, 405, f"method {method[:20]} not allowed on {path[:200]}",
-                               extra=[(b"allow", ", ".join(sorted(allow)).encode())])
-        if method not in ALLOWED_METHODS:
-            return await _deny(send, 405, f"method {method[:20]} not allowed",
-                               extra=[(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE")])
-
-        if self.token is not None and token_required(path) and not self._token_ok(scope, headers, method):
-            return await _deny(send, 401, "missing or wrong token: send 'Authorization: Bearer TOKEN' "
-                               "(open the dashboard once as /?token=TOKEN)",
-                               extra=[(b"www-authenticate", b'Bearer realm="trainer-monitor"')])
-
+        denial = self._check_host(headers, method, path) or self._check_method(scope, method, path) \
+            or self._check_token(scope, headers, method, path)
+        if denial is None and method in MUTATING_METHODS:
+            denial = self._check_change(scope, headers, method, path)
+        if denial is not None:
+            return await _deny(send, *denial)
         if method in MUTATING_METHODS:
-            if headers.get(REQUEST_HEADER, [""])[0].strip() != "1":
-                return await _deny(send, 403, "missing 'X-Trainer-Request: 1' header: every change must "
-                                   "carry it (web pages of other sites cannot send it)")
-            scheme = scope.get("scheme", "http")
-            origin = headers.get("origin")
-            if origin is not None:
-                if len(origin) != 1 or not _origin_matches(origin[0], hosts[0], scheme):
-                    log.warning("refused foreign Origin %r on %s %s", origin[0][:100], method, path[:200])
-                    return await _deny(send, 403, "foreign Origin: changes are accepted only from "
-                                       "the dashboard's own page")
-            elif "referer" in headers:
-                if not _origin_matches(headers["referer"][0], hosts[0], scheme):
-                    return await _deny(send, 403, "foreign Referer: changes are accepted only from "
-                                       "the dashboard's own page")
-            ctype = headers.get("content-type", [""])[0].split(";")[0].strip().lower()
-            if ctype in FORBIDDEN_CONTENT_TYPES:
-                return await _deny(send, 415, f"Content-Type {ctype} is not accepted: send "
-                                   "application/json (control) or a JSONL upload")
-            limit = self.max_upload_bytes if path in self.upload_paths else self.max_body_bytes
-            clen = headers.get("content-length")
-            if clen is not None:
-                try:
-                    n = int(clen[0])
-                except ValueError:
-                    return await _deny(send, 400, "malformed Content-Length")
-                if n > limit:
-                    return await _deny(send, 413, f"request body of {n} bytes is larger than the "
-                                       f"limit of {limit} bytes (monitor.max_upload_bytes)")
-            elif path not in self.upload_paths:
+            limit = self._body_limit(path)
+            if "content-length" not in headers and path not in self.upload_paths:
                 # a chunked body of unknown size: read it here (up to the small control limit), so
                 # that the limit holds also for the routes that never read their body
-                body = b""
-                while True:
-                    message = await receive()
-                    if message["type"] != "http.request":
-                        return                          # the client went away
-                    body += message.get("body", b"")
-                    if len(body) > limit:
-                        return await _deny(send, 413, f"request body is larger than the limit of "
-                                           f"{limit} bytes (monitor.max_body_bytes)")
-                    if not message.get("more_body", False):
-                        break
-                receive = _replayed(body, receive)
+                read = await _read_capped(receive, limit)
+                if read is None:
+                    return                              # the client went away
+                if isinstance(read, int):
+                    return await _deny(send, 413, f"request body is larger than the limit of "
+                                       f"{read} bytes (monitor.max_body_bytes)")
+                receive = _replayed(read, receive)
             receive = _limited(receive, limit)
+        await self._respond(scope, receive, send, path, head=method == "HEAD")
 
-        started = False
-        head = method == "HEAD"      # answered wherever GET is: the GET's status and headers, no body
+    def _check_host(self, headers: dict[str, list[str]], method: str, path: str) -> Denial | None:
+        hosts = headers.get("host", [])
+        if len(hosts) != 1:
+            return 400, "missing or repeated Host header"
+        parsed = parse_host(hosts[0])
+        if parsed is None:
+            return 400, "malformed Host header"
+        if parsed[0] not in self.allowed:
+            log.warning("refused Host %r (%s %s)", hosts[0][:100], method, path[:200])
+            return 421, (f"Host '{parsed[0][:100]}' is not allowed (DNS rebinding protection); add it "
+                         "to monitor.allowed_hosts in config.json")
+        return None
+
+    def _check_method(self, scope: Scope, method: str, path: str) -> Denial | None:
+        allow = self._allowed_methods(scope)
+        if allow and method not in allow:
+            return 405, f"method {method[:20]} not allowed on {path[:200]}", \
+                [(b"allow", ", ".join(sorted(allow)).encode())]
+        if method not in ALLOWED_METHODS:
+            return 405, f"method {method[:20]} not allowed", [(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE")]
+        return None
+
+    def _check_token(self, scope: Scope, headers: dict[str, list[str]], method: str, path: str) -> Denial | None:
+        if self.token is None or not token_required(path) or self._token_ok(scope, headers, method):
+            return None
+        return 401, ("missing or wrong token: send 'Authorization: Bearer TOKEN' (open the dashboard "
+                     "once as /?token=TOKEN)"), [(b"www-authenticate", b'Bearer realm="trainer-monitor"')]
+
+    def _check_change(self, scope: Scope, headers: dict[str, list[str]], method: str, path: str) -> Denial | None:
+        """A request that changes something: from the dashboard's own page, a body we accept."""
+        if headers.get(REQUEST_HEADER, [""])[0].strip() != "1":
+            return 403, ("missing 'X-Trainer-Request: 1' header: every change must carry it (web pages "
+                         "of other sites cannot send it)")
+        host, scheme = headers["host"][0], scope.get("scheme", "http")
+        origin = headers.get("origin")
+        if origin is not None:
+            if len(origin) != 1 or not _origin_matches(origin[0], host, scheme):
+                log.warning("refused foreign Origin %r on %s %s", origin[0][:100], method, path[:200])
+                return 403, "foreign Origin: changes are accepted only from the dashboard's own page"
+        elif "referer" in headers and not _origin_matches(headers["referer"][0], host, scheme):
+            return 403, "foreign Referer: changes are accepted only from the dashboard's own page"
+        ctype = headers.get("content-type", [""])[0].split(";")[0].strip().lower()
+        if ctype in FORBIDDEN_CONTENT_TYPES:
+            return 415, (f"Content-Type {ctype} is not accepted: send application/json (control) or a "
+                         "JSONL upload")
+        clen = headers.get("content-length")
+        if clen is not None:
+            try:
+                n = int(clen[0])
+            except ValueError:
+                return 400, "malformed Content-Length"
+            limit = self._body_limit(path)
+            if n > limit:
+                return 413, (f"request body of {n} bytes is larger than the limit of {limit} bytes "
+                             "(monitor.max_upload_bytes)")
+        return None
+
+    def _body_limit(self, path: str) -> int:
+        return self.max_upload_bytes if path in self.upload_paths else self.max_body_bytes
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send, path: str, *, head: bool) -> None:
+        """Run the app; every answer gets the security headers and loses CORS ones. HEAD is
+        answered wherever GET is: the GET's status and headers, no body."""
+        started = ended = False
         if head:
             scope = {**scope, "method": "GET"}
-        ended = False
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             nonlocal started, ended
@@ -307,6 +320,21 @@ def _security_headers(path: str) -> list[tuple[bytes, bytes]]:
     if path.startswith("/api/") or path == "/metrics":
         h.append((b"cache-control", b"no-store"))
     return h
+
+
+async def _read_capped(receive: Receive, limit: int) -> bytes | int | None:
+    """A whole request body of unknown size, read up to *limit*: the bytes, *limit* when it is
+    larger, None when the client went away."""
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        body += message.get("body", b"")
+        if len(body) > limit:
+            return limit
+        if not message.get("more_body", False):
+            return body
 
 
 def _replayed(body: bytes, receive: Receive) -> Receive:

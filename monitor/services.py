@@ -14,7 +14,8 @@ from core.config import Config, ConfigError, MonitorConfig, load_config
 from core.lock import daemon_running
 from core.paths import Layout
 from daemon.status import iso
-from monitor.readers import JsonFileReader, MetricsIndex, job_counts, stat_key
+from monitor.metrics_index import MetricsIndex
+from monitor.readers import JsonFileReader, job_counts, stat_key
 from monitor.system import GpuProbe, SystemSampler
 
 log = logging.getLogger("monitor")

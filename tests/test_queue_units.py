@@ -120,6 +120,38 @@ def test_accept_records_priority_and_events(tmp_path):
     assert [e["kind"] for e in db.events()] == ["accepted"]
 
 
+def test_each_end_of_a_job_is_counted_once_and_counts_never_go_down(tmp_path):
+    """state.db's counters (what /metrics exposes as trainer_jobs_finished_total{outcome}) are
+    added to in the transaction that moves the job: a retry does not take an end back."""
+    layout, db = _queue(tmp_path)
+    q = FsQueue(layout, db)
+
+    def finished() -> dict[str, float]:
+        return {labels["outcome"]: v for name, labels, v in db.counters() if name == "trainer_jobs_finished"}
+
+    for name, tag in (("a.jsonl", "a"), ("b.jsonl", "b"), ("c.jsonl", "c"), ("d.jsonl", "d")):
+        write_jsonl(layout.inbox / name, text_records(2, tag))
+        q.accept(layout.inbox / name)
+    write_jsonl(layout.inbox / "a2.jsonl", text_records(2, "a"))            # same content as a.jsonl
+    q.accept(layout.inbox / "a2.jsonl")
+    (layout.inbox / "bad.jsonl").write_text("not json\n")
+    q.accept(layout.inbox / "bad.jsonl")
+    assert finished() == {"duplicate": 1, "rejected": 1}
+    a = q.move(q.claim_next(), JobState.DONE)
+    b = q.move(q.claim_next(), JobState.FAILED, error="boom")
+    q.remove("c.jsonl")
+    os.unlink(q.path(JobState.PENDING, "d.jsonl"))                           # behind trainerd's back
+    assert q.claim_next() is None
+    assert a.name == "a.jsonl" and b.name == "b.jsonl"
+    assert finished() == {"duplicate": 1, "rejected": 1, "done": 1, "failed": 1, "removed": 1, "missing": 1}
+    job = q.retry("b.jsonl")                                                 # failed -> pending
+    assert finished()["failed"] == 1
+    q.move(q.move(job, JobState.PROCESSING), JobState.FAILED, error="skipped", outcome="skipped")
+    assert finished() == {"duplicate": 1, "rejected": 1, "done": 1, "failed": 1, "removed": 1, "missing": 1,
+                          "skipped": 1}
+    db.close()
+
+
 def test_daily_log_file_switches_with_the_date(tmp_path):
     class Clock(DailyFileHandler):
         day = "20261123"

@@ -13,7 +13,7 @@ from pathlib import Path
 from core.paths import Layout
 from daemon.status import StatusBoard, metrics_files
 from daemon_helpers import text_records, wait_for, write_jsonl
-from monitor.readers import MetricsIndex
+from monitor.metrics_index import MetricsIndex
 from monitor_helpers import Monitor, SSEReader, make_home, prometheus_samples, stop_daemon
 
 KIB = 1024

@@ -5,7 +5,8 @@ import json
 import os
 from pathlib import Path
 
-from monitor.readers import JsonFileReader, LogFollower, MetricsIndex, tail_lines
+from monitor.metrics_index import MetricsIndex
+from monitor.readers import JsonFileReader, LogFollower, tail_lines
 
 
 def rec(step: int, job: int = 1, **kw) -> str:
