@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.atomic import durable_rename
+from core.diskfull import describe as describe_disk, is_disk_full
 from core.lock import AlreadyRunning, DaemonLock, daemon_running
 from core.paths import Layout
 from core.statedb import StateDB
@@ -104,6 +105,12 @@ def _direct(layout: Layout, command: str, args: dict[str, Any]) -> Reply:
         ok, message = apply(queue, command, args)
     except QueueError as exc:
         ok, message = False, str(exc)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        return Reply(False, f"{describe_disk(layout.home)}: {exc.strerror or exc}; nothing was changed"
+                     + (" (the file waits in inbox/)" if command == "queue_add" else ""),
+                     "direct", {"disk_full": True})
     finally:
         db.close()
     return Reply(ok, message, "direct")

@@ -36,22 +36,25 @@ class ControlReply(BaseModel):
     ok: Literal[True]
     message: str = Field(description="the daemon's answer, in words")
     command: str = Field(description="the control command that was sent")
-    request_id: str = Field(description="the id of the request file in control/")
+    request_id: str | None = Field(description="the id of the request file in control/; null when "
+                                             "no daemon ran and the monitor applied it itself")
 
 
 class UploadQueued(BaseModel):
-    """201: the running daemon took the file into the queue."""
+    """201: the file is in the queue: the running daemon took it, or, with no daemon running, the
+    monitor queued it itself under the daemon lock (as trainer-ctl does)."""
     ok: Literal[True]
     queued: Literal[True]
     name: str = Field(description="the file's name in the queue (a safe form of the given name)")
     message: str
     command: str
-    request_id: str
+    request_id: str | None = Field(description="the control request's id; null when the monitor queued it")
 
 
 class UploadSaved(BaseModel):
-    """202: the file is saved but not queued yet: the daemon is down (it is queued when the daemon
-    starts), or it did not answer in time (it queues the file when it gets to it)."""
+    """202: the file is saved but not queued yet: the daemon did not answer in time (it queues
+    the file when it gets to it), or another operation held the daemon lock (the file waits in
+    inbox/ and is queued at the next daemon start)."""
     ok: Literal[True]
     queued: Literal[False]
     name: str = Field(description="the file's name in inbox/ (or, handed to the daemon, in the queue)")
@@ -91,6 +94,12 @@ DAEMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     504: error("the daemon did not answer in time; the request stays in control/ and is applied "
                "when it gets to it"),
     507: error("the disk is full: nothing was changed (the daemon paused for it)"),
+}
+# the answers of queue operations (Services.queue_op): applied by the daemon, or here when it is down
+QUEUE_OP_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **DAEMON_RESPONSES,
+    503: error("another operation (trainer-ctl) held the daemon lock for a minute: nothing was changed"),
+    507: error("the disk is full: nothing was changed"),
 }
 NOT_FOUND = {404: error("no job has exactly this queue name")}
 BAD_JSON = {400: error("the body is not valid JSON")}

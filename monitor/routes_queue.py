@@ -24,10 +24,10 @@ from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
 
 from core.atomic import fsync_dir
+from daemon import queueops
 from daemon.fsqueue import ERROR_SUFFIX, safe_name
-from core.lock import daemon_running
 from core.states import JobState, Priority
-from monitor.api_schema import (BAD_JSON, DAEMON_RESPONSES, NOT_FOUND, ControlReply, UploadQueued,
+from monitor.api_schema import (BAD_JSON, NOT_FOUND, QUEUE_OP_RESPONSES, ControlReply, UploadQueued,
                                 UploadSaved, error, json_content, ref)
 from monitor.readers import find_job, queue_snapshot
 from monitor.services import QUEUE_ADD_REPLY_TIMEOUT_S, Services, services
@@ -46,8 +46,9 @@ def _conflict(what: str) -> dict[int | str, dict[str, Any]]:
 
 
 def _job_change(what: str, *extra: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
-    """The answers of a route that changes one job through the daemon."""
-    out: dict[int | str, dict[str, Any]] = {**NOT_FOUND, **DAEMON_RESPONSES, **_conflict(what)}
+    """The answers of a route that changes one job (daemon/queueops.py: through the daemon when
+    it runs, else applied by the monitor under the daemon lock)."""
+    out: dict[int | str, dict[str, Any]] = {**NOT_FOUND, **QUEUE_OP_RESPONSES, **_conflict(what)}
     for more in extra:
         out.update(more)
     return out
@@ -101,7 +102,7 @@ def retry(name: str, body: RetryBody | None = Body(None),
     job = _job_or_404(svc, name)
     if job["state"] != JobState.FAILED.value:
         raise HTTPException(409, f"'{job['name']}' is {job['state']}; only failed jobs can be retried")
-    return svc.send_control("queue_retry", name=job["name"], force=bool(body and body.force))
+    return svc.queue_op("queue_retry", name=job["name"], force=bool(body and body.force))
 
 
 @router.post("/api/queue/{name}/priority", summary="set a pending job's priority (high|normal|low)",
@@ -110,7 +111,7 @@ def prioritize(name: str, body: PriorityBody, svc: Services = Depends(services))
     job = _job_or_404(svc, name)
     if job["state"] != JobState.PENDING.value:
         raise HTTPException(409, f"'{job['name']}' is {job['state']}; only pending jobs have a priority")
-    return svc.send_control("queue_prioritize", name=job["name"], level=body.level.value)
+    return svc.queue_op("queue_prioritize", name=job["name"], level=body.level.value)
 
 
 @router.delete("/api/queue/{name}", summary="take a pending job out of the queue (kept in failed/)",
@@ -119,7 +120,7 @@ def remove(name: str, svc: Services = Depends(services)) -> dict[str, Any]:
     job = _job_or_404(svc, name)
     if job["state"] != JobState.PENDING.value:
         raise HTTPException(409, f"'{job['name']}' is {job['state']}; only pending jobs can be removed")
-    return svc.send_control("queue_remove", name=job["name"])
+    return svc.queue_op("queue_remove", name=job["name"])
 
 
 # ---- upload -------------------------------------------------------------------------------------
@@ -172,29 +173,27 @@ def _publish_to_inbox(staged: Path, name: str) -> str:
 
 
 def _hand_over(svc: Services, staged: Path, name: str, priority: Priority, force: bool) -> JSONResponse:
-    if daemon_running(svc.layout):
-        try:
-            reply = svc.send_control("queue_add", timeout=QUEUE_ADD_REPLY_TIMEOUT_S, staged=staged.name,
-                                     name=name, priority=priority.value, force=force)
-        except HTTPException as exc:
-            if exc.status_code == 503:      # it stopped meanwhile
-                return _hand_over(svc, staged, name, priority, force)
-            if exc.status_code == 504:
-                return JSONResponse({"ok": True, "queued": False, "name": name, "message": exc.detail},
-                                    status_code=202)
-            if exc.status_code == 507:      # a full disk: the file waits in inbox/ for space
-                return JSONResponse({"ok": False, "queued": False, "name": name, "detail": exc.detail,
-                                     "message": exc.detail}, status_code=507)
-            # refused: the daemon moved it into failed/ with the reason
-            return JSONResponse({"ok": False, "queued": False, "name": name, "detail": exc.detail,
-                                 "message": exc.detail}, status_code=422)
-        return JSONResponse({**reply, "queued": True, "name": name}, status_code=201)
-    final = _publish_to_inbox(staged, name)
-    extra = "" if priority is Priority.NORMAL and not force else \
-        " (priority and force apply only through the running daemon: set them again after it starts)"
-    return JSONResponse({"ok": True, "queued": False, "name": final,
-                         "message": f"daemon not running: saved as inbox/{final}; it is queued when "
-                                    f"the daemon starts{extra}"}, status_code=202)
+    """Queue the staged file the way trainer-ctl does (daemon/queueops.py): through the daemon
+    when it runs, else here under the daemon lock."""
+    reply = queueops.submit(svc.layout, "queue_add", {"staged": staged.name, "name": name,
+                                                      "priority": priority.value, "force": force},
+                            source="monitor", timeout=QUEUE_ADD_REPLY_TIMEOUT_S)
+    if reply.how == "timeout":                # the daemon takes the staged file when it gets to it
+        return JSONResponse({"ok": True, "queued": False, "name": name, "message": reply.message},
+                            status_code=202)
+    if reply.how == "busy":                   # the lock stayed held: the file waits in inbox/
+        final = _publish_to_inbox(staged, name)
+        return JSONResponse({"ok": True, "queued": False, "name": final,
+                             "message": f"{reply.message}: saved as inbox/{final}, queued by the next "
+                                        "daemon start"}, status_code=202)
+    if not reply.ok:
+        # a full disk: the file waits in inbox/ for space; refused: it is in failed/ with the reason
+        return JSONResponse({"ok": False, "queued": False, "name": name, "detail": reply.message,
+                             "message": reply.message},
+                            status_code=507 if reply.data.get("disk_full") else 422)
+    return JSONResponse({"ok": True, "message": reply.message, "command": "queue_add",
+                         "request_id": reply.data.get("request_id"), "queued": True, "name": name},
+                        status_code=201)
 
 
 def _form_options(form: Any, priority: Priority, force: bool) -> tuple[Priority, bool]:

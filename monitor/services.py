@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 
-from daemon import control as ctl
+from daemon import control as ctl, queueops
 from core.config import Config, ConfigError, MonitorConfig, load_config
 from core.lock import daemon_running
 from core.paths import Layout
@@ -104,6 +104,21 @@ class Services:
         return {"available": False, "reason": msg, "every_steps": every}
 
     # ---- control ---------------------------------------------------------------------------------
+    def queue_op(self, command: str, *, timeout: float = CONTROL_REPLY_TIMEOUT_S, **args: Any) -> dict[str, Any]:
+        """A queue operation, the way trainer-ctl does it (daemon/queueops.py): through the daemon
+        when it runs, else applied here under the daemon lock. 409 when refused, 504 when the
+        daemon does not answer in time, 503 when the lock stays held by another operation, 507
+        for a full disk."""
+        reply = queueops.submit(self.layout, command, args, source="monitor", timeout=timeout)
+        if reply.how == "timeout":
+            raise HTTPException(504, reply.message)
+        if reply.how == "busy":
+            raise HTTPException(503, reply.message)
+        if not reply.ok:
+            raise HTTPException(507 if reply.data.get("disk_full") else 409, reply.message)
+        return {"ok": True, "message": reply.message, "command": command,
+                "request_id": reply.data.get("request_id")}
+
     def send_control(self, command: str, *, timeout: float = CONTROL_REPLY_TIMEOUT_S,
                      **args: Any) -> dict[str, Any]:
         """Write a control request like trainer-ctl and wait for the daemon's answer.

@@ -220,8 +220,11 @@ def test_skip_then_stop_then_daemon_down(stack) -> None:
 
         r = c.post("/api/control/pause", headers=REQ)
         assert r.status_code == 503 and "daemon not running" in r.json()["detail"]
+        # a queue operation needs no daemon: the monitor applies it under the daemon lock
         r = c.post("/api/queue/long.jsonl/retry", headers=REQ)
-        assert r.status_code == 503 and "daemon not running" in r.json()["detail"]
+        assert r.status_code == 200 and "moved back to pending" in r.json()["message"], r.text
+        assert "long.jsonl" in home.files("pending")
+        assert c.delete("/api/queue/long.jsonl", headers=REQ).status_code == 200
 
         # the monitor keeps serving everything with the daemon down
         for path in ("/api/queue", "/api/metrics", "/api/events", "/api/logs", "/api/layers",
@@ -231,13 +234,25 @@ def test_skip_then_stop_then_daemon_down(stack) -> None:
         mem = c.get("/api/memory").json()
         assert mem["daemon"] is None and mem["process_reason"] == "daemon not running"
 
-        # an upload with the daemon down lands in inbox/ under its own name, picked up at next start
+        # an upload with the daemon down is queued by the monitor itself, as trainer-ctl does
+        # (daemon/queueops.py under the daemon lock); the same content again is a duplicate
         body = "".join(json.dumps(r) + "\n" for r in text_records(3, "offline"))
-        for _ in range(2):
-            r = c.post("/api/queue", params={"name": "offline.jsonl"}, content=body,
-                       headers={**REQ, "Content-Type": "application/x-ndjson"})
-            assert r.status_code == 202, r.text
-            assert r.json()["queued"] is False and "daemon not running" in r.json()["message"]
+        r = c.post("/api/queue", params={"name": "offline.jsonl"}, content=body,
+                   headers={**REQ, "Content-Type": "application/x-ndjson"})
+        assert r.status_code == 201, r.text
+        assert r.json()["queued"] is True and r.json()["request_id"] is None
+        assert "queued offline.jsonl as offline.jsonl" in r.json()["message"]
+        assert (home.path / "queue/pending/offline.jsonl").read_text() == body
+        r = c.post("/api/queue", params={"name": "offline.jsonl"}, content=body,
+                   headers={**REQ, "Content-Type": "application/x-ndjson"})
+        assert r.status_code == 422 and "duplicate" in r.json()["detail"], r.text
+        assert (home.path / "queue/failed/offline.2.jsonl").exists()
+        # and the other queue operations too: no daemon needed
+        r = c.post("/api/queue/offline.jsonl/priority", json={"level": "high"}, headers=REQ)
+        assert r.status_code == 200 and r.json()["request_id"] is None, r.text
+        assert c.get("/api/queue/offline.jsonl").json()["priority"] == "high"
+        assert c.delete("/api/queue/offline.jsonl", headers=REQ).status_code == 200
+        assert (home.path / "queue/failed/offline.jsonl").exists()
         inbox = sorted(p.name for p in (home.path / "inbox").iterdir())
-        assert inbox == ["offline.2.jsonl", "offline.jsonl"]
+        assert inbox == []
     stop_daemon(home)

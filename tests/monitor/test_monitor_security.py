@@ -217,9 +217,11 @@ def test_queue_routes_never_take_a_path(mon: Monitor, name: str) -> None:
         assert status == 404, (method, path, status, resp)
     assert control_files(mon) == [], "no control request may have been written"
     assert (mon.home / "queue/pending/victim.jsonl").exists()
-    # the real name is found (and only then is the daemon asked: it is down here)
+    # the real name is found, and only then is the queue changed (the daemon is down here: the
+    # monitor applies it itself under the daemon lock, as trainer-ctl does)
     status, _, resp = raw(mon, "POST", "/api/queue/victim.jsonl/priority", hdrs, b'{"level": "high"}')
-    assert status == 503 and b"daemon not running" in resp
+    assert status == 200 and b"priority is now high" in resp, resp
+    assert control_files(mon) == []
 
 
 @pytest.mark.parametrize("method", ["GET", "DELETE", "POST"])
@@ -293,21 +295,25 @@ def test_upload_rules_with_daemon_down(mon: Monitor) -> None:
     assert post_upload(mon, params={"name": "a.jsonl"}, content=small, headers=REQ).status_code == 415
     assert post_upload(mon, params={"name": "a.jsonl"}, content=b"", headers=hdr).status_code == 400
     assert inbox(mon) == []
+    # no daemon runs: the monitor queues the file itself (daemon/queueops.py, as trainer-ctl does)
     r = post_upload(mon, content=small, headers=hdr)                 # no name: a default one
-    assert r.status_code == 202 and r.json()["name"] == "upload.jsonl", r.text
-    (mon.home / "inbox" / "upload.jsonl").unlink()
+    assert r.status_code == 201 and r.json()["name"] == "upload.jsonl", r.text
+    assert (mon.home / "queue/pending/upload.jsonl").read_bytes() == small
     names = {"../../escape.jsonl": "escape.jsonl", "/etc/passwd": "passwd.jsonl",
              "<img src=x onerror=alert(1)>.jsonl": "img_src=x_onerror=alert_1.jsonl",
              "..": "dataset.jsonl"}
+    bodies = {}
     for given, expected in names.items():
-        r = post_upload(mon, params={"name": given}, content=small, headers=hdr)
-        assert r.status_code == 202 and r.json()["name"] == expected, r.text
-    assert inbox(mon) == sorted(names.values())
+        bodies[expected] = small + json.dumps({"text": given}).encode() + b"\n"     # not a duplicate
+        r = post_upload(mon, params={"name": given}, content=bodies[expected], headers=hdr)
+        assert r.status_code == 201 and r.json()["name"] == expected, r.text
+    assert inbox(mon) == []
+    pending = {p.name for p in (mon.home / "queue/pending").iterdir()}
+    assert pending >= {*names.values(), "upload.jsonl"}, pending
     assert not (mon.home.parent / "escape.jsonl").exists()
     assert not list(mon.home.parent.parent.glob("escape.jsonl"))
     for n in names.values():
-        assert (mon.home / "inbox" / n).read_bytes() == small
-        (mon.home / "inbox" / n).unlink()
+        assert (mon.home / "queue/pending" / n).read_bytes() == bodies[n]
 
 
 def test_metrics_endpoint_tolerates_torn_line(mon: Monitor) -> None:
