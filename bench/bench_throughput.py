@@ -8,8 +8,8 @@
 
 All three run on the same model (4-bit nf4 + double quant base through the product's
 ``load_base_model``), the same LoRA start, a fresh AdamW each, and the product's own optimizer
-step (``trainer.recipe._RecipeRun._optimizer_step``: collate, forward, summed token loss,
-backward, clip, AdamW). Next to the speed it checks that the packed loss of one batch equals
+step (``trainer.recipe._RecipeRun._optimizer_step``, in trainer/step.py: collate, forward, summed
+token loss, backward, clip, AdamW). Next to the speed it checks that the packed loss of one batch equals
 the sum of the examples' losses run one by one.
 
     python bench/bench_throughput.py --model tiny                     # CPU, seconds
@@ -46,7 +46,8 @@ from trainer.model import (adapter_state_dict, attach_lora, compute_dtype,  # no
                            load_adapter_state, load_base_model, pick_device, resolve_precision,
                            trainable_parameters)
 from trainer.packing import collate, plan_batches  # noqa: E402
-from trainer.recipe import _RecipeRun, make_scheduler  # noqa: E402
+from trainer.recipe import _RecipeRun  # noqa: E402
+from trainer.schedule import make_scheduler  # noqa: E402
 
 ROWS = 8                 # rows (A, C: examples) per optimizer step
 LR = 2e-4

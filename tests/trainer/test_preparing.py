@@ -9,7 +9,7 @@ import pytest
 
 from core.config import Config, config_to_dict
 from ops.describe import describe_preparing
-from trainer import tokencache
+from trainer import tokenbuild
 from daemon.generator import generate_records
 from core.interface import Outcome
 from trainer.recipe import QLoRATrainer, _RecipeRun
@@ -20,7 +20,7 @@ from trainer_helpers import ListSink, NoControl
 def test_preparation_is_reported_as_progress_before_the_first_step(tiny_base: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_RecipeRun, "PREPARING_EVERY_S", 0.0)      # every batch: a visible trail
-    monkeypatch.setattr(tokencache, "BLOCK", 8)
+    monkeypatch.setattr(tokenbuild, "BLOCK", 8)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in generate_records(40, seed=0)), encoding="utf-8")
     cfg = config_to_dict(Config(base_model=str(tiny_base), max_length=64, batch_size=4, lora_r=4,

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from core.config import Config, config_to_dict
 from trainer import plan as plan_mod
-from trainer import tokencache
+from trainer import tokenbuild
 from daemon.generator import generate_records
 from core.interface import Outcome
 from trainer.recipe import QLoRATrainer
@@ -29,7 +29,7 @@ def _cfg(base: Path) -> dict:
 
 @pytest.fixture()
 def windows(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tokencache, "BLOCK", 4)      # the build publishes every 4 lines
+    monkeypatch.setattr(tokenbuild, "BLOCK", 4)      # the build publishes every 4 lines
     monkeypatch.setattr(plan_mod, "WINDOW", 16)      # epoch 0 in windows of 16 lines
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from core.config import Config, config_to_dict
 from core.paths import Layout
-from trainer import tokencache
+from trainer import tokenbuild, tokencache
 from trainer.data import load_examples
 from daemon.generator import generate_records
 from core.interface import Outcome
@@ -87,7 +87,7 @@ def _all(stream: tokencache.TokenStream) -> list:
 
 def test_a_killed_build_continues_where_it_stopped(tiny_base: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tokencache, "BLOCK", 4)
+    monkeypatch.setattr(tokenbuild, "BLOCK", 4)
     tok, data, root = _tokenizer(tiny_base), _data(tmp_path, 40), tmp_path / "cache"
     lines = data.read_text().splitlines()
     data.write_text("\n".join(lines + lines[:8]) + "\n")       # 8 duplicates, spread by the shuffle
