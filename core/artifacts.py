@@ -64,6 +64,28 @@ def verify_manifest(directory: Path) -> None:
             raise CheckpointError(f"{directory}: {name} does not match its sha256 in the manifest")
 
 
+# how trainer_state.json's "lora" (what peft built) names config.json's LoRA keys
+_LORA_RECORD = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
+def recorded_lora(state: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA settings an adapter was made with, by config key, from its trainer_state.json:
+    "lora_config" (every key), or for an older one "lora" (r, alpha, dropout)."""
+    if isinstance(state.get("lora_config"), dict):
+        return dict(state["lora_config"])
+    lora = state.get("lora") if isinstance(state.get("lora"), dict) else {}
+    return {k: lora[v] for k, v in _LORA_RECORD.items() if v in lora}
+
+
+def current_lora(home: Path) -> dict[str, Any]:
+    """``recorded_lora`` of current_model/ ({} without an adapter or a readable state)."""
+    try:
+        state = json.loads((Path(home) / "current_model" / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return recorded_lora(state) if isinstance(state, dict) else {}
+
+
 def fill_dir(tmp: Path, write_files: Callable[[Path], None],
              check: Callable[[Path], None] | None = None) -> None:
     """Write a folder that counts as complete once its manifest is there: ``write_files(tmp)``,

@@ -12,8 +12,12 @@ from typing import Any, Literal
 from core.paths import resolve_under
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# the adapter's shape: an edit once an adapter exists would be silently ignored by it (the saved
+# adapter keeps its own), so they are locked too; unlocking one makes the next job start a fresh
+# adapter (trainer/recipe.py), and says so
+LORA_KEYS: tuple[str, ...] = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 LOCKED_KEYS: tuple[str, ...] = ("base_model", "model_name", "max_length", "batch_size",
-                                "gradient_accumulation")
+                                "gradient_accumulation") + LORA_KEYS
 
 
 class ConfigError(ValueError):

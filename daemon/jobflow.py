@@ -179,7 +179,7 @@ class JobFlow:
             if ev.get("table") is not None:
                 self.board.write_layer_activity({"step": ev.get("step"), "job_id": job_id,
                                                  "updated_at": iso(), **_as_dict(ev["table"])})
-        elif kind in ("checkpoint", "snapshot", "oom_backoff", "nonfinite", "restarted"):
+        elif kind in ("checkpoint", "snapshot", "oom_backoff", "nonfinite", "restarted", "fresh_adapter"):
             if kind == "checkpoint" and int(ev.get("step") or 0) > self._resumed_from:
                 self._progress = True
             if kind == "nonfinite":
@@ -190,7 +190,9 @@ class JobFlow:
                                   f"gradient accumulation {ev.get('gradient_accumulation')}",
                    "nonfinite": f"non-finite step {ev.get('step')} skipped (loss {ev.get('loss')}, "
                                 f"grad norm {ev.get('grad_norm')}; {ev.get('consecutive')} in a row)",
-                   "restarted": f"restarted from the start: {ev.get('reason')}"}[kind]
+                   "restarted": f"restarted from the start: {ev.get('reason')}",
+                   "fresh_adapter": f"a fresh adapter: the LoRA settings changed ({ev.get('reason')}); the "
+                                    f"previous one ({ev.get('previous')}) stays in snapshots/"}[kind]
             self.db.add_event(kind, msg, level="info" if kind in ("checkpoint", "snapshot") else "warning",
                               job_id=job_id, data=ev)
             self.board.update(last_event={"kind": kind, "message": msg, "at": iso()})

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.atomic import atomic_write
-from core.config import Config, ConfigError, describe_locked_diffs, load_config, locked_diffs
+from core.artifacts import current_lora
+from core.config import LORA_KEYS, Config, ConfigError, describe_locked_diffs, load_config, locked_diffs
 from core.diskfull import Reserve, describe as describe_disk, is_disk_full
 from core.interface import Command, Trainer
 from core.lock import AlreadyRunning, DaemonLock, read_pid
@@ -163,8 +164,11 @@ class Daemon(Commands, JobFlow, DiskPause):
         recorded = self.db.locked(ns)
         current = cfg.locked_values()
         fresh = {k: v for k, v in current.items() if k not in recorded and v is not None}
+        if any(k in LORA_KEYS for k in fresh):   # an adapter made before they were locked keeps its own
+            fresh.update({k: v for k, v in current_lora(self.layout.home).items() if k in fresh})
         if fresh:
             self.db.record_locked(fresh, ns)
+            recorded = {**recorded, **fresh}
         diffs = locked_diffs(recorded, cfg)
         if diffs:
             where = f" (preset {ns!r})" if ns else ""

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from core.config import LORA_KEYS
 from core.interface import JobResult, Outcome
 from trainer import adapter_store
 from trainer.checkpoint import CheckpointManager
@@ -26,9 +27,16 @@ class PublishMixin:
                  "completed_at": _now()}
         peft_cfg = self.model.peft_config["default"]
         targets = peft_cfg.target_modules
+        fresh = getattr(self, "fresh_after", None)
+        if fresh:      # a fresh adapter (the LoRA settings changed): its lineage starts here
+            fresh = {"reason": fresh, "datasets": len(parent.get("datasets") or []),
+                     "total_steps": parent.get("total_steps"), "lora": parent.get("lora")}
+            parent = {}
         return {"base_model": str(self.base), "base_fingerprint": self.fingerprint,
                 "datasets": list(parent.get("datasets") or []) + [entry],
                 "total_steps": int(parent.get("total_steps") or 0) + self.step,
+                **({"fresh_after": fresh} if fresh else {}),
+                "lora_config": {k: self.cfg.get(k) for k in LORA_KEYS},
                 "lora": {"r": peft_cfg.r, "alpha": peft_cfg.lora_alpha, "dropout": peft_cfg.lora_dropout,
                          "target_modules": (sorted({t.rsplit(".", 1)[-1] for t in targets})
                                             if isinstance(targets, (set, list)) else targets)},

@@ -53,7 +53,7 @@ from trainer.model import (FINGERPRINT_CACHE_NAME, BaseMismatchError, BaseModelE
                            pick_device, resolve_base_path, resolve_precision, save_adapter,
                            trainable_parameters, want_gradient_checkpointing)
 from trainer.publish import PublishMixin
-from trainer.resume import ResumeMixin
+from trainer.resume import lora_change, _describe_lineage, ResumeMixin
 from trainer.schedule import fraction_scheduler
 from trainer.step import StepMixin
 from trainer.warm import WarmBase
@@ -141,6 +141,13 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, EventsMixi
             if done and done[-1].get("job_id") == job.job_id and done[-1].get("sha256") == job.sha256:
                 raise _Finished(self._already_completed(cur_dir, cur_state))
         self.parent_state = cur_state
+        # the LoRA keys are locked: a change here was unlocked on purpose (trainer-ctl config unlock)
+        self.fresh_after = lora_change(cur_state, cfg) if cur_dir is not None else None
+        if self.fresh_after:
+            self.note(f"the LoRA settings changed ({self.fresh_after}): this job starts a fresh adapter; "
+                      "the previous one stays in snapshots/ (trainer-ctl lineage)", "warning")
+            self.emit("fresh_adapter", reason=self.fresh_after, previous=_describe_lineage(cur_state))
+            cur_dir = None
 
         # --- newest valid checkpoint of this job (corrupt ones fall back to the previous)
         self.ckpts = CheckpointManager.for_job(self.layout.checkpoints, job.job_id,

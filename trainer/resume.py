@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from core.config import LOCKED_KEYS
+from core.artifacts import recorded_lora
+from core.config import LOCKED_KEYS, LORA_KEYS
 from trainer.checkpoint import CheckpointPayload, restore_rng_state
 from trainer.model import BaseMismatchError, check_same_base, load_adapter_state
 
@@ -20,6 +21,15 @@ TRAINING_KEYS = ("base_model", "model_name", "max_length", "batch_size", "gradie
                  "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
                  "epochs", "seed", "truncation", "eval_fraction", "packing", "attn_implementation",
                  "precision")
+
+
+def lora_change(state: dict[str, Any], cfg: dict[str, Any]) -> str | None:
+    """How this job's LoRA settings differ from those the adapter in current_model/ was made with
+    (its trainer_state.json: "lora_config", or for an older one "lora"), in words; None if not."""
+    recorded = recorded_lora(state)
+    diffs = [f"{k} {recorded[k]!r} -> {cfg.get(k)!r}" for k in LORA_KEYS
+             if k in recorded and cfg.get(k) is not None and recorded[k] != cfg.get(k)]
+    return ", ".join(diffs) or None
 
 
 def _now() -> str:
