@@ -44,7 +44,11 @@ def send(layout: Layout, command: str, **cargs: Any) -> int:
 
 def submit(layout: Layout, command: str, **args: Any) -> int:
     """A queue operation, through the daemon if it runs, else applied here under its lock."""
-    reply = queueops.submit(layout, command, args, source="cli", timeout=REPLY_TIMEOUT_S)
+    return report(queueops.submit(layout, command, args, source="cli", timeout=REPLY_TIMEOUT_S))
+
+
+def report(reply: queueops.Reply) -> int:
+    """Print a queue operation's outcome; its exit code."""
     print(reply.message) if reply.ok else err(reply.message)
     if reply.how in ("timeout", "busy"):
         return EXIT_TIMEOUT

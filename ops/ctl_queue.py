@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from core.atomic import fsync_dir
-from core.lock import daemon_running
 from core.paths import Layout
 from core.statedb import StateDB
 from core.states import JobState
 from daemon.fsqueue import ERROR_SUFFIX, safe_name
-from ops.ctl_common import EXIT_FAIL, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, err, open_db, submit
+from daemon import queueops
+from ops.ctl_common import (REPLY_TIMEOUT_S, EXIT_FAIL, EXIT_OK, EXIT_USAGE, err, open_db, report,
+                            submit)
 from ops.describe import describe_data_report, describe_validation, fmt_count, fmt_num
 
 
@@ -42,13 +43,14 @@ def cmd_queue_add(layout: Layout, args: argparse.Namespace) -> int:
             fout.flush()
             os.fsync(fout.fileno())
         fsync_dir(layout.inbox)
-        rc = submit(layout, "queue_add", staged=staged, name=name, priority=args.priority, force=args.force)
+        reply = queueops.submit(layout, "queue_add", {"staged": staged, "name": name, "priority": args.priority,
+                                                      "force": args.force}, source="cli", timeout=REPLY_TIMEOUT_S)
     except BaseException:
         dst.unlink(missing_ok=True)      # the user's file is untouched; drop our partial copy
         raise
-    if rc == EXIT_TIMEOUT and not daemon_running(layout):   # nobody will take the staged copy
+    if reply.how == "busy":              # nobody took the staged copy (on a timeout the daemon will)
         dst.unlink(missing_ok=True)
-    return rc
+    return report(reply)
 
 
 def cmd_queue_list(layout: Layout, args: argparse.Namespace) -> int:
