@@ -79,13 +79,17 @@ class JobFlow:
             self._counts[key] = self._counts.get(key, 0.0) + float(by)
 
     def flush_counts(self: "Daemon") -> None:
+        """Write the counts kept so far. On a full disk they stay here and are written later: a
+        counter is never the reason for a disk-full pause (the writes that matter say that)."""
         counts, self._counts = self._counts, {}
         try:
             self.db.add_counts(counts)
-        except Exception:
-            for key, by in counts.items():        # written next time (a full disk, a busy db)
+        except Exception as exc:
+            for key, by in counts.items():        # written next time
                 self._counts[key] = self._counts.get(key, 0.0) + by
-            raise
+            if not is_disk_full(exc):
+                raise
+            log.debug("counters kept in memory for now: %s", exc)
 
     def _start_next(self: "Daemon") -> None:
         if self.db.next_pending() is None:     # idle ticks stay cheap: no config or lock reads
