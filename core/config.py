@@ -83,7 +83,12 @@ class Config(BaseModel):
     epochs: int = Field(1, ge=1)
     seed: int = 0
     truncation: Literal["keep_answer", "truncate", "drop"] = "keep_answer"
-    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    # each file's retention set: this share of its lines (at most eval_max_examples) is held out,
+    # never trained on, and evaluated after every later job (trainer-ctl eval); 0 turns it off
+    eval_fraction: float = Field(0.02, ge=0, lt=1)
+    eval_max_examples: int = Field(200, ge=1)
+    retention_eval_datasets: int = Field(20, ge=0)   # the last K datasets' sets evaluated after a job
+    retention_eval_max_s: float = Field(300.0, gt=0)  # time bound of that evaluation
     packing: bool = True
     # "auto": sdpa (block-diagonal mask from the packed position ids); flash_attention_2/3 keep
     # packed examples apart only with one row per micro-batch (batch_size 1), checked below

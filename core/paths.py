@@ -68,6 +68,10 @@ class Layout:
     @property
     def snapshots(self) -> Path: return self.home / "snapshots"
     @property
+    def retention(self) -> Path: return self.home / "retention"   # trainer/retention_eval.py
+    @property
+    def eval_file(self) -> Path: return self.status_dir / "eval.json"   # the forgetting matrix
+    @property
     def token_cache(self) -> Path: return self.home / "cache" / "tokens"   # trainer/tokencache.py
     @property
     def consolidated(self) -> Path: return self.home / "consolidated_models"

@@ -14,6 +14,8 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from core import evaltable
+from core.atomic import atomic_write_json
 from core.config import Config, config_to_dict
 from core.diskfull import MIB, free_bytes, is_disk_full
 from core.interface import JobResult, JobSpec, Outcome, QueueControl, Trainer
@@ -200,9 +202,24 @@ class JobFlow:
             self.db.add_event(kind, msg, level="info" if kind in ("checkpoint", "snapshot") else "warning",
                               job_id=job_id, data=ev)
             self.board.update(last_event={"kind": kind, "message": msg, "at": iso()})
+        elif kind == "retention":
+            self._record_retention(ev)
         elif kind == "log":
             level = logging.getLevelName(str(ev.get("level", "INFO")).upper())
             log.log(level if isinstance(level, int) else logging.INFO, "trainer: %s", ev.get("message"))
+
+    def _record_retention(self: "Daemon", ev: dict[str, Any]) -> None:
+        """One adapter's column of the forgetting matrix: state.db, then status/eval.json."""
+        rows = [r for r in ev.get("rows") or [] if isinstance(r, dict)]
+        after = ev.get("after_job") if isinstance(ev.get("after_job"), int) else None
+        if after is None:
+            return
+        evaltable.add_rows(self.db, after, ev.get("after_name"), rows)
+        atomic_write_json(self.layout.eval_file, evaltable.matrix(evaltable.read_rows(self.db)))
+        done = [r for r in rows if r.get("loss") is not None]
+        self.db.add_event("retention", f"retention eval after {ev.get('after_name')}: {len(done)} of "
+                          f"{len(rows)} dataset(s) in {ev.get('seconds')} s", job_id=after,
+                          data={"rows": rows, "seconds": ev.get("seconds")})
 
     def _finish_job(self: "Daemon") -> None:
         """Record how the attempt ended. The queue move comes first and is atomic: if it fails

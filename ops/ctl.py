@@ -24,7 +24,7 @@ from core.states import JobState, Priority
 from ops.ctl_common import EXIT_FAIL, EXIT_OK, err
 from ops.ctl_config import cmd_config_show, cmd_config_unlock, cmd_preset
 from ops.ctl_daemon import cmd_check, cmd_logs, cmd_monitor, cmd_status, cmd_training
-from ops.ctl_model import cmd_consolidate, cmd_generate, cmd_init_base, cmd_lineage, cmd_snapshot
+from ops.ctl_model import cmd_consolidate, cmd_eval, cmd_generate, cmd_init_base, cmd_lineage, cmd_snapshot
 from ops.ctl_queue import (cmd_queue_add, cmd_queue_list, cmd_queue_prioritize, cmd_queue_remove, cmd_queue_retry,
                            cmd_queue_show)
 
@@ -99,6 +99,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     li = sub.add_parser("lineage", help="the chain of bases and adapters, with datasets")
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=cmd_lineage)
+    ev = sub.add_parser("eval", help="the forgetting matrix: each dataset's retention loss after every job")
+    ev.add_argument("--json", action="store_true", help="the matrix as JSON (as status/eval.json)")
+    ev.set_defaults(func=cmd_eval)
 
 
 def _add_tool_commands(sub: argparse._SubParsersAction) -> None:

@@ -6,12 +6,13 @@ import json
 import time
 from pathlib import Path
 
+from core import evaltable
 from core.atomic import atomic_write_json, durable_rename, fsync_dir
 from core.diskfull import is_disk_full
 from core.lock import daemon_running
 from core.paths import Layout
 from daemon.status import read_status
-from ops.ctl_common import EXIT_FAIL, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, err, raw_config, send
+from ops.ctl_common import EXIT_FAIL, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, err, open_db, raw_config, send
 
 
 def cmd_init_base(layout: Layout, args: argparse.Namespace) -> int:
@@ -140,3 +141,19 @@ def cmd_consolidate(layout: Layout, args: argparse.Namespace) -> int:
             from daemon.launcher import launch
             launch(layout)
     return rc
+
+
+def cmd_eval(layout: Layout, args: argparse.Namespace) -> int:
+    """The forgetting matrix (core/evaltable.py): rows datasets, columns the adapter after each job."""
+    db = open_db(layout)
+    try:
+        rows = evaltable.read_rows(db) if db is not None else []
+    finally:
+        if db is not None:
+            db.close()
+    m = evaltable.matrix(rows)
+    if args.json:
+        print(json.dumps(m, indent=2))
+    else:
+        print("\n".join(evaltable.render(m)))
+    return EXIT_OK

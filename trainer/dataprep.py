@@ -36,7 +36,8 @@ class DataPrepMixin:
         self.plan = StreamPlan(self.stream, max_length=int(cfg["max_length"]),
                                rows_per_batch=int(cfg["batch_size"]), packing=bool(cfg.get("packing", True)),
                                seed=int(cfg.get("seed", 0)), epochs=self.epochs, ga=self.ga,
-                               eval_fraction=float(cfg.get("eval_fraction", 0.0)), on_wait=self._tokenizing)
+                               eval_fraction=float(cfg.get("eval_fraction", 0.0)), on_wait=self._tokenizing,
+                               eval_max=int(cfg.get("eval_max_examples") or 0) or None)
         self.train_ex = self.stream.data
         first = self.plan.plan_next()
         if self.plan.n_windows == 1:                # a small file: its whole report before "started"

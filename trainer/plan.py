@@ -2,7 +2,8 @@
 the rest is tokenized, and the plan stays a pure function of (file, config) for exact resume.
 
 * Positions (trainer/tokencache.py: the file's lines in a seeded random order) ``[0, n_train)``
-  are trained, ``[n_train, n)`` are held out for eval (``eval_fraction`` of the lines).
+  are trained, ``[n_train, n)`` are held out for eval (``eval_fraction`` of the lines, at most
+  ``eval_max_examples``): the file's retention set (trainer/retention_eval.py).
 * Epoch 0 is planned window by window: window w is positions ``[w*W, (w+1)*W)``, packed and
   shuffled on its own (trainer/packing.py), planned once those positions are tokenized. The
   positions are already a random sample of the file, so the order stays shuffled file-wide.
@@ -38,13 +39,14 @@ class Segment:
 class StreamPlan:
     def __init__(self, stream: TokenStream, *, max_length: int, rows_per_batch: int, packing: bool, seed: int,
                  epochs: int, ga: int, eval_fraction: float, on_wait: Callable[[], None] | None = None,
-                 window: int | None = None) -> None:
+                 window: int | None = None, eval_max: int | None = None) -> None:
         self.stream, self.max_length, self.rows, self.packing = stream, max_length, rows_per_batch, packing
         self.seed, self.epochs, self.ga, self.on_wait = seed, epochs, ga, on_wait
         self.window = window or WINDOW
         n = stream.total
         self.n = n
-        self.n_eval = min(max(1, round(n * eval_fraction)), n - 1) if eval_fraction > 0 and n >= 2 else 0
+        self.n_eval = min(max(1, round(n * eval_fraction)), n - 1, eval_max or n) \
+            if eval_fraction > 0 and n >= 2 else 0
         self.n_train = n - self.n_eval
         self.n_windows = max(1, math.ceil(self.n_train / self.window))
         self.plans: list[list[list[list[int]]]] = [[] for _ in range(epochs)]

@@ -54,6 +54,7 @@ from trainer.model import (FINGERPRINT_CACHE_NAME, BaseMismatchError, BaseModelE
                            trainable_parameters, want_gradient_checkpointing)
 from trainer.publish import PublishMixin
 from trainer.resume import lora_change, _describe_lineage, ResumeMixin
+from trainer.retention_eval import RetentionEvalMixin
 from trainer.schedule import fraction_scheduler
 from trainer.step import StepMixin
 from trainer.warm import WarmBase
@@ -101,7 +102,7 @@ class QLoRATrainer:
             r.cleanup(keep_base)
 
 
-class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, EventsMixin):
+class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionEvalMixin, EventsMixin):
     def __init__(self, job: JobSpec, sink: EventSink, control: ControlSource,
                  warm: "WarmBase | None" = None) -> None:
         self.job, self.sink, self.control, self.warm = job, sink, control, warm
@@ -347,6 +348,11 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, EventsMixi
         self._tokenizing()
         self._check_adapter_finite()
         self.save_checkpoint("final")
+        try:                        # before publishing: a crash in it redoes it from the final checkpoint
+            self.retention_eval()
+        except (OSError, ValueError, RuntimeError) as exc:     # the adapter is trained: publish it anyway
+            self.note(f"retention eval failed ({type(exc).__name__}: {exc}); this job has no column in "
+                      "the forgetting matrix", "warning")
         state = self._trainer_state()
         try:
             cur = adapter_store.publish_current(Path(self.job.home), lambda d: save_adapter(self.model, d),

@@ -160,13 +160,14 @@ class StepMixin:
         return {"loss": loss_sum / denom, "grad_norm": gnorm, "finite": finite, "lr": lr,
                 "tokens": n_tokens, "trained_tokens": n_trained}
 
-    def evaluate(self) -> float:
-        """Mean token loss on the held-out lines; out of memory halves its rows and starts it over."""
+    def evaluate(self, examples: Any = None) -> float:
+        """Mean token loss on the held-out lines (or on *examples*); out of memory halves its rows
+        and starts it over."""
         rows = self.micro_rows
         while True:
             oom = False
             try:
-                return self._evaluate(rows)
+                return self._evaluate(rows, examples)
             except OOM_ERRORS:
                 oom = True
             if oom:
@@ -180,16 +181,18 @@ class StepMixin:
                 self.note(f"CUDA out of memory in eval: again with {rows} rows per batch", "warning")
 
     @torch.no_grad()
-    def _evaluate(self, rows: int) -> float:
+    def _evaluate(self, rows: int, examples: Any = None) -> float:
         from trainer.packing import make_batches
 
         self.model.eval()
         try:
-            if self.eval_ex is None:
-                self.eval_ex = self.plan.eval_examples()
-            if not len(self.eval_ex):
+            if examples is None:
+                if self.eval_ex is None:
+                    self.eval_ex = self.plan.eval_examples()
+                examples = self.eval_ex
+            if not len(examples):
                 return float("nan")
-            batches = make_batches(self.eval_ex, max_length=int(self.cfg["max_length"]),
+            batches = make_batches(examples, max_length=int(self.cfg["max_length"]),
                                    rows_per_batch=rows, pad_token_id=self.pad_id,
                                    packing=bool(self.cfg.get("packing", True)),
                                    seed=int(self.cfg.get("seed", 0)), epoch=0)
