@@ -12,9 +12,9 @@ from core.statedb import StateDB
 from daemon.generator import generate_records
 from daemon_helpers import write_jsonl
 
-CFG = dict(trainer="qlora", max_length=96, batch_size=4, gradient_accumulation=1, learning_rate=3e-3,
+CFG = dict(trainer="qlora", max_length=96, batch_size=4, gradient_accumulation=1, learning_rate=5e-3,
            lr_scheduler="constant", checkpoint_every_steps=50, layer_activity_every_steps=50,
-           worker_timeout_s=120, eval_fraction=0.1, eval_max_examples=6, retention_eval_datasets=20)
+           worker_timeout_s=120, eval_fraction=0.05, eval_max_examples=12, retention_eval_datasets=20)
 
 
 def reverse_records(n: int, seed: int) -> list[dict]:
@@ -27,18 +27,18 @@ def reverse_records(n: int, seed: int) -> list[dict]:
 @pytest.mark.slow
 def test_the_forgetting_matrix_after_two_tasks(home, tiny_base, capsys):
     home.write_config(base_model=str(tiny_base), **CFG)
-    write_jsonl(home.path / "inbox/add.jsonl", generate_records(60, seed=7))
+    write_jsonl(home.path / "inbox/add.jsonl", generate_records(300, seed=7))
     assert home.burst(timeout=300).returncode == 0
-    home.write_config(base_model=str(tiny_base), **{**CFG, "epochs": 3})
-    write_jsonl(home.path / "inbox/reverse.jsonl", reverse_records(60, seed=8))
+    home.write_config(base_model=str(tiny_base), **{**CFG, "epochs": 2})
+    write_jsonl(home.path / "inbox/reverse.jsonl", reverse_records(300, seed=8))
     r = home.burst(timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert home.files("done") == ["add.jsonl", "reverse.jsonl"]
 
-    # each file's retention set: 10 % of 60 lines, capped at eval_max_examples
+    # each file's retention set: 5 % of 300 lines, capped at eval_max_examples
     for job_id in (1, 2):
         kept = json.loads((home.path / f"retention/job-{job_id}.json").read_text())
-        assert kept["job_id"] == job_id and len(kept["examples"]) == 6
+        assert kept["job_id"] == job_id and len(kept["examples"]) == 12
 
     m = json.loads((home.path / "status/eval.json").read_text())
     assert [c["after_job"] for c in m["columns"]] == [1, 2]
