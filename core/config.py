@@ -89,6 +89,11 @@ class Config(BaseModel):
     eval_max_examples: int = Field(200, ge=1)
     retention_eval_datasets: int = Field(20, ge=0)   # the last K datasets' sets evaluated after a job
     retention_eval_max_s: float = Field(300.0, gt=0)  # time bound of that evaluation
+    # replay (trainer/replay.py): this share of what a job trains is drawn from the pools (a sample of
+    # at most replay_pool_examples training examples kept per file) of the last replay_datasets files
+    replay_fraction: float = Field(0.0, ge=0, lt=1)
+    replay_pool_examples: int = Field(1000, ge=0)
+    replay_datasets: int = Field(20, ge=1)
     packing: bool = True
     # "auto": sdpa (block-diagonal mask from the packed position ids); flash_attention_2/3 keep
     # packed examples apart only with one row per micro-batch (batch_size 1), checked below

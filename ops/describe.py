@@ -93,6 +93,12 @@ def describe_data_report(report: dict[str, Any]) -> list[str]:
         out += [f"  {describe_reason(str(name), r)}" for name, r in reasons.items()]
     else:
         out.append("  nothing truncated, dropped or skipped")
+    replay = report.get("replay")
+    if isinstance(replay, dict) and isinstance(replay.get("datasets"), dict):
+        froms = ", ".join(f"{name} {fmt_int(n)}" for name, n in replay["datasets"].items())
+        out.append(f"  replay: {fmt_int(replay.get('examples'))} examples of earlier datasets mixed in "
+                   f"(replay_fraction {replay.get('fraction')}; {fmt_int(replay.get('trained_tokens'))} "
+                   f"trained tokens): {froms or 'none'}")
     return out
 
 

@@ -10,6 +10,8 @@ from typing import Any
 from core.atomic import sha256_file
 from trainer.data import REASON_TEXT, DataReport
 from trainer.errors import JobFailed
+from trainer.replay import MixedExamples, ReplaySet, save_pool
+from trainer.tokencache import Subset, tokenizer_hash
 
 
 class DataPrepMixin:
@@ -33,12 +35,13 @@ class DataPrepMixin:
         self.epochs = int(cfg.get("epochs", 1))
         self._report_sent = False
         self.stream.wait(1, self._tokenizing)       # the line count is known after the first block
+        self.replay = self._load_replay(sha)
         self.plan = StreamPlan(self.stream, max_length=int(cfg["max_length"]),
                                rows_per_batch=int(cfg["batch_size"]), packing=bool(cfg.get("packing", True)),
                                seed=int(cfg.get("seed", 0)), epochs=self.epochs, ga=self.ga,
                                eval_fraction=float(cfg.get("eval_fraction", 0.0)), on_wait=self._tokenizing,
-                               eval_max=int(cfg.get("eval_max_examples") or 0) or None)
-        self.train_ex = self.stream.data
+                               eval_max=int(cfg.get("eval_max_examples") or 0) or None, replay=self.replay)
+        self.train_ex = self.stream.data if self.replay is None else MixedExamples(self.stream.data, self.replay)
         first = self.plan.plan_next()
         if self.plan.n_windows == 1:                # a small file: its whole report before "started"
             self.stream.wait_complete(self._tokenizing)
@@ -59,6 +62,46 @@ class DataPrepMixin:
     def report(self) -> "DataReport":
         return self.stream.report
 
+    def report_json(self) -> dict[str, Any]:
+        """The data report, with what replay mixed in (once the file is tokenized)."""
+        out = self.report.to_json()
+        if self.replay is not None and self.stream.complete:
+            out["replay"] = self.replay.summary(self.plan.replay_total())
+        return out
+
+    def _load_replay(self, sha: str) -> "ReplaySet | None":
+        """The replay pools of the last ``replay_datasets`` datasets current_model/ was trained on,
+        when ``replay_fraction`` > 0 (trainer/replay.py)."""
+        cfg = self.cfg
+        fraction = float(cfg.get("replay_fraction") or 0.0)
+        if fraction <= 0:
+            return None
+        lineage = [d.get("job_id") for d in (self.parent_state or {}).get("datasets") or []]
+        ids = [j for j in dict.fromkeys(lineage) if isinstance(j, int) and j != self.job.job_id]
+        ids = ids[-int(cfg.get("replay_datasets") or 0):] if int(cfg.get("replay_datasets") or 0) else []
+        replay, notes = ReplaySet.load(self.layout, ids, tokenizer=tokenizer_hash(self.tokenizer),
+                                       max_length=int(cfg["max_length"]), fraction=fraction,
+                                       seed=int(cfg.get("seed", 0)), sha256=sha)
+        for msg in notes:
+            self.note(f"replay: {msg}", "warning")
+        if replay is None:
+            self.note(f"replay_fraction {fraction:g}: no earlier dataset has a replay pool yet; "
+                      "this job trains on its file alone")
+        else:
+            self.note(f"replay: {fraction:.0%} of what this job trains comes from {len(replay.examples)} "
+                      f"pooled examples of {len(set(replay.sources))} earlier dataset(s)")
+        return replay
+
+    def _save_replay_pool(self) -> None:
+        """Keep a sample of this job's training examples for later jobs' replay."""
+        limit = int(self.cfg.get("replay_pool_examples") or 0)
+        if limit <= 0:
+            return
+        ea, eb = self.stream.data.examples_of(0, self.plan.n_train)
+        save_pool(self.layout, {"job_id": self.job.job_id, "name": self.job.name, "sha256": self.job.sha256,
+                                "tokenizer": tokenizer_hash(self.tokenizer)},
+                  Subset(self.stream.data, range(ea, eb)), limit=limit, seed=int(self.cfg.get("seed", 0)))
+
     def _tokenizing(self) -> None:
         """Progress of the background build: ``preparing`` events (throttled); once complete, the
         whole file's data report (``data_report`` event) and its bad lines in the log."""
@@ -73,7 +116,7 @@ class DataPrepMixin:
                     self._preparing("tokenizing", build.total, build.total)
                 self.note(f"{self.job.name}: tokenized {build.total} lines in "
                           f"{time.monotonic() - build.t0:.1f} s ({rep.examples} examples, {rep.tokens} tokens)")
-            self.emit("data_report", dataset=rep.to_json())
+            self.emit("data_report", dataset=self.report_json())
             if rep.bad_records:
                 self.note(f"{self.job.name}: {rep.bad_records} of {rep.records + rep.bad_records} records are "
                           "not trained (bad records): "

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from trainer.packing import plan_batches
+from trainer.replay import REPLAY_BASE, ReplaySet
 from trainer.tokencache import Subset, TokenStream
 
 WINDOW = 4096       # positions (lines) per epoch-0 window
@@ -39,7 +40,7 @@ class Segment:
 class StreamPlan:
     def __init__(self, stream: TokenStream, *, max_length: int, rows_per_batch: int, packing: bool, seed: int,
                  epochs: int, ga: int, eval_fraction: float, on_wait: Callable[[], None] | None = None,
-                 window: int | None = None, eval_max: int | None = None) -> None:
+                 window: int | None = None, eval_max: int | None = None, replay: ReplaySet | None = None) -> None:
         self.stream, self.max_length, self.rows, self.packing = stream, max_length, rows_per_batch, packing
         self.seed, self.epochs, self.ga, self.on_wait = seed, epochs, ga, on_wait
         self.window = window or WINDOW
@@ -51,6 +52,7 @@ class StreamPlan:
         self.n_windows = max(1, math.ceil(self.n_train / self.window))
         self.plans: list[list[list[list[int]]]] = [[] for _ in range(epochs)]
         self.segments: list[Segment] = []
+        self.replay, self.replay_used = replay, 0      # replay examples planned into epoch 0 so far
 
     # ------------------------------------------------------------------ planning
     @property
@@ -74,13 +76,20 @@ class StreamPlan:
             salt = f"w{k}" if self.n_windows > 1 else ""
             share = max(self.n_train, 1) * self.epochs          # F by lines done: windows are equal in lines
             f0, f1 = pa / share, pb / share
+            ra = self.replay_used
+            self.replay_used += self.replay.count_for(eb - ea) if self.replay else 0
         else:                                            # a later epoch, all training examples
             epoch = k - self.n_windows + 1
             self._wait(self.n)
             ea, eb = data.examples_of(0, self.n_train)
             salt, f0, f1 = "", epoch / self.epochs, (epoch + 1) / self.epochs
+            ra = 0                                       # ... and epoch 0's replay examples again
         lengths = data.lengths(ea, eb).tolist()
-        batches = [[[ea + i for i in row] for row in batch]
+        idx = list(range(ea, eb))
+        if self.replay is not None and self.replay_used > ra:
+            lengths += self.replay.lengths(ra, self.replay_used)
+            idx += range(REPLAY_BASE + ra, REPLAY_BASE + self.replay_used)
+        batches = [[[idx[i] for i in row] for row in batch]
                    for batch in plan_batches(lengths, max_length=self.max_length, rows_per_batch=self.rows,
                                              packing=self.packing, seed=self.seed, epoch=epoch, salt=salt)]
         plan = self.plans[epoch]
@@ -141,6 +150,18 @@ class StreamPlan:
             return float(epoch + 1)
         within = (b - seg.first_batch) / seg.batches
         return (seg.f0 + (seg.f1 - seg.f0) * within) * self.epochs
+
+    def replay_total(self) -> int:
+        """Replay examples in epoch 0 (each later epoch repeats them), once the file is tokenized."""
+        if self.replay is None:
+            return 0
+        self._wait(self.n)
+        data = self.stream.data
+        total = 0
+        for w in range(self.n_windows):
+            ea, eb = data.examples_of(w * self.window, min((w + 1) * self.window, self.n_train))
+            total += self.replay.count_for(eb - ea)
+        return total
 
     def eval_examples(self) -> Subset:
         self._wait(self.n)

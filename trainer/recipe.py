@@ -198,7 +198,7 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
         self.note(f"{len(self.tracker.modules)} LoRA modules, {n_train} trainable parameters; "
                   f"{self.total_steps} steps ({self.plan_sizes} micro-batches per epoch)")
         self.emit("started", total_steps=self.total_steps, resumed_from_step=self.step,
-                  dataset=self.report.to_json(), data_cache=self.data_cache, base_model=str(self.base),
+                  dataset=self.report_json(), data_cache=self.data_cache, base_model=str(self.base),
                   base_fingerprint=self.fingerprint, device=str(self.device),
                   continued_from=("checkpoint" if payload is not None else
                                   "current_model" if cur_dir is not None else "fresh"))
@@ -349,6 +349,11 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
         self._check_adapter_finite()
         self.save_checkpoint("final")
         try:                        # before publishing: a crash in it redoes it from the final checkpoint
+            self._save_replay_pool()
+        except OSError as exc:
+            self.note(f"the replay pool of this job could not be written ({exc}); later jobs replay the "
+                      "other datasets", "warning")
+        try:
             self.retention_eval()
         except (OSError, ValueError, RuntimeError) as exc:     # the adapter is trained: publish it anyway
             self.note(f"retention eval failed ({type(exc).__name__}: {exc}); this job has no column in "
@@ -374,7 +379,7 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
         return JobResult(Outcome.COMPLETED, steps=self.step, details={
             "final_loss": self.last_loss, "eval_loss": self.eval_loss, "snapshot": str(snap),
             "current_model": str(cur), "base_fingerprint": self.fingerprint,
-            "data": self.report.to_json(), "train_seconds": round(elapsed, 3),
+            "data": self.report_json(), "train_seconds": round(elapsed, 3),
             "nonfinite_steps": self.nonfinite_total})
 
     # ================================================================== cleanup

@@ -19,7 +19,8 @@ from trainer.model import BaseMismatchError, check_same_base, load_adapter_state
 TRAINING_KEYS = ("base_model", "model_name", "max_length", "batch_size", "gradient_accumulation",
                  "use_qlora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
                  "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
-                 "epochs", "seed", "truncation", "eval_fraction", "eval_max_examples", "packing",
+                 "epochs", "seed", "truncation", "eval_fraction", "eval_max_examples", "replay_fraction",
+                 "replay_datasets", "packing",
                  "attn_implementation",
                  "precision")
 

@@ -3,10 +3,6 @@ the same per-step losses after k and the same final adapter as an uninterrupted 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +15,8 @@ from core.interface import Outcome
 from trainer.recipe import QLoRATrainer
 from daemon.subprocess_trainer import SubprocessTrainer
 from trainer.train import make_job
-from trainer_helpers import ListSink, NoControl
+from trainer_helpers import ListSink, NoControl, start_worker_and_kill
 
-REPO = Path(__file__).resolve().parents[2]
 KILL_AFTER = 5
 
 
@@ -55,29 +50,6 @@ def reference(one_cpu_thread: None, tiny_base: Path, dataset: Path,
     return {"losses": losses, "evals": [e["eval_loss"] for e in sink.of("eval")],
             "weights": load_file(str(home / "current_model" / "adapter_model.safetensors")),
             "steps": result.steps}
-
-
-def start_worker_and_kill(job_file: Path, kill_after: int) -> dict[int, float]:
-    """Run a real worker; SIGKILL it as soon as it reports step *kill_after*."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.worker", "--job", str(job_file)], cwd=REPO,
-                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    losses: dict[int, float] = {}
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            ev = json.loads(line)
-            assert ev["event"] != "result", f"worker finished before the kill: {ev}"
-            if ev["event"] == "step":
-                losses[ev["step"]] = ev["loss"]
-                if ev["step"] >= kill_after:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-    finally:
-        rc = proc.wait(timeout=60)
-    assert rc == -signal.SIGKILL
-    return losses
 
 
 @pytest.mark.slow
