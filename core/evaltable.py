@@ -4,7 +4,8 @@ After every job the worker evaluates the new adapter on the last K datasets' ret
 (trainer/retention_eval.py) and sends the rows; the daemon keeps them in state.db's
 ``retention_evals`` table (one row per adapter and dataset) and writes ``status/eval.json``;
 ``trainer-ctl eval`` prints it. Rows: datasets; columns: the adapter after each job; a cell: the
-eval loss, and its change since the adapter that had just learned that dataset.
+eval loss, and its change since the adapter that had just learned that dataset (for the reference
+set, row 0, since the base model alone).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import time
 from typing import Any
 
 from core.statedb import StateDB
+
+REFERENCE_JOB = 0       # the reference set's row (reference_eval_file): its change is since the base alone
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS retention_evals (
@@ -25,19 +28,20 @@ CREATE TABLE IF NOT EXISTS retention_evals (
     examples INTEGER,
     seconds REAL,
     skipped TEXT,
+    baseline REAL,
     at REAL NOT NULL,
     PRIMARY KEY (after_job, dataset_job)
 );
 """
 COLUMNS = ("after_job", "after_name", "dataset_job", "dataset", "loss", "tokens", "examples", "seconds",
-           "skipped", "at")
+           "skipped", "baseline", "at")
 
 
 def add_rows(db: StateDB, after_job: int, after_name: str | None, rows: list[dict[str, Any]]) -> int:
     """Record one adapter's column (a retried job's evaluation replaces its earlier one)."""
     now = time.time()
     values = [(int(after_job), after_name, int(r["dataset_job"]), r.get("dataset"), r.get("loss"), r.get("tokens"),
-               r.get("examples"), r.get("seconds"), r.get("skipped"), now)
+               r.get("examples"), r.get("seconds"), r.get("skipped"), r.get("baseline"), now)
               for r in rows if isinstance(r, dict) and isinstance(r.get("dataset_job"), int)]
     db.conn.executescript(SCHEMA)
     with db.tx() as c:
@@ -67,7 +71,12 @@ def matrix(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = []
     for job_id in sorted(datasets):
         d = datasets[job_id]
-        learned = (d["cells"].get(job_id) or {}).get("loss")      # right after it was trained
+        if job_id == REFERENCE_JOB:         # the reference set: since the base model alone
+            first = d["cells"][min(d["cells"])]
+            learned = next((c["baseline"] for c in d["cells"].values() if c.get("baseline") is not None),
+                           first.get("loss"))
+        else:
+            learned = (d["cells"].get(job_id) or {}).get("loss")      # right after it was trained
         cells = []
         for after in sorted(d["cells"]):
             r = d["cells"][after]
@@ -90,14 +99,15 @@ def render(m: dict[str, Any]) -> list[str]:
     lines = [head, "-" * len(head)]
     for d in m["datasets"]:
         by_col = {c["after_job"]: c for c in d["cells"]}
-        text = f"{(d['name'] or '?')[:26] + ' #' + str(d['job_id']):<28}"
+        label = (d["name"] or "?")[:26] + ("" if d["job_id"] == REFERENCE_JOB else f" #{d['job_id']}")
+        text = f"{label:<28}"
         for j in cols:
             c = by_col.get(j)
             if c is None:
                 cell = ""
             elif c["loss"] is None:
                 cell = "skipped" if c.get("skipped") else "n/a"
-            elif c["change"] is None or j == d["job_id"]:
+            elif c["change"] is None or (j == d["job_id"] and j != REFERENCE_JOB):
                 cell = f"{c['loss']:.4f}"
             else:
                 cell = f"{c['loss']:.4f} ({c['change']:+.4f})"

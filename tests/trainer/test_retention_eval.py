@@ -26,10 +26,11 @@ def reverse_records(n: int, seed: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_the_forgetting_matrix_after_two_tasks(home, tiny_base, capsys):
-    home.write_config(base_model=str(tiny_base), **CFG)
+    write_jsonl(home.path / "general.jsonl", generate_records(20, seed=9, kind="syllables"))
+    home.write_config(base_model=str(tiny_base), reference_eval_file="general.jsonl", **CFG)
     write_jsonl(home.path / "inbox/add.jsonl", generate_records(300, seed=7))
     assert home.burst(timeout=300).returncode == 0
-    home.write_config(base_model=str(tiny_base), **{**CFG, "epochs": 2})
+    home.write_config(base_model=str(tiny_base), reference_eval_file="general.jsonl", **{**CFG, "epochs": 2})
     write_jsonl(home.path / "inbox/reverse.jsonl", reverse_records(300, seed=8))
     r = home.burst(timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -43,6 +44,12 @@ def test_the_forgetting_matrix_after_two_tasks(home, tiny_base, capsys):
     m = json.loads((home.path / "status/eval.json").read_text())
     assert [c["after_job"] for c in m["columns"]] == [1, 2]
     by_name = {d["name"]: d for d in m["datasets"]}
+    # the reference set (reference_eval_file) is row 0, its change measured from the base alone
+    ref = m["datasets"][0]
+    assert ref["job_id"] == 0 and ref["name"] == "reference: general.jsonl"
+    assert [c["after_job"] for c in ref["cells"]] == [1, 2] and all(c["loss"] for c in ref["cells"])
+    assert ref["learned_loss"] not in (ref["cells"][0]["loss"], None)      # the base's own loss
+    assert ref["cells"][0]["change"] == pytest.approx(ref["cells"][0]["loss"] - ref["learned_loss"])
     add, rev = by_name["add.jsonl"], by_name["reverse.jsonl"]
     assert [c["after_job"] for c in add["cells"]] == [1, 2] and [c["after_job"] for c in rev["cells"]] == [2]
     assert add["cells"][0]["change"] == 0.0 and add["learned_loss"] == add["cells"][0]["loss"]
@@ -52,7 +59,7 @@ def test_the_forgetting_matrix_after_two_tasks(home, tiny_base, capsys):
     assert after_b["change"] > 0, m            # B (reverse the word, 3 epochs) made A worse
 
     r = home.ctl("eval")
-    assert r.returncode == 0 and "add.jsonl #1" in r.stdout and "after job 2" in r.stdout, r.stdout
+    assert r.returncode == 0 and "add.jsonl #1" in r.stdout and "reference: general.jsonl" in r.stdout and "after job 2" in r.stdout, r.stdout
     assert f"({after_b['change']:+.4f})" in r.stdout
     with capsys.disabled():
         print("\nforgetting matrix (tiny base, CPU):\n" + r.stdout)
@@ -64,4 +71,5 @@ def test_the_forgetting_matrix_after_two_tasks(home, tiny_base, capsys):
     finally:
         db.close()
     assert [e["job_id"] for e in events] == [1, 2]
-    assert "2 of 2 dataset(s)" in events[-1]["message"]
+    assert "3 of 3 dataset(s)" in events[-1]["message"]
+    assert len(list((home.path / "retention").glob("reference-*.json"))) == 1     # tokenized once
