@@ -12,10 +12,12 @@ import os
 import re
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.atomic import atomic_write_json
+from core.lock import daemon_running
 from core.paths import Layout
 
 log = logging.getLogger("trainerd.control")
@@ -115,6 +117,36 @@ def wait_reply(layout: Layout, req_id: str, timeout: float = 10.0) -> dict[str, 
         path.unlink(missing_ok=True)
         return reply
     return None
+
+
+@dataclass
+class Answer:
+    """How a request to the daemon went. ``how``: "daemon" (it answered: ``ok`` and ``message`` are
+    its own), "down" (no daemon runs: nothing was written), "timeout" (it did not answer in time:
+    the request stays in control/ and is applied when it gets to it). ``data`` is the daemon's
+    reply data plus ``request_id``."""
+    ok: bool
+    message: str
+    how: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def round_trip(layout: Layout, command: str, args: dict[str, Any], *, source: str,
+               timeout: float) -> Answer:
+    """Write a request and wait for the daemon's reply: the one round trip trainer-ctl, the monitor
+    and the queue operations (daemon/queueops.py) use."""
+    pid = daemon_running(layout)
+    if not pid:
+        return Answer(False, f"daemon not running: cannot {command.replace('_', ' ')} (start it with "
+                             "bin/launch_training_daemon.sh)", "down")
+    req_id = write_request(layout, command, source=source, **args)
+    reply = wait_reply(layout, req_id, timeout)
+    if reply is None:
+        return Answer(False, f"the daemon (pid {pid}) did not answer within {timeout:.0f} s; the request "
+                             "stays in control/ and is applied when it gets to it", "timeout",
+                      {"request_id": req_id})
+    data = reply.get("data") if isinstance(reply.get("data"), dict) else {}
+    return Answer(bool(reply.get("ok")), str(reply.get("message", "")), "daemon", {**data, "request_id": req_id})
 
 
 def prune_replies(layout: Layout, max_age_s: float = 3600.0) -> None:

@@ -22,7 +22,7 @@ from core.paths import Layout
 from core.statedb import Counts, Job, StateDB, counter_key
 from core.states import FOLDER_STATES, JobState, Priority, check_transition
 from core.validation import validate_file
-from daemon.intakefile import (Checked, FileChanged, Intake, check_file, ident, is_ignored,  # noqa: F401
+from daemon.intakefile import (Checked, FileChanged, Intake, check_file, ident, is_ignored,
                                printable, safe_name)
 from daemon.status import iso
 

@@ -1,6 +1,6 @@
 """The slow part of taking an inbox file in (sha256 + validation), off the daemon's main loop.
 
-An :class:`IntakeCheck` runs :func:`daemon.fsqueue.check_file` in a child process
+An :class:`IntakeCheck` runs :func:`daemon.intakefile.check_file` in a child process
 (``python -m daemon.intakecheck``), watched by a thread that hands the result to the loop through
 a Future. A process, not a thread: validation is pure Python and would hold the GIL, and every
 control request or status write of the loop would then wait for it (measured: replies over 1 s

@@ -132,16 +132,8 @@ def submit(layout: Layout, command: str, args: dict[str, Any], *, source: str,
                 return _direct(layout, command, args)
             finally:
                 lock.release()
-        pid = daemon_running(layout)
-        if not pid:
+        a = ctl.round_trip(layout, command, args, source=source, timeout=timeout)
+        if a.how == "down":
             continue                 # it stopped meanwhile: apply it ourselves
-        req_id = ctl.write_request(layout, command, source=source, **args)
-        reply = ctl.wait_reply(layout, req_id, timeout)
-        if reply is None:
-            return Reply(False, f"the daemon (pid {pid}) did not answer within {timeout:.0f} s; the "
-                                "request stays in control/ and is applied when it gets to it",
-                         "timeout", {"request_id": req_id})
-        data = reply.get("data") if isinstance(reply.get("data"), dict) else {}
-        return Reply(bool(reply.get("ok")), str(reply.get("message", "")), "daemon",
-                     {**data, "request_id": req_id})
+        return Reply(a.ok, a.message, a.how, a.data)
 

@@ -25,7 +25,8 @@ from starlette.datastructures import UploadFile
 
 from core.atomic import fsync_dir
 from daemon import queueops
-from daemon.fsqueue import ERROR_SUFFIX, safe_name
+from daemon.fsqueue import ERROR_SUFFIX
+from daemon.intakefile import safe_name
 from core.states import JobState, Priority
 from monitor.api_schema import (BAD_JSON, NOT_FOUND, QUEUE_OP_RESPONSES, ControlReply, UploadQueued,
                                 UploadSaved, error, json_content, ref)

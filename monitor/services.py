@@ -124,23 +124,14 @@ class Services:
         """Write a control request like trainer-ctl and wait for the daemon's answer.
         503 when the daemon is down, 504 when it does not answer in time, 409 when it refuses,
         507 when it could not apply it for a full disk (it paused for it)."""
-        pid = daemon_running(self.layout)
-        if not pid:
-            raise HTTPException(503, f"daemon not running: cannot {command.replace('_', ' ')} "
-                                "(start it with bin/launch_training_daemon.sh)")
-        req_id = ctl.write_request(self.layout, command, source="monitor", **args)
-        reply = ctl.wait_reply(self.layout, req_id, timeout)
-        if reply is None:
-            raise HTTPException(504, f"the daemon (pid {pid}) did not answer within {timeout:.0f} s; "
-                                "the request stays in control/ and is applied when it gets to it")
-        body = {"ok": bool(reply.get("ok")), "message": str(reply.get("message", "")),
-                "command": command, "request_id": req_id}
-        if not body["ok"]:
-            data = reply.get("data")
-            if isinstance(data, dict) and data.get("disk_full"):
-                raise HTTPException(507, body["message"])      # Insufficient Storage
-            raise HTTPException(409, body["message"])
-        return body
+        a = ctl.round_trip(self.layout, command, args, source="monitor", timeout=timeout)
+        if a.how == "down":
+            raise HTTPException(503, a.message)
+        if a.how == "timeout":
+            raise HTTPException(504, a.message)
+        if not a.ok:
+            raise HTTPException(507 if a.data.get("disk_full") else 409, a.message)   # 507: Insufficient Storage
+        return {"ok": True, "message": a.message, "command": command, "request_id": a.data["request_id"]}
 
 
 def services(request: Request) -> Services:

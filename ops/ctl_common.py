@@ -9,7 +9,6 @@ import sys
 from typing import Any
 
 from core.config import base_model_value
-from core.lock import daemon_running
 from core.paths import Layout
 from core.statedb import StateDB
 from daemon import control as ctl, queueops
@@ -29,17 +28,14 @@ def open_db(layout: Layout) -> StateDB | None:
 
 
 def send(layout: Layout, command: str, **cargs: Any) -> int:
-    pid = daemon_running(layout)
-    if not pid:
-        err(f"daemon not running: cannot {command.replace('_', ' ')} (start it with bin/launch_training_daemon.sh)")
+    """A training command (pause, resume, skip, stop) to the running daemon; its exit code."""
+    a = ctl.round_trip(layout, command, cargs, source="cli", timeout=REPLY_TIMEOUT_S)
+    print(a.message) if a.ok else err(a.message)
+    if a.how == "down":
         return EXIT_DOWN
-    req = ctl.write_request(layout, command, source="cli", **cargs)
-    reply = ctl.wait_reply(layout, req, REPLY_TIMEOUT_S)
-    if reply is None:
-        err(f"daemon (pid {pid}) did not answer within {REPLY_TIMEOUT_S:.0f} s; the request stays in control/")
+    if a.how == "timeout":
         return EXIT_TIMEOUT
-    print(reply["message"]) if reply["ok"] else err(reply["message"])
-    return EXIT_OK if reply["ok"] else EXIT_FAIL
+    return EXIT_OK if a.ok else EXIT_FAIL
 
 
 def submit(layout: Layout, command: str, **args: Any) -> int:

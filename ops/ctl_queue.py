@@ -18,7 +18,8 @@ from core.atomic import fsync_dir
 from core.paths import Layout
 from core.statedb import StateDB
 from core.states import JobState
-from daemon.fsqueue import ERROR_SUFFIX, safe_name
+from daemon.fsqueue import ERROR_SUFFIX
+from daemon.intakefile import safe_name
 from daemon import queueops
 from ops.ctl_common import (REPLY_TIMEOUT_S, EXIT_FAIL, EXIT_OK, EXIT_USAGE, err, open_db, report,
                             submit)
