@@ -140,7 +140,33 @@
     });
   }
   function chartWidth(node) { return Math.max(200, Math.floor(node.clientWidth || node.parentNode.clientWidth || 300)); }
-  function makeChart(id, defs, fmt, data) {
+  // the legend shows each series' latest value while the cursor is off the chart
+  function latest(arr) {
+    for (let i = arr.length - 1; i >= 0; i--) if (arr[i] != null) return arr[i];
+    return null;
+  }
+  // dashed vertical lines where each job's points begin
+  function drawStarts(u, starts) {
+    if (!starts || !starts.length) return;
+    const ctx = u.ctx, { left, top, width, height } = u.bbox;
+    ctx.save();
+    ctx.strokeStyle = css("--muted");
+    ctx.fillStyle = css("--muted");
+    ctx.setLineDash([4, 4]);
+    ctx.lineWidth = 1;
+    ctx.font = `${Math.round(10 * devicePixelRatio)}px system-ui, sans-serif`;
+    for (const s of starts) {
+      const x = Math.round(u.valToPos(s.t, "x", true));
+      if (x < left || x > left + width) continue;
+      ctx.beginPath();
+      ctx.moveTo(x, top);
+      ctx.lineTo(x, top + height);
+      ctx.stroke();
+      ctx.fillText(String(s.label).slice(0, 24), x + 3 * devicePixelRatio, top + 11 * devicePixelRatio);
+    }
+    ctx.restore();
+  }
+  function makeChart(id, defs, fmt, data, starts) {
     const node = $(id);
     const old = charts[id];
     if (old && old.u) old.u.destroy();
@@ -152,11 +178,15 @@
       scales: { x: { time: true, range: (u, min, max) => (min === max || min == null ? [(min ?? 0) - 30, (max ?? 0) + 30] : [min, max]) } },
       legend: { live: true },
       cursor: { drag: { x: true, y: false } },
-      series: [{ value: (u, v) => (v == null ? "–" : when(v)) }].concat(defs.map((d, i) => ({
-        label: d.label, stroke: d.color || colors[i % colors.length], width: 1.6, spanGaps: true,
+      series: [{ value: (u, v, si, i) => (i == null ? "latest" : v == null ? "–" : when(v)) }].concat(defs.map((d, i) => ({
+        label: d.label, stroke: d.color || colors[i % colors.length], width: 1.6, spanGaps: false,
         points: { show: (u, si, i0, i1) => !!d.points || i1 - i0 < 2, size: 5 },
-        value: (u, v) => (v == null ? "–" : fmt(v)),
+        value: (u, v, si, idx) => {
+          const x = idx == null ? latest(u.data[si]) : v;
+          return x == null ? "–" : fmt(x);
+        },
       }))),
+      hooks: starts ? { draw: [(u) => drawStarts(u, starts)] } : {},
       axes: [
         { stroke: axisStroke, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 },
           space: 100, incrs: X_INCRS, values: xTicks },
@@ -177,7 +207,10 @@
   function flushCharts() {
     for (const id of dirty) {
       const c = charts[id];
-      if (c && c.u) c.u.setData(c.data);
+      if (c && c.u) {
+        c.u.setData(c.data);
+        if (c.u.cursor.idx == null) c.u.setLegend({ idx: null });    // the latest values
+      }
     }
     dirty.clear();
   }
@@ -190,7 +223,10 @@
 
   // ---- state ----
   let status = null;
-  const M = { t: [], loss: [], eval: [], lr: [], tps: [], seq: -1, total: 0 };
+  // metrics; a null point between two jobs breaks the lines (no false ramp over the idle time
+  // between them), and starts[] marks where each job's points begin
+  const M = { t: [], loss: [], eval: [], lr: [], tps: [], seq: -1, total: 0, job: null, starts: [] };
+  window.trainerCharts = charts;   // read by the browser tests (the plotted data)
   const S = { t: [], gpu: [], ram: [], daemon: [], worker: [], gpuCount: -1, last: null };
   let queue = null;
   let layers = null;
@@ -221,10 +257,11 @@
           + (prep.eta_seconds != null ? " · ETA " + dur(prep.eta_seconds) : "")
         : "preparing data (validating the file)");
     } else if (job) {
+      const pausedNow = st === "paused";
       meta.push(`step ${step ?? 0} of ${total ?? "?"}` + (total ? ` (${pct.toFixed(0)}%)` : ""));
-      meta.push("ETA " + dur(s.eta_seconds));
+      meta.push(pausedNow ? "paused" : "ETA " + dur(s.eta_seconds));    // no stale ETA or tok/s while paused
       if (s.loss != null) meta.push("loss " + num(s.loss));
-      if (s.tokens_per_second != null) meta.push(num(s.tokens_per_second) + " tok/s");
+      if (s.tokens_per_second != null && !pausedNow) meta.push(num(s.tokens_per_second) + " tok/s");
       if (prep && prep.total) meta.push(`tokenizing the rest ${Math.round(prep.percent || 0)} %`);
     } else if (s.queue && running) {
       meta.push(`queue: ${s.queue.pending ?? 0} pending`);
@@ -258,7 +295,7 @@
     add("eval loss", num(s.eval_loss));
     add("lr", num(s.learning_rate));
     add("grad norm", num(s.grad_norm));
-    add("tokens/s", num(s.tokens_per_second));
+    add("tokens/s", st === "paused" ? "paused" : num(s.tokens_per_second));
     add("epoch", num(s.epoch));
     add("peak memory", bytes(s.peak_memory_bytes));
     $("top").dataset.state = "data";
@@ -307,27 +344,45 @@
   }
 
   // ---- training metrics ----
+  const SERIES = ["t", "loss", "eval", "lr", "tps"];
   function resetMetrics() {
-    for (const k of ["t", "loss", "eval", "lr", "tps"]) M[k].length = 0;
+    for (const k of SERIES) M[k].length = 0;
+    M.job = null;
+    M.starts.length = 0;
   }
   function onMetrics(msg) {
     if (msg.reset) resetMetrics();
     for (const r of msg.records || []) {
       if (typeof r.time !== "number") continue;
+      const job = r.job_id ?? r.file ?? null;
+      if (job !== M.job) {
+        const last = M.t.length ? M.t[M.t.length - 1] : null;
+        if (last != null && r.time > last) {          // the gap: one null point between the two jobs
+          M.t.push((last + r.time) / 2);
+          for (const k of SERIES.slice(1)) M[k].push(null);
+        }
+        M.starts.push({ t: r.time, label: r.file || (r.job_id != null ? "job " + r.job_id : "job") });
+        M.job = job;
+      }
+      // a value a record does not carry is undefined (uPlot joins across it); null is the gap
+      const val = (v) => (typeof v === "number" ? v : undefined);
       M.t.push(r.time);
-      M.loss.push(typeof r.loss === "number" ? r.loss : null);
-      M.eval.push(typeof r.eval_loss === "number" ? r.eval_loss : null);
-      M.lr.push(typeof r.learning_rate === "number" ? r.learning_rate : null);
-      M.tps.push(typeof r.tokens_per_second === "number" ? r.tokens_per_second : null);
+      M.loss.push(val(r.loss));
+      M.eval.push(val(r.eval_loss));
+      M.lr.push(val(r.learning_rate));
+      M.tps.push(val(r.tokens_per_second));
       if (typeof r.seq === "number") M.seq = Math.max(M.seq, r.seq);
     }
     if (typeof msg.total === "number") M.total = msg.total;
     const extra = M.t.length - MAX_POINTS;
-    if (extra > 0) for (const k of ["t", "loss", "eval", "lr", "tps"]) M[k].splice(0, extra);
+    if (extra > 0) {
+      for (const k of SERIES) M[k].splice(0, extra);
+      while (M.starts.length > 1 && M.starts[1].t <= M.t[0]) M.starts.shift();
+    }
     updateMetricReasons();
     for (const id of ["chart-loss", "chart-lr", "chart-tps"]) if (charts[id]) redraw(id);
   }
-  const has = (arr) => arr.some((v) => v !== null);
+  const has = (arr) => arr.some((v) => v != null);
   function updateMetricReasons() {
     const trainer = status && status.trainer ? status.trainer : null;
     const none = M.t.length === 0;
@@ -336,11 +391,11 @@
       ? `no ${what}: the stand-in trainer (config "trainer": "standin") trains no model and reports none`
       : `no ${what} in the metrics yet` + (trainer ? ` (trainer: ${trainer})` : "");
     setChartBox("box-loss", "chart-loss", none ? whyNone : (has(M.loss) || has(M.eval) ? null : whyMissing("loss values")),
-      () => [[{ label: "train loss" }, { label: "eval loss", points: true }], (v) => num(v), [M.t, M.loss, M.eval]]);
+      () => [[{ label: "train loss" }, { label: "eval loss", points: true }], (v) => num(v), [M.t, M.loss, M.eval], M.starts]);
     setChartBox("box-lr", "chart-lr", none ? whyNone : (has(M.lr) ? null : whyMissing("learning rate")),
-      () => [[{ label: "learning rate" }], (v) => num(v), [M.t, M.lr]]);
+      () => [[{ label: "learning rate" }], (v) => num(v), [M.t, M.lr], M.starts]);
     setChartBox("box-tps", "chart-tps", none ? whyNone : (has(M.tps) ? null : whyMissing("tokens/s")),
-      () => [[{ label: "tokens/s" }], (v) => num(v), [M.t, M.tps]]);
+      () => [[{ label: "tokens/s" }], (v) => num(v), [M.t, M.tps], M.starts]);
   }
   function setChartBox(boxId, chartId, reason, spec) {
     const box = $(boxId);
@@ -351,8 +406,8 @@
     const wasShown = box.dataset.state === "data";
     setPanel(box, "data");
     if (!charts[chartId] || !wasShown) {
-      const [defs, fmt, data] = spec();
-      makeChart(chartId, defs, fmt, data);
+      const [defs, fmt, data, starts] = spec();
+      makeChart(chartId, defs, fmt, data, starts);
       ro.observe($(chartId));
     }
   }

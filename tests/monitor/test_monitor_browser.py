@@ -151,6 +151,10 @@ def test_pause_and_resume_buttons_drive_the_daemon(browser, stack) -> None:
         assert home.status()["paused_reason"] == "paused by user"
         p.wait_for_function("() => document.getElementById('state-detail').textContent"
                             ".includes('paused: paused by user')", timeout=5000)
+        # no stale ETA or tokens/s while paused: the header says so
+        p.wait_for_function("() => document.getElementById('job-meta').textContent.includes('paused')", timeout=5000)
+        meta = p.text_content("#job-meta")
+        assert "ETA" not in meta and "tok/s" not in meta, meta
         pg.shot("dashboard_paused.png")
         # stop asks first; cancelling leaves the daemon running
         p.click("#btn-stop")
@@ -229,18 +233,23 @@ def test_polling_fallback_when_the_stream_fails(browser, stack) -> None:
         pg.close()
 
 
+IDLE_S = 600        # idle time between the two synthetic jobs
+
+
 def _synthetic(home: Path, n: int = 300) -> None:
     """metrics.jsonl and layer_activity.json in the daemon's format (as the QLoRA trainer fills them)."""
-    t0 = time.time() - n
+    t0 = time.time() - n - IDLE_S
     lines = []
-    for i in range(1, n + 1):
+    for i in range(1, n + 1):        # two jobs, the second IDLE_S after the first
+        job, t = (1, t0 + i) if i <= n // 2 else (2, t0 + IDLE_S + i)
         loss = 3.0 * math.exp(-i / 120) + 0.4
-        lines.append(json.dumps({"time": t0 + i, "event": "step", "step": i, "total_steps": n, "loss": loss,
+        lines.append(json.dumps({"time": t, "event": "step", "step": i, "total_steps": n, "loss": loss,
                                  "learning_rate": 2e-4 * (0.5 + 0.5 * math.cos(math.pi * i / n)),
                                  "tokens_per_second": 5000 + 200 * math.sin(i / 9), "grad_norm": 1 / (1 + i / 50),
-                                 "job_id": 1, "file": "demo.jsonl"}))
+                                 "job_id": job, "file": f"demo-{job}.jsonl"}))
         if i % 50 == 0:
-            lines.append(json.dumps({"time": t0 + i, "event": "eval", "step": i, "eval_loss": loss + 0.1, "job_id": 1}))
+            lines.append(json.dumps({"time": t, "event": "eval", "step": i, "eval_loss": loss + 0.1, "job_id": job,
+                                     "file": f"demo-{job}.jsonl"}))
     (home / "status" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     types = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     mods = [{"module": f"layers.{layer}.{'self_attn' if t[0] in 'qkvo' else 'mlp'}.{t}", "layer": layer, "type": t,
@@ -274,10 +283,45 @@ def test_charts_and_layer_heatmap_render(browser, tmp_path: Path) -> None:
         assert p.text_content("#heatmap tbody tr:first-child td") == "0.5"
         # live: a new metrics line arrives over the stream
         with open(home.path / "status" / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps({"time": time.time(), "event": "step", "step": 301, "loss": 0.1, "job_id": 1}) + "\n")
+            fh.write(json.dumps({"time": time.time(), "event": "step", "step": 301, "loss": 0.1, "job_id": 2,
+                                 "file": "demo-2.jsonl"}) + "\n")
         p.wait_for_function("() => document.querySelector('#box-loss .u-legend') !== null")
+        p.wait_for_function("() => window.trainerCharts['chart-loss'].u.data[1].at(-1) === 0.1")
+        # the line breaks between the two jobs: a null between job 1's last and job 2's first point
+        t = p.evaluate("() => window.trainerCharts['chart-loss'].u.data[0]")
+        gaps = p.evaluate("() => window.trainerCharts['chart-loss'].u.data[1].flatMap((v, i) => v === null ? [i] : [])")
+        assert len(gaps) == 1, gaps
+        g = gaps[0]
+        assert t[g + 1] - t[g - 1] > IDLE_S and t[g - 1] < t[g] < t[g + 1]
+        # the legend shows the latest value without hovering; the job starts are marked
+        p.wait_for_function("() => document.querySelectorAll('#box-loss .u-legend .u-series')[1]"
+                            ".textContent.includes('0.1')", timeout=5000)   # 0.1: the new line's loss
+        assert "latest" in p.locator("#box-loss .u-legend .u-series").nth(0).text_content()
         pg.shot("dashboard_charts_layers.png")
         assert pg.errors == [] and pg.dialogs == []
+    finally:
+        pg.close()
+        mon.stop()
+
+
+@pytest.mark.parametrize("width", [360, 390, 1440, 1920])
+def test_no_horizontal_scroll_on_any_screen(browser, tmp_path: Path, width: int) -> None:
+    home = make_home(tmp_path / "home", trainer="qlora")
+    _synthetic(home.path)
+    mon = Monitor(home.path).start()
+    pg = Page(browser, viewport={"width": width, "height": 900})
+    try:
+        p = pg.page
+        p.goto(mon.base + "/")
+        panels = pg.wait_loaded()
+        assert panels["layers"][0] == "data" and panels["loss"][0] == "data"
+        p.wait_for_function("() => document.querySelectorAll('#movers li').length === 10")
+        time.sleep(0.3)
+        sw, vw = p.evaluate("() => [document.scrollingElement.scrollWidth, window.innerWidth]")
+        assert sw <= vw, f"the page is {sw} px wide at a {vw} px viewport"
+        if width in (390, 1440):
+            pg.shot(f"dashboard_{width}px.png")
+        assert pg.errors == []
     finally:
         pg.close()
         mon.stop()
