@@ -95,6 +95,11 @@ class Config(BaseModel):
     replay_fraction: float = Field(0.0, ge=0, lt=1)
     replay_pool_examples: int = Field(1000, ge=0)
     replay_datasets: int = Field(20, ge=1)
+    # the promotion gate: a finished adapter replaces current_model/ only if no earlier dataset's
+    # retention loss rose by more than max_retention_regression (relative) against the adapter it
+    # would replace; otherwise it is kept as a held snapshot (trainer-ctl promote / rollback)
+    promotion_gate: bool = False
+    max_retention_regression: float = Field(0.05, ge=0)
     packing: bool = True
     # "auto": sdpa (block-diagonal mask from the packed position ids); flash_attention_2/3 keep
     # packed examples apart only with one row per micro-batch (batch_size 1), checked below
@@ -144,6 +149,16 @@ class Config(BaseModel):
                 f"attn_implementation {self.attn_implementation} lets packed examples attend to each "
                 f"other when a micro-batch has more than one row (batch_size {self.batch_size}): use "
                 "batch_size 1 (and a larger max_length), packing false, or sdpa/flex_attention")
+        return self
+
+    @model_validator(mode="after")
+    def _gate_needs_retention(self) -> "Config":
+        if self.promotion_gate and (self.eval_fraction <= 0 or self.retention_eval_datasets <= 0):
+            raise _CrossKeyError(
+                ("promotion_gate", "eval_fraction", "retention_eval_datasets"),
+                "promotion_gate judges an adapter by the retention sets: it needs eval_fraction > 0 "
+                f"(now {self.eval_fraction:g}) and retention_eval_datasets > 0 (now "
+                f"{self.retention_eval_datasets})")
         return self
 
     @property

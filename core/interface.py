@@ -54,9 +54,13 @@ class Outcome(str, enum.Enum):
 #   restarted      reason: the job's checkpoints could not be continued (current_model/ moved on
 #                  since they were written, another base, another dataset): it starts again
 #                  from the current adapter
+#   retention      after_job, after_name, rows, seconds: the adapter on the last K retention sets
+#   gate           held, summary, max_retention_regression, checked, regressions, unchecked
+#                  (+ snapshot when held): the promotion gate's verdict (core/promotion.py)
 #   log            level, message
 EVENT_KINDS = frozenset({"started", "step", "eval", "checkpoint", "layer_activity", "paused",
-                         "resumed", "snapshot", "oom_backoff", "nonfinite", "restarted", "log"})
+                         "resumed", "snapshot", "oom_backoff", "nonfinite", "restarted", "retention",
+                         "gate", "log"})
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class JobSpec:
 #                   such attempts in a row without progress send it to failed/
 #   disk_full: True a write failed for lack of space: the job goes back to the head of the queue
 #                   (no attempt counted) and the daemon pauses until space is back
+#   held: {...}     (COMPLETED) the promotion gate held the adapter back: it is a held snapshot,
+#                   current_model/ is unchanged; ``reason`` says "held: forgot X by N %"
 #   blocking: True  the setup is wrong, not the data (base missing or mismatched): the job stays
 #                   queued and the daemon pauses until the user fixes it and resumes
 

@@ -204,6 +204,8 @@ class JobFlow:
             self.board.update(last_event={"kind": kind, "message": msg, "at": iso()})
         elif kind == "retention":
             self._record_retention(ev)
+        elif kind == "gate":
+            self._record_gate(ev, job_id)
         elif kind == "log":
             level = logging.getLevelName(str(ev.get("level", "INFO")).upper())
             log.log(level if isinstance(level, int) else logging.INFO, "trainer: %s", ev.get("message"))
@@ -220,6 +222,25 @@ class JobFlow:
         self.db.add_event("retention", f"retention eval after {ev.get('after_name')}: {len(done)} of "
                           f"{len(rows)} dataset(s) in {ev.get('seconds')} s", job_id=after,
                           data={"rows": rows, "seconds": ev.get("seconds")})
+
+    def _record_gate(self: "Daemon", ev: dict[str, Any], job_id: int | None) -> None:
+        """The promotion gate's verdict (core/promotion.py): a ``held`` warning with the numbers,
+        or ``gate_passed``."""
+        name = self.current.name if self.current else "?"
+        regs = [r for r in ev.get("regressions") or [] if isinstance(r, dict)]
+        numbers = "; ".join(f"{r.get('dataset')}: loss {r.get('reference_loss'):.4f} -> {r.get('loss'):.4f}"
+                            for r in regs[:5] if isinstance(r.get("loss"), (int, float))
+                            and isinstance(r.get("reference_loss"), (int, float)))
+        limit = ev.get("max_retention_regression")
+        if ev.get("held"):
+            snap = str(ev.get("snapshot") or "?").rsplit("/", 1)[-1]
+            msg = (f"{name} completed ({ev.get('summary')}; {numbers + '; ' if numbers else ''}"
+                   f"max_retention_regression {limit}): current_model/ unchanged, the adapter is kept as "
+                   f"snapshots/{snap} (trainer-ctl promote {snap})")
+            self.db.add_event("held", msg, level="warning", job_id=job_id, data=ev)
+            self.board.update(last_event={"kind": "held", "message": msg, "at": iso()})
+        else:
+            self.db.add_event("gate_passed", f"{name}: promotion gate {ev.get('summary')}", job_id=job_id, data=ev)
 
     def _finish_job(self: "Daemon") -> None:
         """Record how the attempt ended. The queue move comes first and is atomic: if it fails
@@ -241,8 +262,11 @@ class JobFlow:
         elif result.outcome is Outcome.COMPLETED:
             self.queue.move(job, JobState.DONE, steps=result.steps, finished_at=time.time(), crashes=0,
                             not_before=None)
-            self.db.add_event("completed", f"{job.name} trained ({result.steps} steps)", job_id=job.id)
-            log.info("job %s: %s done (%d steps)", job.id, job.name, result.steps)
+            held = f" ({result.reason}; current_model/ unchanged)" if result.details.get("held") else ""
+            self.db.add_event("completed", f"{job.name} completed{held}: trained {result.steps} steps" if held
+                              else f"{job.name} trained ({result.steps} steps)",
+                              level="warning" if held else "info", job_id=job.id)
+            log.info("job %s: %s done (%d steps)%s", job.id, job.name, result.steps, held)
         elif result.outcome is Outcome.SKIPPED:
             self.queue.move(job, JobState.FAILED, error="skipped", outcome="skipped", steps=result.steps,
                             finished_at=time.time(), error_extra={"step": result.steps})
@@ -259,7 +283,8 @@ class JobFlow:
         self.board.update(last_job={"file": job.name, "job_id": job.id, "outcome": result.outcome.value,
                                     "steps": result.steps, "loss": self.board.state.get("loss"),
                                     "eval_loss": self.board.state.get("eval_loss"),
-                                    "reason": result.reason, "finished_at": iso()})
+                                    "reason": result.reason, "finished_at": iso(),
+                                    "held": result.details.get("held")})
         self.runner, self.current = None, None
         self.board.clear_job()
         if self._stop_reason is None and self._disk_full is None:

@@ -30,6 +30,7 @@ from core.interface import Command, Trainer
 from core.lock import AlreadyRunning, DaemonLock, read_pid
 from core.logsetup import setup_logging
 from core.paths import Layout
+from core.promotion import recover_promotion
 from core.statedb import Counts, Job, StateDB
 from core.states import DaemonStatus
 from core.validation import ValidationCancelled
@@ -68,6 +69,7 @@ class Daemon(Commands, JobFlow, DiskPause):
         self.layout = layout
         recover_interrupted_consolidation(layout)         # before config and locked keys are read
         recover_preset_switch(layout)
+        recover_promotion(layout.home)                    # an interrupted promote / rollback
         self.config = load_config(layout.config)          # ConfigError: refuse to start
         self._config_mtime = self._mtime(layout.config)
         self._config_error: str | None = None

@@ -25,6 +25,7 @@ from ops.ctl_common import EXIT_FAIL, EXIT_OK, err
 from ops.ctl_config import cmd_config_show, cmd_config_unlock, cmd_preset
 from ops.ctl_daemon import cmd_check, cmd_logs, cmd_monitor, cmd_status, cmd_training
 from ops.ctl_model import cmd_consolidate, cmd_eval, cmd_generate, cmd_init_base, cmd_lineage, cmd_snapshot
+from ops.promote import cmd_promote, cmd_rollback
 from ops.ctl_queue import (cmd_queue_add, cmd_queue_list, cmd_queue_prioritize, cmd_queue_remove, cmd_queue_retry,
                            cmd_queue_show)
 
@@ -99,6 +100,11 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     li = sub.add_parser("lineage", help="the chain of bases and adapters, with datasets")
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=cmd_lineage)
+    for name, text in (("promote", "make a snapshot (a candidate the promotion gate held back) current_model/"),
+                       ("rollback", "make an earlier snapshot current_model/ again")):
+        pm = sub.add_parser(name, help=text + " (the daemon must be stopped; the old one is kept as a snapshot)")
+        pm.add_argument("snapshot", help="a folder name in snapshots/ (trainer-ctl lineage lists moves)")
+        pm.set_defaults(func=cmd_promote if name == "promote" else cmd_rollback)
     ev = sub.add_parser("eval", help="the forgetting matrix: each dataset's retention loss after every job")
     ev.add_argument("--json", action="store_true", help="the matrix as JSON (as status/eval.json)")
     ev.set_defaults(func=cmd_eval)

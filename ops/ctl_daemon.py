@@ -50,8 +50,13 @@ def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
             print(f"          {describe_preparing(prep)} (the rest of the file, while training)")
     elif status.get("last_job"):
         j = status["last_job"]
-        print(f"last job: {j.get('file')} {j.get('outcome')} after {j.get('steps')} steps, "
+        held = f" ({j.get('reason')})" if j.get("held") else ""
+        print(f"last job: {j.get('file')} {j.get('outcome')}{held} after {j.get('steps')} steps, "
               f"loss {fmt_num(j.get('loss'), '.4f')} ({j.get('finished_at')})")
+        if held:
+            snap = Path(str((j.get("held") or {}).get("snapshot") or "?")).name
+            print(f"          current_model/ unchanged; the adapter is snapshots/{snap} "
+                  f"(trainer-ctl promote {snap})")
     print("queue:    " + " · ".join(f"{k} {v}" for k, v in counts.items()))
     chk = status.get("checking") if pid else None
     if isinstance(chk, dict):

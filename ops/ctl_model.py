@@ -82,6 +82,10 @@ def cmd_lineage(layout: Layout, args: argparse.Namespace) -> int:
         for ds in node.get("datasets") or []:
             name = ds.get("name") or ds.get("dataset") or "?"
             print(f"{'  ' * i}     · {name} ({str(ds.get('sha256', ''))[:12]})")
+        for mv in node.get("moves") or []:
+            verb = "promoted" if mv.get("action") == "promote" else "rolled back to"
+            print(f"{'  ' * i}     ↳ {mv.get('ts')}: {verb} {mv.get('snapshot')} "
+                  f"(previous adapter kept as {mv.get('previous') or 'none'})")
     return EXIT_OK
 
 

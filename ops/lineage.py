@@ -14,6 +14,7 @@ from typing import Any
 from core.atomic import read_json
 from core.paths import Layout
 from core.paths import resolve_under
+from core.promotion import moves
 from core.switch import CONSOLIDATION_META, dataset_entries
 
 log = logging.getLogger("ops.consolidate")  # the name its log lines have always had
@@ -36,6 +37,9 @@ def fingerprint_cache(home: Path) -> Path:
 def lineage(home: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
     """Newest first: the live adapter (if any), then the configured base and its ancestors.
 
+    The adapter entry also has ``switched`` (the promote / rollback that made it current_model/,
+    if one did) and ``moves`` (every promote / rollback recorded in state.db, oldest first).
+
     Each base entry: kind ("consolidated" | "root"), path, fingerprint, description, created_at,
     exists, and for consolidated bases the adapters and datasets merged into it (with sha256).
     """
@@ -50,7 +54,9 @@ def lineage(home: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
                     "base_fingerprint": state.get("base_fingerprint"),
                     "description": "live adapter (current_model/)",
                     "created_at": state.get("updated_at"), "total_steps": state.get("total_steps"),
-                    "datasets": dataset_entries(state)})
+                    "datasets": dataset_entries(state),
+                    # how it became current_model/ (trainer-ctl promote / rollback), and every such move
+                    "switched": state.get("switched"), "moves": moves(home)})
 
     raw = config.get("base_model")
     path = resolve_under(home, raw)

@@ -7,7 +7,8 @@ Reads top to bottom like a torchtune recipe:
     train()            optimizer steps; after each: events, layer activity, eval at epoch end,
                        periodic checkpoint, control (pause / resume / skip / stop)
     save_checkpoint()  atomic step-<n>/ folder with everything exact resume needs
-    finish()           final checkpoint, current_model/ swap, snapshot, checkpoints removed
+    finish()           final checkpoint, retention eval + promotion gate (trainer/gate.py),
+                       current_model/ swap (or a held snapshot), snapshot, checkpoints removed
     cleanup()          free the model
 
 One optimizer step = ``gradient_accumulation`` micro-batches of ``batch_size`` packed rows; the
@@ -47,6 +48,7 @@ from trainer.checkpoint import CheckpointManager, capture_rng_state, save_torch
 from trainer.dataprep import DataPrepMixin
 from trainer.errors import OOM_ERRORS, JobFailed, _Finished, _OOM, _StepFailed, free_memory
 from trainer.events import EventsMixin
+from trainer.gate import GateMixin
 from trainer.layer_activity import LayerActivityTracker
 from trainer.model import (FINGERPRINT_CACHE_NAME, BaseMismatchError, BaseModelError, attach_lora,
                            base_fingerprint, check_same_base, enable_tf32, load_base_model, load_tokenizer,
@@ -102,7 +104,8 @@ class QLoRATrainer:
             r.cleanup(keep_base)
 
 
-class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionEvalMixin, EventsMixin):
+class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionEvalMixin, GateMixin,
+                 EventsMixin):
     def __init__(self, job: JobSpec, sink: EventSink, control: ControlSource,
                  warm: "WarmBase | None" = None) -> None:
         self.job, self.sink, self.control, self.warm = job, sink, control, warm
@@ -353,12 +356,10 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
         except OSError as exc:
             self.note(f"the replay pool of this job could not be written ({exc}); later jobs replay the "
                       "other datasets", "warning")
-        try:
-            self.retention_eval()
-        except (OSError, ValueError, RuntimeError) as exc:     # the adapter is trained: publish it anyway
-            self.note(f"retention eval failed ({type(exc).__name__}: {exc}); this job has no column in "
-                      "the forgetting matrix", "warning")
-        state = self._trainer_state()
+        held = self.retention_gate()    # the retention eval, then the promotion gate (trainer/gate.py)
+        if held is not None:
+            return held
+        state = {**self._trainer_state(), **self.gate_state}
         try:
             cur = adapter_store.publish_current(Path(self.job.home), lambda d: save_adapter(self.model, d),
                                                 state)

@@ -233,6 +233,22 @@
   let lastEventId = 0;
 
   // ---- header / status ----
+  // the last finished job, when none runs; one the promotion gate held back is marked (text only)
+  function showLastJob(lj) {
+    const box = $("last-job");
+    box.replaceChildren();
+    box.hidden = !(lj && lj.file);
+    box.dataset.held = lj && lj.held ? "true" : "false";
+    if (box.hidden) return;
+    if (lj.held) box.append(el("span", { className: "held-badge", text: "held" }), " ");
+    let text = `last job: ${lj.file} ${lj.outcome || ""}`;
+    if (lj.held) {
+      const snap = String(lj.held.snapshot || "").split("/").pop();
+      text += ` (${lj.reason || "held"}) · current_model/ unchanged · candidate snapshots/${snap}`
+        + ` (trainer-ctl promote ${snap})`;
+    } else if (lj.reason && lj.outcome !== "completed") text += ` (${lj.reason})`;
+    box.append(text);
+  }
   function onStatus(s) {
     status = s;
     const st = s.status || "unknown";
@@ -278,6 +294,7 @@
       detail.push(`last command: ${lc.command} from ${lc.source || "?"}` + (lc.at ? ` at ${when(lc.at)}` : "") + (lc.ok ? "" : ` (refused: ${lc.message})`));
     }
     $("state-detail").textContent = detail.join(" — ");
+    showLastJob(job ? null : s.last_job);
     // buttons
     const paused = !!s.paused || st === "paused";
     const busy = st === "stopping" || st === "stopped";

@@ -327,6 +327,34 @@ def test_no_horizontal_scroll_on_any_screen(browser, tmp_path: Path, width: int)
         mon.stop()
 
 
+def test_a_held_job_is_marked(browser, tmp_path: Path) -> None:
+    """The last job the promotion gate held back is marked "held", its reason shown as text."""
+    home = make_home(tmp_path / "home")
+    snap = "20260101_000000__x__held"
+    reason = "held: forgot <img src=x onerror=alert(1)>.jsonl by 124 %"
+    (home.path / "status" / "training_status.json").write_text(json.dumps({
+        "status": "idle", "updated_at": "2026-01-01T00:00:00+00:00", "last_job": {
+            "file": "reverse.jsonl", "job_id": 2, "outcome": "completed", "steps": 5, "reason": reason,
+            "held": {"held": True, "summary": reason, "snapshot": f"/h/snapshots/{snap}"}}}))
+    mon = Monitor(home.path).start()
+    pg = Page(browser, viewport={"width": 1280, "height": 900})
+    try:
+        p = pg.page
+        p.goto(mon.base + "/")
+        pg.wait_loaded()
+        p.wait_for_function("() => !document.getElementById('last-job').hidden")
+        assert p.get_attribute("#last-job", "data-held") == "true"
+        assert p.text_content("#last-job .held-badge") == "held"
+        text = p.text_content("#last-job")
+        assert reason in text and f"trainer-ctl promote {snap}" in text and "current_model/ unchanged" in text
+        assert p.locator("#last-job img").count() == 0
+        pg.shot("dashboard_held_job.png")
+        assert pg.errors == [] and pg.dialogs == []
+    finally:
+        pg.close()
+        mon.stop()
+
+
 def test_token_from_the_address_bar(browser, tmp_path: Path) -> None:
     token = "browser-token-0123456789abcdef"
     home = make_home(tmp_path / "home")
