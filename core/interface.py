@@ -54,6 +54,8 @@ class Outcome(str, enum.Enum):
 #   restarted      reason: the job's checkpoints could not be continued (current_model/ moved on
 #                  since they were written, another base, another dataset): it starts again
 #                  from the current adapter
+#   fresh_optimizer reason: a continuous schedule could not continue current_model/'s AdamW state
+#                  (trainer/continuity.py): AdamW and the schedule's step count start afresh
 #   log            level, message
 EVENT_KINDS = frozenset({"started", "step", "eval", "checkpoint", "layer_activity", "paused",
                          "resumed", "snapshot", "oom_backoff", "nonfinite", "restarted", "log"})
