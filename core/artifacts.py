@@ -18,6 +18,7 @@ MANIFEST = "manifest.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"    # peft's own format
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.json"             # current_model/: base, datasets in order, steps
+OPTIMIZER_STATE = "optimizer.pt"                 # current_model/ (continuous schedule), checkpoints
 SNAPSHOT_META = "snapshot.json"                  # snapshots/*: what made the snapshot
 CONSOLIDATION_META = "consolidation.json"        # consolidated_models/*/ (also the switch journal)
 BACKUP_SUFFIX = "__pre-consolidation"            # snapshots/<ts>__pre-consolidation/

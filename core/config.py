@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 LORA_KEYS: tuple[str, ...] = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 LOCKED_KEYS: tuple[str, ...] = ("base_model", "model_name", "max_length", "batch_size",
                                 "gradient_accumulation") + LORA_KEYS
+# learning-rate schedules that run across files: one AdamW and one step count, carried from job to
+# job in current_model/ (trainer/continuity.py); the others restart AdamW and the schedule per file
+CONTINUOUS_SCHEDULES: tuple[str, ...] = ("constant_with_warmup", "wsd")
 
 
 class ConfigError(ValueError):
@@ -75,8 +78,15 @@ class Config(BaseModel):
     # fp32 on CPU; LoRA weights and optimizer state stay fp32 in every case
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    # constant_with_warmup / wsd: continuous across files (warmup only while the adapter's optimizer
+    # has made fewer than warmup_steps steps: the first job, after a consolidation); cosine / linear /
+    # constant: per file (AdamW and the schedule, warmup included, restart with each file)
+    lr_scheduler: Literal["constant_with_warmup", "wsd", "cosine", "linear", "constant"] = \
+        "constant_with_warmup"
     warmup_steps: int = Field(0, ge=0)
+    # wsd only: > 0 asks for the decay: the job's learning rate falls linearly to 0 over this last
+    # share of it (e.g. the file before a consolidation); 0 (the default) stays stable
+    wsd_decay_fraction: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     max_nonfinite_steps: int = Field(10, ge=1)   # NaN/inf steps in a row that fail the job
@@ -159,6 +169,15 @@ class Config(BaseModel):
                 "promotion_gate judges an adapter by the retention sets: it needs eval_fraction > 0 "
                 f"(now {self.eval_fraction:g}) and retention_eval_datasets > 0 (now "
                 f"{self.retention_eval_datasets})")
+        return self
+
+    @model_validator(mode="after")
+    def _decay_needs_wsd(self) -> "Config":
+        if self.wsd_decay_fraction > 0 and self.lr_scheduler != "wsd":
+            raise _CrossKeyError(
+                ("wsd_decay_fraction", "lr_scheduler"),
+                f"only lr_scheduler wsd decays when asked (lr_scheduler is {self.lr_scheduler}): "
+                "set lr_scheduler to wsd, or wsd_decay_fraction to 0")
         return self
 
     @property

@@ -57,6 +57,8 @@ class Outcome(str, enum.Enum):
 #   retention      after_job, after_name, rows, seconds: the adapter on the last K retention sets
 #   gate           held, summary, max_retention_regression, checked, regressions, unchecked
 #                  (+ snapshot when held): the promotion gate's verdict (core/promotion.py)
+#   fresh_optimizer reason: a continuous schedule could not continue current_model/'s AdamW state
+#                  (trainer/continuity.py): AdamW and the schedule's step count start afresh
 #   log            level, message
 EVENT_KINDS = frozenset({"started", "step", "eval", "checkpoint", "layer_activity", "paused",
                          "resumed", "snapshot", "oom_backoff", "nonfinite", "restarted", "retention",

@@ -185,7 +185,8 @@ class JobFlow:
             if ev.get("table") is not None:
                 self.board.write_layer_activity({"step": ev.get("step"), "job_id": job_id,
                                                  "updated_at": iso(), **_as_dict(ev["table"])})
-        elif kind in ("checkpoint", "snapshot", "oom_backoff", "nonfinite", "restarted", "fresh_adapter"):
+        elif kind in ("checkpoint", "snapshot", "oom_backoff", "nonfinite", "restarted", "fresh_adapter",
+                      "fresh_optimizer"):
             if kind == "checkpoint" and int(ev.get("step") or 0) > self._resumed_from:
                 self._progress = True
             if kind == "nonfinite":
@@ -198,7 +199,8 @@ class JobFlow:
                                 f"grad norm {ev.get('grad_norm')}; {ev.get('consecutive')} in a row)",
                    "restarted": f"restarted from the start: {ev.get('reason')}",
                    "fresh_adapter": f"a fresh adapter: the LoRA settings changed ({ev.get('reason')}); the "
-                                    f"previous one ({ev.get('previous')}) stays in snapshots/"}[kind]
+                                    f"previous one ({ev.get('previous')}) stays in snapshots/",
+                   "fresh_optimizer": f"a fresh AdamW and schedule count: {ev.get('reason')}"}[kind]
             self.db.add_event(kind, msg, level="info" if kind in ("checkpoint", "snapshot") else "warning",
                               job_id=job_id, data=ev)
             self.board.update(last_event={"kind": kind, "message": msg, "at": iso()})

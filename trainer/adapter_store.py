@@ -19,7 +19,9 @@ Recovery (``recover_current_model``, run before anything reads current_model/):
 - none of them: no adapter yet (a job starts a fresh LoRA).
 
 Snapshots are written the same way (temp dir, manifest, rename) as
-``snapshots/<YYYYmmdd_HHMMSS>__<dataset stem>/`` with ``snapshot.json``.
+``snapshots/<YYYYmmdd_HHMMSS>__<dataset stem>/`` with ``snapshot.json``, without current_model/'s
+AdamW state (``optimizer.pt``, twice the adapter's size): a snapshot is an adapter, and a job that
+continues a restored one starts a fresh AdamW (trainer/continuity.py).
 
 Neither is ever made from an adapter holding a NaN or an infinity: the written temp dir's
 ``adapter_model.safetensors`` is checked before its manifest and the rename; a bad one is removed
@@ -36,8 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from core.artifacts import (ADAPTER_WEIGHTS, SNAPSHOT_META, TRAINER_STATE, fill_dir,  # noqa: F401 (re-exported)
-                            publish_dir)
+from core.artifacts import (ADAPTER_WEIGHTS, OPTIMIZER_STATE, SNAPSHOT_META, TRAINER_STATE,  # noqa: F401
+                            fill_dir, publish_dir)
 from core.atomic import fsync_dir
 from trainer.checkpoint import CheckpointError, verify_manifest
 
@@ -209,7 +211,7 @@ def write_snapshot(home: Path, dataset_name: str, source: Path, meta: dict[str, 
 
     def copy(d: Path) -> None:
         for p in sorted(source.iterdir()):
-            if p.is_file() and p.name != "manifest.json":
+            if p.is_file() and p.name not in ("manifest.json", OPTIMIZER_STATE):
                 shutil.copy2(p, d / p.name)
 
     meta = {**meta, "created_at": datetime.now(timezone.utc).isoformat()}

@@ -36,6 +36,7 @@ class PublishMixin:
                 "datasets": list(parent.get("datasets") or []) + [entry],
                 "total_steps": int(parent.get("total_steps") or 0) + self.step,
                 **({"fresh_after": fresh} if fresh else {}),
+                "schedule": self._schedule_state(),     # trainer/continuity.py
                 "lora_config": {k: self.cfg.get(k) for k in LORA_KEYS},
                 "lora": {"r": peft_cfg.r, "alpha": peft_cfg.lora_alpha, "dropout": peft_cfg.lora_dropout,
                          "target_modules": (sorted({t.rsplit(".", 1)[-1] for t in targets})

@@ -24,8 +24,8 @@ The run's parts, each a mixin of ``_RecipeRun`` in a module of its own: trainer/
 token stream, the plan, preparation progress), trainer/step.py (one optimizer step, the loss, eval,
 the out-of-memory redo and back-off, non-finite steps), trainer/resume.py (what a checkpoint
 records, its checks, exact restore), trainer/publish.py (what finish publishes), trainer/events.py
-(events and the step event); trainer/errors.py holds the exceptions, trainer/schedule.py the
-learning-rate schedule.
+(events and the step event), trainer/continuity.py (AdamW made, continued from and published to
+current_model/); trainer/errors.py holds the exceptions, trainer/schedule.py the LR schedules.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from core.interface import Command, ControlSource, EventSink, JobResult, JobSpec
 from core.paths import Layout
 from trainer import adapter_store
 from trainer.checkpoint import CheckpointManager, capture_rng_state, save_torch
+from trainer.continuity import ContinuityMixin
 from trainer.dataprep import DataPrepMixin
 from trainer.errors import OOM_ERRORS, JobFailed, _Finished, _OOM, _StepFailed, free_memory
 from trainer.events import EventsMixin
@@ -105,7 +106,7 @@ class QLoRATrainer:
 
 
 class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionEvalMixin, GateMixin,
-                 EventsMixin):
+                 ContinuityMixin, EventsMixin):
     def __init__(self, job: JobSpec, sink: EventSink, control: ControlSource,
                  warm: "WarmBase | None" = None) -> None:
         self.job, self.sink, self.control, self.warm = job, sink, control, warm
@@ -185,8 +186,8 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
         self.model = attach_lora(base_model, cfg, adapter_src)
         self.model.train()
         self.params = trainable_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=float(cfg.get("learning_rate", 2e-4)),
-                                           weight_decay=float(cfg.get("weight_decay", 0.0)))
+        self.optimizer = self._new_optimizer()
+        self._continue_optimizer(cur_dir, payload)   # AdamW + schedule position from current_model/
         self.scheduler = self._make_scheduler()
         # fp16 needs loss scaling (its range is too small for gradients); bf16 and fp32 do not
         self.scaler = self._new_scaler()
@@ -202,7 +203,8 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
                   f"{self.total_steps} steps ({self.plan_sizes} micro-batches per epoch)")
         self.emit("started", total_steps=self.total_steps, resumed_from_step=self.step,
                   dataset=self.report_json(), data_cache=self.data_cache, base_model=str(self.base),
-                  base_fingerprint=self.fingerprint, device=str(self.device),
+                  base_fingerprint=self.fingerprint, device=str(self.device), optimizer=self.optimizer_from,
+                  schedule_step=self.schedule_offset + self.step,
                   continued_from=("checkpoint" if payload is not None else
                                   "current_model" if cur_dir is not None else "fresh"))
         self.t_start = time.monotonic()
@@ -239,9 +241,11 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
         return base_model
 
     def _make_scheduler(self) -> Any:
-        """The job's LR schedule, over the fraction of the job done (trainer/schedule.py)."""
-        return fraction_scheduler(self.optimizer, str(self.cfg.get("lr_scheduler", "cosine")),
-                                  int(self.cfg.get("warmup_steps", 0)), self.plan.fraction)
+        """The job's LR schedule: continuous from the adapter's step count, or per file over the
+        fraction of the job done (trainer/schedule.py)."""
+        return fraction_scheduler(self.optimizer, self._schedule_kind(), int(self.cfg.get("warmup_steps", 0)),
+                                  self.plan.fraction, self.schedule_offset,
+                                  float(self.cfg.get("wsd_decay_fraction", 0.0)))
 
     # ================================================================== train
     def train(self) -> JobResult | None:
@@ -361,8 +365,7 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
             return held
         state = {**self._trainer_state(), **self.gate_state}
         try:
-            cur = adapter_store.publish_current(Path(self.job.home), lambda d: save_adapter(self.model, d),
-                                                state)
+            cur = adapter_store.publish_current(Path(self.job.home), self._current_writer(state), state)
         except adapter_store.NonFiniteAdapter as exc:   # the in-memory check makes this a last guard
             self.ckpts.remove_all()
             raise JobFailed(f"{exc}; nothing was published (current_model/ unchanged)") from exc

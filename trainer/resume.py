@@ -18,7 +18,8 @@ from trainer.model import BaseMismatchError, check_same_base, load_adapter_state
 # edit applies to the next job), so its continuation is exact.
 TRAINING_KEYS = ("base_model", "model_name", "max_length", "batch_size", "gradient_accumulation",
                  "use_qlora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                 "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
+                 "learning_rate", "lr_scheduler", "warmup_steps", "wsd_decay_fraction", "weight_decay",
+                 "max_grad_norm",
                  "epochs", "seed", "truncation", "eval_fraction", "eval_max_examples", "replay_fraction",
                  "replay_datasets", "packing",
                  "attn_implementation",
@@ -126,5 +127,6 @@ class ResumeMixin:
                 "config": {k: self.cfg.get(k) for k in TRAINING_KEYS},
                 "last_loss": self.last_loss, "eval_loss": self.eval_loss,
                 "nonfinite_steps": self.nonfinite_total,
+                "schedule_offset": self.schedule_offset,     # the continuous schedule's start
                 "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "parent_state": self.parent_state, "reason": reason, "saved_at": _now()}

@@ -230,8 +230,7 @@ class StepMixin:
         else:
             adapter, rng = self._initial
             load_adapter_state(self.model, adapter)
-            self.optimizer.state.clear()
-            self.scheduler = self._make_scheduler()
+            self._reset_optimizer()         # fresh AdamW, or current_model/'s again (trainer/continuity.py)
             restore_rng_state(rng)
             self.step = self.epoch = self.batch_index = 0
         self.micro_rows = micro
