@@ -177,6 +177,19 @@ def load_tokenizer(base: Path) -> Any:
     return tok
 
 
+def keep_cpu_4bit_trainable(model: Any) -> int:
+    """bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit weight for its inference kernel the
+    first time the layer runs in eval mode without grad (our evaluation), for good: later training
+    steps then run that kernel, which has no autograd (other numerics, and no gradient through the
+    base to earlier layers' LoRA). A trainer evaluates between steps, so it never asks for that."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
 def load_base_model(base: Path, *, use_qlora: bool, device: torch.device,
                     attn_implementation: str = "auto", gradient_checkpointing: bool = False,
                     precision: str = "auto") -> Any:
@@ -203,6 +216,7 @@ def load_base_model(base: Path, *, use_qlora: bool, device: torch.device,
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
+    keep_cpu_4bit_trainable(model)
     if gradient_checkpointing:
         # inputs of the first checkpointed block must require grad for its recompute to backprop
         model.enable_input_require_grads()
