@@ -99,7 +99,7 @@ def test_replay_makes_the_model_forget_less(home: Home, tiny_base: Path, tmp_pat
 def replay_config(base: Path, **kw: Any) -> dict[str, Any]:
     return config_to_dict(Config(
         base_model=str(base), max_length=64, batch_size=2, gradient_accumulation=2, lora_r=4, lora_alpha=8,
-        lora_dropout=0.1, learning_rate=3e-3, lr_scheduler="cosine", warmup_steps=2, epochs=2,
+        lora_dropout=0.1, learning_rate=3e-3, warmup_steps=2, epochs=2,
         eval_fraction=0.1, checkpoint_every_steps=2, keep_checkpoints=3, layer_activity_every_steps=3, seed=7,
         **kw))
 
@@ -120,6 +120,7 @@ def test_exact_resume_with_replay_and_retention_eval(one_cpu_thread: None, tiny_
     sink = ListSink()                               # the uninterrupted run of B
     r = QLoRATrainer().run(make_job(second, ref_home, cfg, job_id=2), sink, NoControl())
     assert r.outcome is Outcome.COMPLETED, r.reason
+    assert sink.of("started")[0]["optimizer"] == "current_model"     # A's AdamW state, continued
     assert r.details["data"]["replay"]["examples"] > 0
     ref_losses = {e["step"]: e["loss"] for e in sink.of("step")}
     ref_retention = sink.of("retention")[0]["rows"]
@@ -133,7 +134,11 @@ def test_exact_resume_with_replay_and_retention_eval(one_cpu_thread: None, tiny_
     sink = ListSink()
     r = SubprocessTrainer(extra_env={"OMP_NUM_THREADS": "1"}).run(job, sink, NoControl())
     assert r.outcome is Outcome.COMPLETED, r.reason
-    assert sink.of("started")[0]["resumed_from_step"] >= 2
+    started = sink.of("started")[0]
+    assert started["resumed_from_step"] >= 2
+    # one optimizer across the two files (the default continuous schedule): B went on from A's AdamW
+    assert cfg["lr_scheduler"] == "constant_with_warmup" and started["optimizer"] == "checkpoint"
+    assert started["schedule_step"] > started["resumed_from_step"]
     for e in sink.of("step"):
         assert e["loss"] == pytest.approx(ref_losses[e["step"]], abs=1e-6), e["step"]
     rows = sink.of("retention")[0]["rows"]
