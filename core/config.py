@@ -99,6 +99,7 @@ class Config(BaseModel):
     eval_max_examples: int = Field(200, ge=1)
     retention_eval_datasets: int = Field(20, ge=0)   # the last K datasets' sets evaluated after a job
     retention_eval_max_s: float = Field(300.0, gt=0)  # time bound of that evaluation
+    tensorboard: bool = False      # TensorBoard event files under runs/, one run per base (trainer/tboard.py)
     reference_eval_file: str | None = None   # a fixed JSONL set (e.g. general chat) evaluated after every job
     # replay (trainer/replay.py): this share of what a job trains is drawn from the pools (a sample of
     # at most replay_pool_examples training examples kept per file) of the last replay_datasets files

@@ -70,6 +70,8 @@ class Layout:
     @property
     def retention(self) -> Path: return self.home / "retention"   # trainer/retention_eval.py
     @property
+    def runs(self) -> Path: return self.home / "runs"             # TensorBoard (trainer/tboard.py)
+    @property
     def eval_file(self) -> Path: return self.status_dir / "eval.json"   # the forgetting matrix
     @property
     def token_cache(self) -> Path: return self.home / "cache" / "tokens"   # trainer/tokencache.py

@@ -60,6 +60,7 @@ from trainer.resume import lora_change, _describe_lineage, ResumeMixin
 from trainer.retention_eval import RetentionEvalMixin
 from trainer.schedule import fraction_scheduler
 from trainer.step import StepMixin
+from trainer.tboard import exported
 from trainer.warm import WarmBase
 
 log = logging.getLogger("trainer.recipe")
@@ -76,6 +77,10 @@ class QLoRATrainer:
         self.warm = warm        # a warm worker's loaded base, kept between jobs (trainer/warm.py)
 
     def run(self, job: JobSpec, sink: EventSink, control: ControlSource) -> JobResult:
+        with exported(job, sink) as sink:       # with ``tensorboard``: the events as TensorBoard files too
+            return self._run(job, sink, control)
+
+    def _run(self, job: JobSpec, sink: EventSink, control: ControlSource) -> JobResult:
         r = _RecipeRun(job, sink, control, self.warm)
         keep_base = False       # only a job that ended in an orderly way hands its base on
         try:

@@ -20,8 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from core.paths import Layout
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +110,16 @@ class TensorBoardSink:
             except Exception as exc:  # noqa: BLE001
                 log.warning("TensorBoard writer close failed: %s", exc)
             self.writer = None
+
+
+@contextmanager
+def exported(job: Any, sink: Any) -> Iterator[Any]:
+    """*sink*, or with ``tensorboard`` on a TensorBoardSink in front of it, closed at the end."""
+    if not job.config.get("tensorboard"):
+        yield sink
+        return
+    board = TensorBoardSink(sink, Path(job.home), Layout(Path(job.home)).runs, job.job_id)
+    try:
+        yield board
+    finally:
+        board.close()
