@@ -19,8 +19,9 @@ a worker dies with its daemon, PR_SET_PDEATHSIG) removes only what is clearly a 
   snapshot a consolidation made or names (``kind`` "pre-consolidation", a ``consolidated_into``
   key, a path in a ``consolidated_models/*/consolidation.json``, the backup of a consolidation in
   progress), every ``kind`` "manual" one (``trainer-ctl snapshot``: asked for by hand), and any
-  folder without a readable ``snapshot.json`` (not ours to judge). A removal renames the folder
-  to ``.deleting-NAME`` first (one rename), so a crash never leaves half a snapshot that looks
+  folder without a readable ``snapshot.json`` (not ours to judge). Adapters the promotion gate
+  held back (``kind`` "held") are counted apart: the newest ``keep_snapshots`` of them stay, and
+  they never push a published adapter out. A removal renames the folder to ``.deleting-NAME`` first (one rename), so a crash never leaves half a snapshot that looks
   whole.
 - ``keep_events``: the events table keeps its newest ``keep_events`` rows.
 - ``keep_set_aside``: ``checkpoints/set-aside/`` keeps the checkpoints of the ``keep_set_aside``
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from core.artifacts import BACKUP_SUFFIX, CONSOLIDATION_META, SNAPSHOT_META
 from core.paths import Layout, resolve_under
+from core.promotion import HELD_KIND
 from core.states import JobState
 
 if TYPE_CHECKING:
@@ -269,11 +271,15 @@ def prune_snapshots(layout: Layout, keep: int) -> list[str]:
     found.sort(key=lambda t: (t[0], t[1]))
     named = consolidation_snapshots(layout)
     out: list[str] = []
-    for _, name, d, meta in found[: len(found) - keep]:       # the newest *keep* always stay
-        if _protected(name, meta, named):
-            continue
-        if _remove_whole(d):
-            out.append(f"removed snapshot {_rel(layout, d)} (keep_snapshots {keep})")
+    # candidates the promotion gate held back are counted apart: they never push a published
+    # adapter out, and the newest *keep* of them wait for `trainer-ctl promote`
+    held = [t for t in found if isinstance(t[3], dict) and t[3].get("kind") == HELD_KIND]
+    for group, what in (([t for t in found if t not in held], ""), (held, " held")):
+        for _, name, d, meta in group[: max(0, len(group) - keep)]:     # the newest *keep* always stay
+            if _protected(name, meta, named):
+                continue
+            if _remove_whole(d):
+                out.append(f"removed{what} snapshot {_rel(layout, d)} (keep_snapshots {keep})")
     return out
 
 

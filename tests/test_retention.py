@@ -217,6 +217,24 @@ def test_sixty_snapshots_keep_the_newest_fifty_and_every_consolidation_or_manual
     assert {p.name for p in snaps.iterdir()} == after
 
 
+def test_held_candidates_are_counted_apart(tmp_path):
+    """Adapters the promotion gate held back never push a published one out; the newest
+    keep_snapshots of them wait for `trainer-ctl promote`."""
+    from core.paths import Layout
+    from daemon.retention import prune_snapshots
+
+    layout = Layout(tmp_path)
+    t0 = datetime(2024, 3, 1, tzinfo=timezone.utc)
+    published = [_snapshot(layout.snapshots, f"p{i}", t0 + timedelta(hours=2 * i)) for i in range(4)]
+    held = [_snapshot(layout.snapshots, f"h{i}__held", t0 + timedelta(hours=2 * i + 1), kind="held")
+            for i in range(5)]
+    out = prune_snapshots(layout, 3)
+    left = sorted(p.name for p in layout.snapshots.iterdir())
+    assert left == ["h2__held", "h3__held", "h4__held", "p1", "p2", "p3"], left
+    assert sum("removed held snapshot" in m for m in out) == 2 and len(out) == 3
+    assert not published[0].exists() and not held[0].exists()
+
+
 def test_keep_snapshots_lowered_prunes_after_the_next_job(home):
     snaps = home.path / "snapshots"
     t0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
