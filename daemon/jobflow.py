@@ -263,7 +263,7 @@ class JobFlow:
             self._enter_disk_full(result.reason or "the trainer could not write")
         elif result.outcome is Outcome.COMPLETED:
             self.queue.move(job, JobState.DONE, steps=result.steps, finished_at=time.time(), crashes=0,
-                            not_before=None)
+                            not_before=None, outcome="held" if result.details.get("held") else None)
             held = f" ({result.reason}; current_model/ unchanged)" if result.details.get("held") else ""
             self.db.add_event("completed", f"{job.name} completed{held}: trained {result.steps} steps" if held
                               else f"{job.name} trained ({result.steps} steps)",

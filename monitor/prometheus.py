@@ -46,7 +46,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # the transaction of the move): done; failed (a started job that failed for good); skipped
 # (`trainer-ctl skip`); removed (taken out of pending/ by the user); rejected (refused at intake);
 # duplicate (the same content was trained or queued); missing (the file vanished from its folder).
-OUTCOMES = ("done", "failed", "skipped", "removed", "rejected", "duplicate", "missing")
+# "held": trained and in done/, but the promotion gate kept its adapter out of current_model/
+OUTCOMES = ("done", "held", "failed", "skipped", "removed", "rejected", "duplicate", "missing")
 
 
 @dataclass

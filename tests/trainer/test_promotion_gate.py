@@ -85,6 +85,12 @@ def test_the_gate_holds_b_back_then_promote_and_rollback_move_current_model(home
     assert f"{worst['reference_loss']:.4f} -> {worst['loss']:.4f}" in ev["message"]
     done = [e for e in events(home, "completed") if e["job_id"] == 2]
     assert "held" in done[0]["message"] and done[0]["level"] == "warning"
+    db = StateDB(home.path / "status/state.db")
+    try:                  # /metrics: trainer_jobs_finished_total{outcome="held"} 1, A's job "done"
+        finished = {labels["outcome"]: v for name, labels, v in db.counters() if name == "trainer_jobs_finished"}
+    finally:
+        db.close()
+    assert finished == {"done": 1.0, "held": 1.0}, finished
     r = home.ctl("status")
     assert "reverse.jsonl completed (held: forgot add.jsonl by" in r.stdout and f"promote {held[0]}" in r.stdout
     m = json.loads((home.path / "status/eval.json").read_text())
