@@ -8,6 +8,7 @@ event only when something changed:
 - ``queue``    the /api/queue payload (state.db written)
 - ``events``   ``{"events": [...], "reset": bool}``: new rows of the events table
 - ``layers``   the /api/layers payload
+- ``eval``     the /api/eval payload (the forgetting matrix; state.db or current_model/ changed)
 - ``system``   one GPU + memory sample (every sampler tick); ``system_history`` once at start
 - ``logs``     ``{"file": "daemon"|"training", "name", "lines": [...], "reset": bool}``
 
@@ -26,6 +27,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
+from core.artifacts import TRAINER_STATE
 from core.lock import daemon_running
 from monitor.readers import LogFollower, db_version, log_paths, queue_snapshot, recent_events, stat_key
 from monitor.services import Services, services
@@ -49,6 +51,8 @@ class _Cursor:
     queue_json: str | None = None
     event_id: int = 0
     layers_key: Any = "unset"
+    eval_key: Any = "unset"
+    eval_json: str | None = None
     system_counter: int = -1
     logs: dict[str, LogFollower] = field(default_factory=lambda: {"daemon": LogFollower(),
                                                                   "training": LogFollower()})
@@ -101,6 +105,8 @@ def _changes(svc: Services, cur: _Cursor) -> list[tuple[str, Any]]:
         cur.layers_key = lk
         out.append(("layers", svc.layers()))
 
+    out += _eval_change(svc, cur)
+
     counter, history = svc.sampler.snapshot()
     if counter != cur.system_counter:
         if cur.system_counter < 0:
@@ -118,12 +124,27 @@ def _changes(svc: Services, cur: _Cursor) -> list[tuple[str, Any]]:
     return out
 
 
+def _eval_change(svc: Services, cur: _Cursor) -> list[tuple[str, Any]]:
+    """The forgetting matrix when what it is made of changed (state.db, the live adapter, the config)."""
+    layout = svc.layout
+    key = (db_version(layout), stat_key(layout.current_model / TRAINER_STATE), stat_key(layout.config))
+    if key == cur.eval_key:
+        return []
+    cur.eval_key = key
+    payload = svc.eval_view.read(config=svc.config())
+    text = json.dumps(payload, sort_keys=True, default=str)
+    if text == cur.eval_json:
+        return []
+    cur.eval_json = text
+    return [("eval", payload)]
+
+
 def _sse(event: str, data: Any) -> str:
     payload = json.dumps(data, default=str, separators=(",", ":"))
     return f"event: {event}\ndata: {payload}\n\n"
 
 
-EVENTS = ("status", "metrics", "queue", "events", "layers", "system", "system_history", "logs")
+EVENTS = ("status", "metrics", "queue", "events", "layers", "eval", "system", "system_history", "logs")
 # Open API 3.1 has no way to describe a stream's items; as schemathesis (and OAS 3.2 `itemSchema`)
 # read it, the schema of text/event-stream is that of one event
 STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
@@ -137,7 +158,7 @@ STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
 
 
 @router.get("/api/stream", summary="Server-Sent Events: status, metrics, queue, events, layers, "
-                                   "system, logs as they change",
+                                   "eval, system, logs as they change",
             response_class=StreamingResponse, responses=STREAM_RESPONSES)
 async def stream(token: str | None = Query(None, description="the token, for EventSource (no headers)"),
                  svc: Services = Depends(services)) -> StreamingResponse:

@@ -14,6 +14,7 @@ from core.config import Config, ConfigError, MonitorConfig, load_config
 from core.lock import daemon_running
 from core.paths import Layout
 from daemon.status import iso
+from monitor.evalview import EvalView
 from monitor.metrics_index import MetricsIndex
 from monitor.readers import JsonFileReader, job_counts, stat_key
 from monitor.system import GpuProbe, SystemSampler
@@ -36,6 +37,7 @@ class Services:
     metrics: MetricsIndex = field(init=False)
     gpu: GpuProbe = field(init=False)
     sampler: SystemSampler = field(init=False)
+    eval_view: EvalView = field(init=False)
 
     def __post_init__(self) -> None:
         self.status_reader = JsonFileReader(self.layout.status_file)
@@ -43,6 +45,7 @@ class Services:
         self.metrics = MetricsIndex(self.layout.metrics_file)
         self.gpu = GpuProbe()
         self.sampler = SystemSampler(self.layout, self.gpu, interval=self.sample_interval_s)
+        self.eval_view = EvalView(self.layout)
         self._cfg: Config | None = None
         self._cfg_key: Any = "unset"
 

@@ -108,7 +108,9 @@ class DataPrepMixin:
         build = self.stream.build
         if build is not None and not build.complete:
             self._preparing("tokenizing", build.positions, build.total)
-        elif not getattr(self, "_report_sent", True):
+        elif not getattr(self, "_report_sent", True) and getattr(self, "plan", None) is not None:
+            # once planned: a wait for the first block may see the build complete before the replay
+            # set and the plan exist (a small file, a loaded CPU); _load_data sends it right after
             self._report_sent = True
             rep = self.report
             if build is not None:

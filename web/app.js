@@ -585,6 +585,134 @@
       el("span", { className: "num", text: `Δ ${num(r.delta_change)} · ‖ΔW‖ ${num(r.delta_norm)} · grad ${num(r.grad_norm)}` }))));
   }
 
+  // ---- retention: the forgetting matrix (GET /api/eval, the stream's "eval" event) ----
+  // rows: datasets (the reference set first); columns: the adapter after each job; a cell: the
+  // eval loss on that dataset's retention set and its change since the dataset was learned. Colour:
+  // that change relative to the learned loss, green lower, red higher, saturated at RET_SAT.
+  const RET_SAT = 0.5;
+  const RET_NEUTRAL = 0.01;
+  let evalData = null;
+  function onEval(e) {
+    evalData = e;
+    renderRetention();
+  }
+  function changeColor(rel) {
+    const lo = dark.matches ? [23, 27, 35] : [255, 255, 255];
+    const hi = rel < 0 ? (dark.matches ? [34, 197, 94] : [21, 128, 61]) : (dark.matches ? [239, 68, 68] : [185, 28, 28]);
+    const f = Math.min(1, Math.abs(rel) / RET_SAT);
+    const c = lo.map((a, i) => Math.round(a + (hi[i] - a) * f));
+    return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+  }
+  const signed = (v, digits) => (v < 0 ? "-" : "+") + Math.abs(v).toFixed(digits);     // as trainer-ctl eval
+  const pct = (rel) => signed(100 * rel, Math.abs(rel) >= 0.1 ? 0 : 1) + " %";
+  function datasetLabel(d) {
+    return d.reference ? String(d.name || "reference set") : `${d.name || "?"} #${d.job_id}`;
+  }
+  function columnLabel(c) {
+    return `after job ${c.after_job}` + (c.name ? ` (${c.name})` : "");
+  }
+  function retentionHead(c) {
+    const th = el("th", { scope: "col", title: columnLabel(c) + (c.gate ? "\npromotion gate: " + c.gate : ""),
+      dataset: { job: String(c.after_job) } },
+    el("div", { className: "ret-job", text: `after job ${c.after_job}` }),
+    el("div", { className: "ret-name", text: c.name || "?" }));
+    const marks = el("div", { className: "ret-marks" });
+    if (c.held) {
+      th.classList.add("held");
+      marks.append(el("span", { className: "mark held", text: "held", title: c.held.reason }));
+    }
+    if (c.promoted) {
+      const rolled = c.promoted.kind === "rolled_back";
+      marks.append(el("span", { className: "mark " + (rolled ? "rolled-back" : "promoted"),
+        text: rolled ? "rolled back" : "promoted", title: c.promoted.message }));
+    }
+    if (c.current) marks.append(el("span", { className: "mark live", text: "live", title: "current_model/ is this adapter" }));
+    if (marks.childNodes.length) th.append(marks);
+    return th;
+  }
+  function retentionCell(d, c, cell) {
+    const where = `${datasetLabel(d)} after job ${c.after_job}`;
+    const td = el("td", { dataset: { job: String(c.after_job) } });
+    if (c.held) td.classList.add("held");
+    if (!cell) {
+      td.classList.add("empty");
+      td.title = `${where}: not evaluated`;
+      return td;
+    }
+    if (cell.loss === null || cell.loss === undefined) {
+      td.classList.add("skipped");
+      td.textContent = cell.skipped ? "skipped" : "n/a";
+      td.title = `${where}: ` + (cell.skipped ? "skipped: " + cell.skipped : "no finite loss");
+      return td;
+    }
+    const learned = !d.reference && c.after_job === d.job_id;
+    const rel = typeof cell.relative_change === "number" ? cell.relative_change : null;
+    if (learned || typeof cell.change !== "number") {
+      td.textContent = cell.loss.toFixed(2);
+      if (learned) td.classList.add("learned");
+    } else {
+      td.textContent = `${cell.loss.toFixed(2)} (${signed(cell.change, 2)})`;
+      if (rel !== null && Math.abs(rel) >= RET_NEUTRAL) {
+        td.style.backgroundColor = changeColor(rel);
+        td.dataset.change = rel < 0 ? "lower" : "higher";
+        if (Math.abs(rel) / RET_SAT > 0.55) td.classList.add("hot");
+      } else td.dataset.change = "same";
+    }
+    const since = d.reference ? "since the base model" : `since it was learned (after job ${d.job_id})`;
+    td.title = `${where}: loss ${cell.loss.toFixed(4)}` + (learned ? " (learned here)"
+      : typeof cell.change === "number" ? `, ${signed(cell.change, 4)}` + (rel !== null ? ` (${pct(rel)})` : "") + ` ${since}` : "")
+      + (cell.tokens != null ? ` · ${count(cell.tokens)} tokens` : "");
+    return td;
+  }
+  function retentionNotes(e) {
+    const notes = [];
+    for (const c of e.columns) {
+      if (c.held) {
+        const snap = c.held.snapshot ? ` · candidate snapshots/${c.held.snapshot} (trainer-ctl promote ${c.held.snapshot})` : "";
+        notes.push(el("li", { className: "held" }, el("span", { className: "mark held", text: "held" }), " ",
+          `${columnLabel(c)}: ${c.held.reason}${snap}`));
+      }
+      if (c.promoted) {
+        const rolled = c.promoted.kind === "rolled_back";
+        notes.push(el("li", null, el("span", { className: "mark " + (rolled ? "rolled-back" : "promoted"), text: rolled ? "rolled back" : "promoted" }), " ",
+          `${columnLabel(c)}: ${rolled ? "rolled back to" : "promoted"}` + (c.promoted.snapshot ? ` snapshots/${c.promoted.snapshot}` : "")
+          + (c.promoted.at ? ` at ${when(c.promoted.at)}` : "")));
+      }
+    }
+    const live = e.columns.find((c) => c.current);
+    notes.push(el("li", { className: "muted", text: live ? `current_model/ is the adapter ${columnLabel(live)}`
+      : e.current_job != null ? `current_model/ is the adapter after job ${e.current_job} (not among the columns shown)`
+        : "current_model/ holds no adapter these columns show" }));
+    if (e.hidden_columns) notes.push(el("li", { className: "muted", text: `${e.hidden_columns} older adapters not shown` }));
+    return notes;
+  }
+  function renderRetention() {
+    const panel = $("retention");
+    const e = evalData;
+    if (!e || !e.available || !Array.isArray(e.columns) || !e.columns.length) {
+      setPanel(panel, "reason", (e && e.reason) || "no retention evaluations yet");
+      $("retention-meta").textContent = "";
+      return;
+    }
+    const datasets = Array.isArray(e.datasets) ? e.datasets : [];
+    const head = el("tr", null, el("th", { scope: "col", className: "ret-corner", text: "dataset" }), ...e.columns.map(retentionHead));
+    const body = el("tbody");
+    for (const d of datasets) {
+      const byJob = new Map((d.cells || []).map((c) => [c.after_job, c]));
+      body.append(el("tr", { dataset: { dataset: String(d.job_id) }, className: d.reference ? "reference" : null },
+        el("th", { scope: "row", text: datasetLabel(d), title: datasetLabel(d) + (d.learned_loss != null
+          ? (d.reference ? " · base model's loss " : " · loss when learned ") + d.learned_loss.toFixed(4) : "") }),
+        ...e.columns.map((c) => retentionCell(d, c, byJob.get(c.after_job)))));
+    }
+    $("retention-table").replaceChildren(el("thead", null, head), body);
+    $("retention-ramp").style.background = `linear-gradient(to right, ${changeColor(-RET_SAT)}, ${changeColor(0)}, ${changeColor(RET_SAT)})`;
+    $("retention-notes").replaceChildren(...retentionNotes(e));
+    $("retention-meta").textContent = `${datasets.length} datasets × ${e.columns.length} adapters`
+      + (e.updated_at ? ` · last evaluation ${when(e.updated_at)}` : "");
+    setPanel(panel, "data");
+  }
+  dark.addEventListener("change", renderRetention);
+
   // ---- queue ----
   function onQueue(q) {
     queue = q;
@@ -780,6 +908,7 @@
   const handlers = {
     status: onStatus, metrics: onMetrics, queue: onQueue, events: onEvents, layers: onLayers,
     system: onSystem, system_history: onSystemHistory, logs: onLogs,
+    eval: onEval,
   };
   function connect() {
     if (es) es.close();
@@ -832,6 +961,8 @@
     if (ly.ok) onLayers(ly.data);
     if (gpu.ok && mem.ok) onSystem({ time: Date.now() / 1000, gpu: gpu.data, memory: mem.data });
     if (logs.ok) for (const k of ["daemon", "training"]) onLogs({ file: k, name: logs.data[k].file, lines: logs.data[k].lines, reset: true });
+    const ret = await api("GET", "api/eval");
+    if (ret.ok) onEval(ret.data);
   }
 
   // ---- start ----

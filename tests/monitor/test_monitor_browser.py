@@ -12,6 +12,7 @@ import pytest
 
 from daemon_helpers import REPO, text_records, wait_for, write_jsonl
 from monitor_helpers import Monitor, make_home
+from retention_helpers import write_matrix
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -257,6 +258,7 @@ def _synthetic(home: Path, n: int = 300) -> None:
              "grad_norm": 0.5 / (layer + 1)} for layer in range(6) for k, t in enumerate(types)]
     (home / "status" / "layer_activity.json").write_text(json.dumps(
         {"step": n, "job_id": 1, "updated_at": "2026-11-23T05:00:00+00:00", "modules": mods}))
+    write_matrix(home, extra_jobs=6)      # the Retention panel: 8 adapters, wider than a phone
 
 
 def test_charts_and_layer_heatmap_render(browser, tmp_path: Path) -> None:
@@ -315,6 +317,7 @@ def test_no_horizontal_scroll_on_any_screen(browser, tmp_path: Path, width: int)
         p.goto(mon.base + "/")
         panels = pg.wait_loaded()
         assert panels["layers"][0] == "data" and panels["loss"][0] == "data"
+        assert panels["retention"][0] == "data"
         p.wait_for_function("() => document.querySelectorAll('#movers li').length === 10")
         time.sleep(0.3)
         sw, vw = p.evaluate("() => [document.scrollingElement.scrollWidth, window.innerWidth]")
@@ -400,6 +403,9 @@ def test_every_panel_has_data_during_a_real_tiny_training_run(browser, tmp_path:
         for key, (state, reason) in panels.items():
             if key == "gpu" and state == "reason":
                 assert reason.startswith("no NVIDIA GPU detected")
+                continue
+            if key == "retention" and state == "reason":     # filled by the first job's evaluation, at its end
+                assert reason.startswith("no retention evaluations yet"), reason
                 continue
             assert state == "data", (key, reason)
         assert pg.page.locator("#chart-loss canvas").count() == 1
