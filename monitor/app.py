@@ -20,6 +20,7 @@ from core.diskfull import describe as describe_disk, is_disk_full
 from core.paths import REPO_ROOT, Layout
 from monitor import api_schema, routes_control, routes_events, routes_metrics, routes_queue, routes_status, \
     routes_system
+from monitor import routes_samples
 from monitor.security import API_NOT_FOUND, MAX_BODY_BYTES, UPLOAD_PATHS, SecurityMiddleware
 from monitor.services import Services, resolve_token
 
@@ -71,6 +72,7 @@ def create_app(layout: Layout, config: Config | MonitorConfig | None = None, *,
     for module in (routes_status, routes_queue, routes_control, routes_metrics, routes_system,
                    routes_events):
         app.include_router(module.router)
+    app.include_router(routes_samples.router)
 
     # the seed system's URLs keep working
     @app.get("/live_monitor_ui_v2.html", include_in_schema=False)
