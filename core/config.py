@@ -101,6 +101,14 @@ class Config(BaseModel):
     retention_eval_max_s: float = Field(300.0, gt=0)  # time bound of that evaluation
     tensorboard: bool = False      # TensorBoard event files under runs/, one run per base (trainer/tboard.py)
     reference_eval_file: str | None = None   # a fixed JSONL set (e.g. general chat) evaluated after every job
+    # probe prompts (trainer/probes.py): greedy answers at the base, every probe_every_steps (0: off)
+    # and after every job (the dashboard's Samples): probe_prompts (a list, or a JSONL file under the
+    # base dir; a missing file is a warning at job time) plus probe_retention_examples of each retention set
+    probe_prompts: list[str] | str = Field(default_factory=list)
+    probe_retention_examples: int = Field(2, ge=0)
+    probe_every_steps: int = Field(0, ge=0)
+    probe_max_new_tokens: int = Field(48, ge=1, le=4096)
+    probe_max_s: float = Field(60.0, gt=0)      # per round; the prompts left are skipped (a warning)
     # replay (trainer/replay.py): this share of what a job trains is drawn from the pools (a sample of
     # at most replay_pool_examples training examples kept per file) of the last replay_datasets files
     replay_fraction: float = Field(0.0, ge=0, lt=1)
@@ -150,6 +158,15 @@ class Config(BaseModel):
     def _targets(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and not v:
             raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+    @field_validator("probe_prompts")
+    @classmethod
+    def _probe_prompts(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and any(not p.strip() for p in v):
+            raise ValueError("a probe prompt must not be empty")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must be a list of prompts or the path of a JSONL file of them")
         return v
 
     @model_validator(mode="after")

@@ -59,10 +59,14 @@ class Outcome(str, enum.Enum):
 #                  (+ snapshot when held): the promotion gate's verdict (core/promotion.py)
 #   fresh_optimizer reason: a continuous schedule could not continue current_model/'s AdamW state
 #                  (trainer/continuity.py): AdamW and the schedule's step count start afresh
+#   probe          step (the job's; 0 for the base), job_id, phase (base|step|end), seconds,
+#                  probes [{prompt, answer, reference (str or None), source ("config" or the
+#                  dataset's name)}]: greedy answers to the probe prompts (trainer/probes.py; state.db
+#                  core/probetable.py); "base" is the base model alone (the adapter disabled)
 #   log            level, message
 EVENT_KINDS = frozenset({"started", "step", "eval", "checkpoint", "layer_activity", "paused",
                          "resumed", "snapshot", "oom_backoff", "nonfinite", "restarted", "retention",
-                         "gate", "log"})
+                         "gate", "probe", "log"})
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from core import evaltable
+from core import evaltable, probetable
 from core.atomic import atomic_write_json
 from core.config import Config, config_to_dict
 from core.diskfull import MIB, free_bytes, is_disk_full
@@ -104,7 +104,7 @@ class JobFlow:
         job = self.queue.claim_next()
         if job is None:
             return
-        self._resumed_from, self._progress = 0, False
+        self._resumed_from, self._progress, self._base_fingerprint = 0, False, None
         spec = JobSpec(job_id=job.id, name=job.name, dataset=self.queue.path(JobState.PROCESSING, job.name),
                        sha256=job.sha256 or "", home=self.layout.home, config=config_to_dict(cfg),
                        attempt=job.attempts)
@@ -152,6 +152,8 @@ class JobFlow:
                                                                  "records_per_second", "eta_seconds")})
         elif kind == "started":
             self._resumed_from = int(ev.get("resumed_from_step") or 0)
+            fp = ev.get("base_fingerprint")
+            self._base_fingerprint = fp if isinstance(fp, str) else None
             if job_id is not None and isinstance(ev.get("dataset"), dict):
                 # every attempt's report replaces the last one (a resumed attempt reads the same file)
                 self.db.set_data_report(job_id, ev["dataset"])
@@ -208,6 +210,8 @@ class JobFlow:
             self._record_retention(ev)
         elif kind == "gate":
             self._record_gate(ev, job_id)
+        elif kind == "probe":
+            self._record_probe(ev, job_id)
         elif kind == "log":
             level = logging.getLevelName(str(ev.get("level", "INFO")).upper())
             log.log(level if isinstance(level, int) else logging.INFO, "trainer: %s", ev.get("message"))
@@ -224,6 +228,16 @@ class JobFlow:
         self.db.add_event("retention", f"retention eval after {ev.get('after_name')}: {len(done)} of "
                           f"{len(rows)} dataset(s) in {ev.get('seconds')} s", job_id=after,
                           data={"rows": rows, "seconds": ev.get("seconds")})
+
+    def _record_probe(self: "Daemon", ev: dict[str, Any], job_id: int | None) -> None:
+        """One round of probe answers: state.db's probes table (core/probetable.py), and an event."""
+        n = probetable.add(self.db, ev, dataset=self.current.name if self.current else None,
+                           base_fingerprint=self._base_fingerprint)
+        if n:
+            what = {"base": "the base", "end": f"the end of the job (step {ev.get('step')})"}.get(
+                str(ev.get("phase")), f"step {ev.get('step')}")
+            self.db.add_event("probe", f"probe answers at {what}: {n} prompt(s) in {ev.get('seconds')} s",
+                              job_id=job_id)
 
     def _record_gate(self: "Daemon", ev: dict[str, Any], job_id: int | None) -> None:
         """The promotion gate's verdict (core/promotion.py): a ``held`` warning with the numbers,

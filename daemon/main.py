@@ -100,6 +100,7 @@ class Daemon(Commands, JobFlow, DiskPause):
         self.reserve = Reserve(layout.status_dir)
         self._resumed_from = 0                    # the step the running attempt started from
         self._progress = False                    # the running attempt wrote a checkpoint past it
+        self._base_fingerprint: str | None = None     # the running attempt's base (its "started" event)
         self._stop_reason: str | None = None
         self._counts: Counts = {}                 # counter increments not yet in state.db
         self._counts_at = 0.0

@@ -23,7 +23,8 @@ a worker dies with its daemon, PR_SET_PDEATHSIG) removes only what is clearly a 
   held back (``kind`` "held") are counted apart: the newest ``keep_snapshots`` of them stay, and
   they never push a published adapter out. A removal renames the folder to ``.deleting-NAME`` first (one rename), so a crash never leaves half a snapshot that looks
   whole.
-- ``keep_events``: the events table keeps its newest ``keep_events`` rows.
+- ``keep_events``: the events table keeps its newest ``keep_events`` rows, the probes table
+  (probe answers, core/probetable.py) too.
 - ``keep_set_aside``: ``checkpoints/set-aside/`` keeps the checkpoints of the ``keep_set_aside``
   jobs set aside last (a skipped or failed job's, kept so a retry resumes); older ones go (such
   a retry then starts the job from the beginning).
@@ -47,6 +48,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from core import probetable
 from core.artifacts import BACKUP_SUFFIX, CONSOLIDATION_META, SNAPSHOT_META
 from core.paths import Layout, resolve_under
 from core.promotion import HELD_KIND
@@ -311,6 +313,12 @@ def prune_events(db: "StateDB", keep: int) -> list[str]:
     return [f"removed {n} oldest event(s) (keep_events {keep})"]
 
 
+def prune_probes(db: "StateDB", keep: int) -> list[str]:
+    """The probes table keeps its newest *keep* answers (keep_events), like the events."""
+    n = probetable.prune(db, keep)
+    return [f"removed {n} oldest probe answer(s) (keep_events {keep})"] if n else []
+
+
 def prune_set_aside(layout: Layout, keep: int) -> list[str]:
     """Remove the set-aside checkpoints of all but the *keep* jobs set aside last."""
     root = layout.checkpoints / "set-aside"
@@ -355,6 +363,7 @@ def after_job(layout: Layout, db: "StateDB", cfg: "Config") -> list[str]:
     out += _guarded("removing unfinished snapshot copies", lambda: remove_dead_snapshot_copies(layout))
     out += _guarded("pruning snapshots", lambda: prune_snapshots(layout, cfg.keep_snapshots))
     out += _guarded("pruning events", lambda: prune_events(db, cfg.keep_events))
+    out += _guarded("pruning probe answers", lambda: prune_probes(db, cfg.keep_events))
     out += _guarded("pruning set-aside checkpoints", lambda: prune_set_aside(layout, cfg.keep_set_aside))
     out += _guarded("pruning token caches", lambda: prune_token_caches(layout, db))
     return out

@@ -19,7 +19,7 @@ from core.config import Config, MonitorConfig
 from core.diskfull import describe as describe_disk, is_disk_full
 from core.paths import REPO_ROOT, Layout
 from monitor import api_schema, routes_control, routes_eval, routes_events, routes_metrics, routes_queue, \
-    routes_status, routes_system
+    routes_samples, routes_status, routes_system
 from monitor.security import API_NOT_FOUND, MAX_BODY_BYTES, UPLOAD_PATHS, SecurityMiddleware
 from monitor.services import Services, resolve_token
 
@@ -69,7 +69,7 @@ def create_app(layout: Layout, config: Config | MonitorConfig | None = None, *,
     app.add_exception_handler(OSError, disk_full)
     app.add_exception_handler(sqlite3.Error, disk_full)
     for module in (routes_status, routes_queue, routes_control, routes_metrics, routes_system,
-                   routes_eval, routes_events):
+                   routes_eval, routes_samples, routes_events):
         app.include_router(module.router)
 
     # the seed system's URLs keep working

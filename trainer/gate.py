@@ -69,7 +69,7 @@ class GateMixin:
     gate_state: dict[str, Any]      # what trainer_state.json gets: {"retention": ...}; set by retention_gate
 
     def retention_gate(self) -> JobResult | None:
-        """The retention eval, then the gate: None to publish, or the held job's result."""
+        """The retention eval, the probes, then the gate: None to publish, or the held job's result."""
         out, failed = None, None
         try:            # before publishing: a crash in it redoes it from the final checkpoint
             out = self.retention_eval()
@@ -77,6 +77,7 @@ class GateMixin:
             failed = f"{type(exc).__name__}: {exc}"
             self.note(f"retention eval failed ({failed}); this job has no column in the forgetting matrix",
                       "warning")
+        self.probe_end()      # the probe prompts' answers now (trainer/probes.py), also the snapshot's
         record = retention_record(out)
         self.gate_state = {RETENTION_KEY: record} if record else {}
         if not self.cfg.get("promotion_gate"):

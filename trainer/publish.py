@@ -59,7 +59,8 @@ class PublishMixin:
                 "steps": entry.get("steps"), "final_train_loss": entry.get("final_loss"),
                 "eval_loss": entry.get("eval_loss"), "base_model": str(self.base),
                 "base_fingerprint": self.fingerprint,
-                "data_report": self.report_json() if getattr(self, "report", None) else None}
+                "data_report": self.report_json() if getattr(self, "report", None) else None,
+                **({"probes": self.end_probes} if getattr(self, "end_probes", None) else {})}
 
     def _already_completed(self, cur_dir: Path, cur_state: dict[str, Any]) -> JobResult:
         """current_model/ already holds this job (a crash after the swap): finish the bookkeeping."""

@@ -4,10 +4,11 @@ Reads top to bottom like a torchtune recipe:
 
     setup()            config, base (located + fingerprinted + locked), data, plan, model + LoRA,
                        optimizer, scheduler, resume from the newest valid checkpoint
-    train()            optimizer steps; after each: events, layer activity, eval at epoch end,
-                       periodic checkpoint, control (pause / resume / skip / stop)
+    train()            the base's probe answers; optimizer steps; after each: events, layer activity,
+                       eval at epoch end, periodic checkpoint and probes, control (pause / resume /
+                       skip / stop)
     save_checkpoint()  atomic step-<n>/ folder with everything exact resume needs
-    finish()           final checkpoint, retention eval + promotion gate (trainer/gate.py),
+    finish()           final checkpoint, retention eval, probes + promotion gate (trainer/gate.py),
                        current_model/ swap (or a held snapshot), snapshot, checkpoints removed
     cleanup()          free the model
 
@@ -25,7 +26,8 @@ token stream, the plan, preparation progress), trainer/step.py (one optimizer st
 the out-of-memory redo and back-off, non-finite steps), trainer/resume.py (what a checkpoint
 records, its checks, exact restore), trainer/publish.py (what finish publishes), trainer/events.py
 (events and the step event), trainer/continuity.py (AdamW made, continued from and published to
-current_model/); trainer/errors.py holds the exceptions, trainer/schedule.py the LR schedules.
+current_model/), trainer/probes.py (the probe prompts' answers); trainer/errors.py holds the exceptions,
+trainer/schedule.py the LR schedules.
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ from trainer.model import (FINGERPRINT_CACHE_NAME, BaseMismatchError, BaseModelE
                            base_fingerprint, check_same_base, enable_tf32, load_base_model, load_tokenizer,
                            pick_device, resolve_base_path, resolve_precision, save_adapter,
                            trainable_parameters, want_gradient_checkpointing)
+from trainer.probes import ProbeMixin
 from trainer.publish import PublishMixin
 from trainer.resume import lora_change, _describe_lineage, ResumeMixin
 from trainer.retention_eval import RetentionEvalMixin
@@ -111,7 +114,7 @@ class QLoRATrainer:
 
 
 class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionEvalMixin, GateMixin,
-                 ContinuityMixin, EventsMixin):
+                 ContinuityMixin, ProbeMixin, EventsMixin):
     def __init__(self, job: JobSpec, sink: EventSink, control: ControlSource,
                  warm: "WarmBase | None" = None) -> None:
         self.job, self.sink, self.control, self.warm = job, sink, control, warm
@@ -255,6 +258,7 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
     # ================================================================== train
     def train(self) -> JobResult | None:
         """Run the remaining steps. Returns a JobResult when stopped/skipped/failed, else None."""
+        self.probe_base()           # the base's answers to the probe prompts (trainer/probes.py)
         outcome = self._control()
         if outcome is not None:
             return outcome
@@ -297,8 +301,10 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
                     if self.eval_loss is None:
                         self.note(f"eval loss at step {self.step} is not finite ({ev})", "warning")
                     self.emit("eval", step=self.step, eval_loss=self.eval_loss, epoch=epoch + 1)
-                if self.step % every_ckpt == 0 and not (epoch_end and epoch == self.epochs - 1):
-                    self.save_checkpoint("periodic")
+                if not (epoch_end and epoch == self.epochs - 1):      # the last step: finish() does both
+                    if self.step % every_ckpt == 0:
+                        self.save_checkpoint("periodic")
+                    self.probe_step()
                 outcome = self._control()
                 if outcome is not None:
                     return outcome

@@ -864,6 +864,86 @@
     $("file-input").addEventListener("change", (e) => { upload([...e.target.files]); e.target.value = ""; });
   }
 
+  // ---- samples: the probe prompts' answers over time (GET /api/samples; every value is data: text only) ----
+  // words of b that are not in the longest common subsequence of the words of a and b (a small word diff)
+  function changedWords(a, b) {
+    const wa = a.split(/\s+/).filter(Boolean), wb = b.split(/\s+/).filter(Boolean);
+    const changed = new Set();
+    if (wa.length * wb.length > 250000) { wb.forEach((_, i) => changed.add(i)); return changed; }
+    const n = wa.length, m = wb.length;
+    const L = Array.from({ length: n + 1 }, () => new Uint16Array(m + 1));
+    for (let i = n - 1; i >= 0; i--) for (let j = m - 1; j >= 0; j--) {
+      L[i][j] = wa[i] === wb[j] ? L[i + 1][j + 1] + 1 : Math.max(L[i + 1][j], L[i][j + 1]);
+    }
+    let i = 0, j = 0;
+    while (j < m) {
+      if (i < n && wa[i] === wb[j]) { i++; j++; }
+      else if (i < n && L[i + 1][j] >= L[i][j + 1]) i++;
+      else { changed.add(j); j++; }
+    }
+    return changed;
+  }
+  // an answer as text nodes, the words changed since *prev* (when given) in <mark>
+  function answerNode(text, prev) {
+    if (!/\S/.test(text)) {
+      return el("div", { className: "answer empty", text: text.length ? `(only whitespace: ${text.length} characters)` : "(empty: the model stopped at once)" });
+    }
+    const box = el("div", { className: "answer" });
+    const changed = prev === undefined ? null : changedWords(prev, text);
+    let w = 0;
+    for (const part of text.split(/(\s+)/)) {
+      if (!part) continue;
+      if (/^\s+$/.test(part) || !changed || !changed.has(w)) box.append(part);
+      else box.append(el("mark", { text: part }));
+      if (!/^\s+$/.test(part)) w++;
+    }
+    return box;
+  }
+  function answerLabel(a) {
+    const where = a.phase === "base" ? "base model" : a.phase === "end" ? `after the job (step ${a.step})` : `step ${a.step}`;
+    return [where, a.dataset ? String(a.dataset) : (a.job_id != null ? `job ${a.job_id}` : null), when(a.at)].filter(Boolean).join(" · ");
+  }
+  function sampleItem(p) {
+    const answers = Array.isArray(p.answers) ? p.answers : [];
+    const list = el("ol", { className: "answers" });
+    answers.forEach((a, i) => {
+      const newest = i === answers.length - 1;
+      const prev = newest && i > 0 ? String(answers[i - 1].answer ?? "") : undefined;
+      list.append(el("li", { className: newest ? "newest" : "", dataset: { phase: String(a.phase || "") } },
+        el("div", { className: "answer-meta", text: answerLabel(a) + (newest && i > 0 ? " · newest, changes marked" : "") }),
+        answerNode(String(a.answer ?? ""), prev)));
+      if (i === 0 && p.omitted > 0) list.append(el("li", { className: "more", text: `${nf.format(p.omitted)} answers between these not shown` }));
+    });
+    return el("li", { className: "sample" },
+      el("div", { className: "sample-prompt", text: String(p.prompt ?? "") }),
+      el("span", { className: "sample-source", text: p.source === "config" ? "probe_prompts" : "retention set of " + String(p.source ?? "?") }),
+      p.reference != null ? el("div", { className: "sample-ref" }, el("b", { text: "reference: " }), String(p.reference)) : null,
+      list);
+  }
+  let samplesSeq = 0;
+  let samplesTimer = null;
+  async function loadSamples() {
+    const seq = ++samplesSeq;
+    const r = await api("GET", "api/samples");
+    if (seq !== samplesSeq) return;            // a newer load answered already
+    const panel = $("samples");
+    if (!r.ok || !r.data || !Array.isArray(r.data.prompts)) {
+      setPanel(panel, "reason", "samples unavailable: " + (detailOf(r.data) || `HTTP ${r.status}`));
+      return;
+    }
+    const d = r.data;
+    const ol = $("samples-list");
+    const scroll = [...ol.querySelectorAll("ol.answers")].map((x) => x.scrollTop + x.clientHeight >= x.scrollHeight - 8);
+    ol.replaceChildren(...d.prompts.map(sampleItem));
+    ol.querySelectorAll("ol.answers").forEach((x, i) => { if (scroll[i] !== false) x.scrollTop = x.scrollHeight; });
+    const n = d.prompts.reduce((acc, p) => acc + (p.total || 0), 0);
+    $("samples-meta").textContent = d.prompts.length ? `${d.prompts.length} prompts · ${nf.format(n)} answers` : "";
+    setPanel(panel, d.available && d.prompts.length ? "data" : "reason", d.reason || "no samples yet");
+  }
+  function scheduleSamples() {
+    if (!samplesTimer) samplesTimer = setTimeout(() => { samplesTimer = null; loadSamples(); }, 300);
+  }
+
   // ---- events and logs ----
   function onEvents(msg) {
     const ul = $("events");
@@ -871,6 +951,7 @@
     if (msg.reset) ul.replaceChildren();
     if (!msg.available && msg.reset) { setPanel(panel, "reason", msg.reason || "no events"); return; }
     for (const ev of msg.events || []) {
+      if (ev.kind === "probe") scheduleSamples();        // new probe answers: the Samples panel reloads
       lastEventId = Math.max(lastEventId, ev.id || 0);
       ul.prepend(el("li", { className: "ev-" + (ev.level || "info") },
         el("span", { className: "ev-time", text: when(ev.ts) }), el("span", { className: "ev-kind", text: ev.kind }), ev.message));
@@ -923,6 +1004,7 @@
     }
     es.onopen = () => {
       setConn("live", "live");
+      scheduleSamples();                         // (re)connected: what changed meanwhile
       clearTimeout(fallbackTimer);
       fallbackTimer = null;
       stopPolling();
@@ -970,6 +1052,7 @@
     for (const b of document.querySelectorAll(".controls button")) b.addEventListener("click", () => control(b.dataset.command));
     $("heat-metric").addEventListener("change", renderLayers);
     setupUpload();
+    loadSamples();
     dark.addEventListener("change", () => {       // rebuild charts in the new colours
       for (const id of Object.keys(charts)) { if (charts[id].u) charts[id].u.destroy(); delete charts[id]; }
       for (const id of ["box-loss", "box-lr", "box-tps"]) $(id).dataset.state = "loading";

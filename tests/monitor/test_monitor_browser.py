@@ -388,7 +388,7 @@ def test_every_panel_has_data_during_a_real_tiny_training_run(browser, tmp_path:
     base = build_tiny_base(tmp_path / "tiny-base")
     home = make_home(tmp_path / "home", trainer="qlora", base_model=str(base), max_length=128,
                      batch_size=2, learning_rate=3e-3, lr_scheduler="constant", eval_fraction=0.05,
-                     layer_activity_every_steps=3, checkpoint_every_steps=50)
+                     layer_activity_every_steps=3, checkpoint_every_steps=50, probe_prompts=["What is 2 + 3?"])
     write_jsonl(home.path / "inbox/arith.jsonl", generate_records(3000, seed=7))
     home.launch()
     mon = Monitor(home.path).start()
@@ -411,6 +411,119 @@ def test_every_panel_has_data_during_a_real_tiny_training_run(browser, tmp_path:
         assert pg.page.locator("#chart-loss canvas").count() == 1
         time.sleep(1.0)
         pg.shot("dashboard_real_training.png")
+        assert pg.errors == [] and pg.dialogs == []
+    finally:
+        pg.close()
+        mon.stop()
+        home.kill_all()
+
+
+def _no_horizontal_scroll(p: Any) -> None:
+    sw, vw = p.evaluate("() => [document.scrollingElement.scrollWidth, window.innerWidth]")
+    assert sw <= vw, f"the page is {sw} px wide at a {vw} px viewport"
+
+
+def test_samples_mark_the_newest_change_and_show_hostile_text_as_text(browser, tmp_path: Path) -> None:
+    """The Samples panel (GET /api/samples): per prompt its answers oldest first, the words the newest
+    changed marked, the reference shown; prompts and answers are text. A new round shows up live."""
+    from core.statedb import StateDB
+    from test_monitor_samples import HOSTILE, probe_round
+
+    home = make_home(tmp_path / "home", trainer="qlora")
+    db = StateDB(home.path / "status" / "state.db")
+    long_word = "x" * 300                       # one unbreakable word: wrapped, never a page-wide scroll
+    probe_round(db, 1, "base", 0, {"What is 2 + 3?": "", HOSTILE: "<b>base</b> says " + long_word}, "add.jsonl")
+    probe_round(db, 1, "step", 4, {"What is 2 + 3?": "the answer is four", HOSTILE: "<script>alert(2)</script>"},
+                "add.jsonl")
+    probe_round(db, 1, "end", 8, {"What is 2 + 3?": "the answer is 5", HOSTILE: HOSTILE}, "add.jsonl")
+    mon = Monitor(home.path).start()
+    try:
+        for width in (1440, 390):
+            pg = Page(browser, viewport={"width": width, "height": 900})
+            try:
+                p = pg.page
+                p.goto(mon.base + "/#samples")
+                panels = pg.wait_loaded()
+                assert panels["samples"][0] == "data", panels["samples"]
+                cards = p.locator("#samples-list > li.sample")
+                assert cards.count() == 2
+                first, second = cards.nth(0), cards.nth(1)
+                assert first.locator(".sample-prompt").text_content() == "What is 2 + 3?"
+                assert [x.get_attribute("data-phase") for x in first.locator("ol.answers > li").all()] == ["base", "step", "end"]
+                assert "empty" in first.locator("ol.answers > li").nth(0).text_content()
+                newest = first.locator("li.newest")
+                assert newest.locator(".answer").text_content() == "the answer is 5"
+                assert [m.text_content() for m in newest.locator("mark").all()] == ["5"]     # "four" -> "5"
+                assert "after the job (step 8) · add.jsonl" in newest.locator(".answer-meta").text_content()
+                # hostile prompt, answers and reference: text, nothing run, no element made from them
+                assert second.locator(".sample-prompt").text_content() == HOSTILE
+                assert second.locator(".sample-source").text_content() == "retention set of add.jsonl"
+                assert second.locator(".sample-ref").text_content() == "reference: 5"
+                assert second.locator("li.newest .answer").text_content() == HOSTILE
+                assert p.locator("#samples img, #samples script, #samples b:not(.sample-ref b)").count() == 0
+                assert p.locator("#samples-list").text_content().count("<script>alert(2)</script>") == 1
+                time.sleep(0.3)
+                _no_horizontal_scroll(p)
+                pg.shot(f"samples_{width}px.png")
+                if width == 390:            # a new round: the daemon's probe event, the panel reloads
+                    db.add_event("probe", "probe answers at end of step 12: 2 prompt(s) in 0.2 s", job_id=2)
+                    probe_round(db, 2, "end", 12, {"What is 2 + 3?": "it is 5 now", HOSTILE: HOSTILE}, "b.jsonl")
+                    db.add_event("probe", "probe answers at end of step 12: 2 prompt(s) in 0.2 s", job_id=2)
+                    p.wait_for_function("() => document.querySelector('#samples-list li.sample li.newest .answer')"
+                                        ".textContent === 'it is 5 now'", timeout=10000)
+                    assert [m.text_content() for m in first.locator("li.newest mark").all()] == ["it", "now"]
+                assert pg.errors == [] and pg.dialogs == []
+            finally:
+                pg.close()
+    finally:
+        db.close()
+        mon.stop()
+
+
+@pytest.mark.slow
+def test_samples_show_base_and_post_job_answers_during_a_real_tiny_run(browser, tmp_path: Path) -> None:
+    """The real QLoRA worker on the tiny base: the configured prompts' base answers while the job
+    trains, then the adapter's answer after it; a hostile prompt shows as text."""
+    from daemon.generator import generate_records
+    from trainer.tiny_base import build_tiny_base
+
+    hostile = "<img src=x onerror=alert(1)> What is 2 + 3?"
+    base = build_tiny_base(tmp_path / "tiny-base")
+    home = make_home(tmp_path / "home", trainer="qlora", base_model=str(base), max_length=96, batch_size=2,
+                     learning_rate=5e-3, lr_scheduler="constant", eval_fraction=0.05, checkpoint_every_steps=50,
+                     probe_prompts=["What is 2 + 3?", hostile], probe_every_steps=10, probe_max_new_tokens=16)
+    home.launch()
+    mon = Monitor(home.path).start()
+    pg = Page(browser, viewport={"width": 1440, "height": 900})
+    try:
+        p = pg.page
+        p.goto(mon.base + "/#samples")
+        panels = pg.wait_loaded()
+        assert panels["samples"][0] == "reason" and "no samples yet" in panels["samples"][1]
+        write_jsonl(home.path / "inbox/arith.jsonl", generate_records(160, seed=7))
+        card = "#samples-list > li.sample"
+        p.wait_for_function(f"() => document.querySelectorAll('{card} li[data-phase=base]').length === 2", timeout=180000)
+        assert home.status().get("current_file") == "arith.jsonl"        # during the run
+        assert p.locator(f"{card} li[data-phase=end]").count() == 0
+        first = p.locator(card).nth(0)
+        assert first.locator(".sample-prompt").text_content() == "What is 2 + 3?"
+        assert "base model · arith.jsonl" in first.locator("li[data-phase=base] .answer-meta").text_content()
+        pg.shot("samples_real_run_base.png")
+        p.wait_for_function(f"() => document.querySelectorAll('{card} li[data-phase=end]').length >= 2", timeout=300000)
+        wait_for(lambda: home.files("done") == ["arith.jsonl"], timeout=60, what="the job done")
+        phases = [x.get_attribute("data-phase") for x in first.locator("ol.answers > li").all()]
+        assert phases[0] == "base" and phases[-1] == "end" and "step" in phases, phases
+        assert "after the job" in first.locator("li.newest .answer-meta").text_content()
+        assert p.locator(card).nth(1).locator(".sample-prompt").text_content() == hostile
+        assert p.locator("#samples img").count() == 0
+        # the retention set's prompts, with their reference answers, join after the job
+        p.wait_for_function(f"() => document.querySelectorAll('{card} .sample-ref').length === 2", timeout=20000)
+        time.sleep(0.5)
+        pg.shot("samples_real_run_1440px.png")
+        p.set_viewport_size({"width": 390, "height": 844})
+        time.sleep(0.5)
+        _no_horizontal_scroll(p)
+        pg.shot("samples_real_run_390px.png")
         assert pg.errors == [] and pg.dialogs == []
     finally:
         pg.close()

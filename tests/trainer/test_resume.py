@@ -21,13 +21,14 @@ KILL_AFTER = 5
 
 
 def resume_config(base: Path) -> dict[str, Any]:
-    # dropout + gradient checkpointing + warmup/cosine + 2 epochs + eval + accumulation: every
-    # piece of state that a resume could get wrong is in play.
+    # dropout + gradient checkpointing + warmup/cosine + 2 epochs + eval + accumulation + probe
+    # generation every 2 steps: every piece of state that a resume could get wrong is in play.
     return config_to_dict(Config(
         base_model=str(base), max_length=64, batch_size=2, gradient_accumulation=2, lora_r=4,
         lora_alpha=8, lora_dropout=0.1, gradient_checkpointing=True, learning_rate=3e-3,
         lr_scheduler="cosine", warmup_steps=2, weight_decay=0.01, epochs=2, eval_fraction=0.1,
-        checkpoint_every_steps=2, keep_checkpoints=3, layer_activity_every_steps=3, seed=7))
+        checkpoint_every_steps=2, keep_checkpoints=3, layer_activity_every_steps=3, seed=7,
+        probe_prompts=["What is 2 + 3?"], probe_every_steps=2, probe_max_new_tokens=8))
 
 
 @pytest.fixture(scope="module")
