@@ -37,13 +37,18 @@ COLUMNS = ("after_job", "after_name", "dataset_job", "dataset", "loss", "tokens"
            "skipped", "baseline", "at")
 
 
+def ensure(db: StateDB) -> None:
+    """Create the table (the daemon at start, while there is room: never first at a job's end)."""
+    db.conn.executescript(SCHEMA)
+
+
 def add_rows(db: StateDB, after_job: int, after_name: str | None, rows: list[dict[str, Any]]) -> int:
     """Record one adapter's column (a retried job's evaluation replaces its earlier one)."""
     now = time.time()
     values = [(int(after_job), after_name, int(r["dataset_job"]), r.get("dataset"), r.get("loss"), r.get("tokens"),
                r.get("examples"), r.get("seconds"), r.get("skipped"), r.get("baseline"), now)
               for r in rows if isinstance(r, dict) and isinstance(r.get("dataset_job"), int)]
-    db.conn.executescript(SCHEMA)
+    ensure(db)
     with db.tx() as c:
         c.executemany(f"INSERT OR REPLACE INTO retention_evals ({', '.join(COLUMNS)}) VALUES "
                          f"({', '.join('?' * len(COLUMNS))})", values)

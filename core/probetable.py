@@ -51,6 +51,11 @@ def _text(v: Any) -> str | None:
     return v if isinstance(v, str) else None
 
 
+def ensure(db: StateDB) -> None:
+    """Create the table (the daemon at start, while there is room: never first at a job's end)."""
+    db.conn.executescript(SCHEMA)
+
+
 def add(db: StateDB, ev: dict[str, Any], *, dataset: str | None, base_fingerprint: str | None) -> int:
     """Record one ``probe`` event's answers; returns how many rows it wrote."""
     job_id, step, phase = ev.get("job_id"), ev.get("step"), ev.get("phase")
@@ -62,7 +67,7 @@ def add(db: StateDB, ev: dict[str, Any], *, dataset: str | None, base_fingerprin
              p["prompt"], p["answer"], _text(p.get("reference")), seconds, now)
             for p in ev.get("probes") or []
             if isinstance(p, dict) and isinstance(p.get("prompt"), str) and isinstance(p.get("answer"), str)]
-    db.conn.executescript(SCHEMA)
+    ensure(db)
     with db.tx() as c:
         c.executemany(f"INSERT OR REPLACE INTO probes ({', '.join(COLUMNS[1:])}) VALUES "
                       f"({', '.join('?' * (len(COLUMNS) - 1))})", rows)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from core import evaltable, probetable
 from core.atomic import atomic_write
 from core.artifacts import current_lora
 from core.config import LORA_KEYS, Config, ConfigError, describe_locked_diffs, load_config, locked_diffs
@@ -75,6 +76,8 @@ class Daemon(Commands, JobFlow, DiskPause):
         self._config_error: str | None = None
         self._locked_msg: str | None = None
         self.db = StateDB(layout.state_db)
+        evaltable.ensure(self.db)                         # the forgetting matrix and probe answers
+        probetable.ensure(self.db)
         self.queue = FsQueue(layout, self.db, max_bad_record_fraction=self.config.max_bad_record_fraction)
         self.board = StatusBoard(layout, interval=self.config.status_interval_s,
                                  metrics_max_mb=self.config.metrics_max_mb,

@@ -731,8 +731,8 @@ def test_snapshot_write_fails(disk: Disk, tiny_base_dir: Path, real_sizes: dict[
     current = snapshot = real_sizes["adapter"] + 2 * PAGE
     with frozen(worker_pid(pid)):              # still loading: nothing written yet
         # room for the checkpoint and current_model/, and for half the snapshot (+ 16 KiB for the
-        # small writes meanwhile: status, events, logs)
-        disk.fill(leave=real_sizes["checkpoint"] + current + snapshot // 2 + 4 * PAGE)
+        # small writes meanwhile: status, events, logs; + a page for the job's replay pool)
+        disk.fill(leave=real_sizes["checkpoint"] + current + snapshot // 2 + 5 * PAGE)
     wait_disk_paused(h, timeout=90)
     (line,) = pause_lines(h)
     assert "(disk full: OSError: [Errno 28] No space left on device" in line, line   # the worker's verdict

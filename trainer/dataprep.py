@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core.atomic import sha256_file
+from core.diskfull import is_disk_full
 from trainer.data import REASON_TEXT, DataReport
 from trainer.errors import JobFailed
 from trainer.replay import MixedExamples, ReplaySet, save_pool
@@ -98,9 +99,15 @@ class DataPrepMixin:
         if limit <= 0:
             return
         ea, eb = self.stream.data.examples_of(0, self.plan.n_train)
-        save_pool(self.layout, {"job_id": self.job.job_id, "name": self.job.name, "sha256": self.job.sha256,
-                                "tokenizer": tokenizer_hash(self.tokenizer)},
-                  Subset(self.stream.data, range(ea, eb)), limit=limit, seed=int(self.cfg.get("seed", 0)))
+        try:
+            save_pool(self.layout, {"job_id": self.job.job_id, "name": self.job.name, "sha256": self.job.sha256,
+                                    "tokenizer": tokenizer_hash(self.tokenizer)},
+                      Subset(self.stream.data, range(ea, eb)), limit=limit, seed=int(self.cfg.get("seed", 0)))
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise           # the disk, not the pool: the daemon pauses and the job resumes
+            self.note(f"the replay pool of this job could not be written ({exc}); later jobs replay the "
+                      "other datasets", "warning")
 
     def _tokenizing(self) -> None:
         """Progress of the background build: ``preparing`` events (throttled); once complete, the

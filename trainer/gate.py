@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.artifacts import SNAPSHOT_META, TRAINER_STATE, publish_dir
+from core.diskfull import is_disk_full
 from core.interface import JobResult, Outcome
 from core.promotion import HELD_KIND, RETENTION_KEY, describe, judge, reference_losses, retention_record
 from core.switch import dataset_entries
@@ -74,6 +75,8 @@ class GateMixin:
         try:            # before publishing: a crash in it redoes it from the final checkpoint
             out = self.retention_eval()
         except (OSError, ValueError, RuntimeError) as exc:
+            if is_disk_full(exc):
+                raise           # the disk, not the eval: the daemon pauses and the job resumes
             failed = f"{type(exc).__name__}: {exc}"
             self.note(f"retention eval failed ({failed}); this job has no column in the forgetting matrix",
                       "warning")
@@ -86,11 +89,11 @@ class GateMixin:
             self.note("promotion gate: no earlier adapter to compare with (first or fresh adapter): published")
             return None
         limit = float(self.cfg.get("max_retention_regression", 0.05))
-        if out is None:
+        if failed is not None:
             verdict = {"held": True, "error": f"the retention eval failed ({failed})",
                        "max_retention_regression": limit, "checked": [], "regressions": [], "unchecked": []}
         else:
-            verdict = judge(out.get("rows") or [], reference_losses(self.parent_state), limit, self.job.job_id)
+            verdict = judge((out or {}).get("rows") or [], reference_losses(self.parent_state), limit, self.job.job_id)
         verdict["summary"] = describe(verdict)
         if not verdict["held"]:
             self.note(f"promotion gate {verdict['summary']}")

@@ -366,11 +366,7 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
         self._tokenizing()
         self._check_adapter_finite()
         self.save_checkpoint("final")
-        try:                        # before publishing: a crash in it redoes it from the final checkpoint
-            self._save_replay_pool()
-        except OSError as exc:
-            self.note(f"the replay pool of this job could not be written ({exc}); later jobs replay the "
-                      "other datasets", "warning")
+        self._save_replay_pool()    # before publishing: a crash redoes it from the final checkpoint
         held = self.retention_gate()    # the retention eval, then the promotion gate (trainer/gate.py)
         if held is not None:
             return held

@@ -76,6 +76,8 @@ class RetentionEvalMixin:
             rows.insert(0, self._reference_row(tok, t0 + budget))
         out = {"after_job": job.job_id, "after_name": job.name, "rows": rows,
                "seconds": round(time.monotonic() - t0, 3)}
+        if not rows:
+            return None                 # no retention set yet (eval_fraction 0): no column
         done = [r for r in rows if r.get("loss") is not None]
         self.note(f"retention eval: {len(done)} of {len(rows)} dataset(s) in {out['seconds']:.1f} s")
         self.emit("retention", **out)

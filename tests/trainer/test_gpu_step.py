@@ -223,7 +223,7 @@ def fp16_config(base: Path, **over: Any) -> dict[str, Any]:
     # no gradient overflow in these 10 steps (at 5e-3 one comes near step 8, and which step it hits
     # depends on fp16 rounding, so runs split differently into micro-batches part ways there)
     kw: dict[str, Any] = {"precision": "fp16", "use_qlora": False, "checkpoint_every_steps": 2,
-                          "learning_rate": 1e-3}
+                          "learning_rate": 1e-3, "lr_scheduler": "cosine"}
     return cfg(base, **{**kw, **over})
 
 
