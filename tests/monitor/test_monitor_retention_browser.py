@@ -204,6 +204,10 @@ def test_one_row_per_dataset_during_a_real_tiny_run(browser, tmp_path: Path) -> 
         write_jsonl(home.path / "inbox/reverse.jsonl", reverse_records(120, seed=8))
         _wait_columns(p, 2, timeout=300, home=home, mon=mon)
         p.wait_for_function(f"() => document.querySelectorAll('{ROWS}').length === 3", timeout=10000)
+        # the loss chart does not join the two jobs across the idle time between them: one null
+        t_loss = p.evaluate("() => window.trainerCharts['chart-loss'].u.data[0]")
+        gaps = p.evaluate("() => window.trainerCharts['chart-loss'].u.data[1].flatMap((v, i) => v === null ? [i] : [])")
+        assert len(gaps) == 1 and t_loss[gaps[0] - 1] < t_loss[gaps[0]] < t_loss[gaps[0] + 1], gaps
         # the gate held B back (it forgot add.jsonl by far more than 5 %): its column says so
         p.wait_for_function("() => document.querySelectorAll('#retention-table thead th.held').length === 1",
                             timeout=60000)

@@ -120,7 +120,7 @@ def test_counters_say_what_state_db_says(trained: Path, monitor: Monitor) -> Non
     got = samples(fetch(monitor))
     # good.jsonl trained, broken.jsonl refused at intake, extra.jsonl removed, diverge.jsonl failed
     assert by("outcome", got["trainer_jobs_finished_total"]) == {
-        "done": 1, "failed": 1, "skipped": 0, "removed": 1, "rejected": 1, "duplicate": 0, "missing": 0}
+        "done": 1, "held": 0, "failed": 1, "skipped": 0, "removed": 1, "rejected": 1, "duplicate": 0, "missing": 0}
 
     # steps and tokens: every step event of the history (whole here), both jobs that trained
     jobs_with_steps = {r["job_id"] for r in want["history"] if r.get("event") == "step"}
@@ -197,7 +197,7 @@ def test_counters_table_old_reports_and_odd_reasons(tmp_path: Path) -> None:
         text = fetch(mon)
         got = samples(text)
         assert by("outcome", got["trainer_jobs_finished_total"]) == {
-            "done": 1, "failed": 0, "skipped": 1, "removed": 0, "rejected": 0, "duplicate": 0, "missing": 1}
+            "done": 1, "held": 0, "failed": 0, "skipped": 1, "removed": 0, "rejected": 0, "duplicate": 0, "missing": 1}
         assert got["trainer_steps_total"][()] == 12
         assert got["trainer_tokens_trained_total"][()] == 70
         assert got["trainer_nonfinite_steps_total"][()] == 1

@@ -36,7 +36,7 @@ def cfg(base: Path, **over: Any) -> dict[str, Any]:
     kw: dict[str, Any] = dict(base_model=str(base), max_length=64, batch_size=4, gradient_accumulation=1,
                               lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=5e-3,
                               lr_scheduler="constant", epochs=1, checkpoint_every_steps=1000,
-                              layer_activity_every_steps=1000, seed=0)
+                              layer_activity_every_steps=1000, seed=0, eval_fraction=0.0)
     kw.update(over)
     return config_to_dict(Config(**kw))
 
@@ -223,7 +223,7 @@ def fp16_config(base: Path, **over: Any) -> dict[str, Any]:
     # no gradient overflow in these 10 steps (at 5e-3 one comes near step 8, and which step it hits
     # depends on fp16 rounding, so runs split differently into micro-batches part ways there)
     kw: dict[str, Any] = {"precision": "fp16", "use_qlora": False, "checkpoint_every_steps": 2,
-                          "learning_rate": 1e-3, "lr_scheduler": "cosine"}
+                          "learning_rate": 1e-3}
     return cfg(base, **{**kw, **over})
 
 

@@ -31,7 +31,8 @@ def steps_of(acc: EventAccumulator, tag: str) -> list[int]:
 def test_two_jobs_are_one_continuous_run(one_cpu_thread: None, tiny_base: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     cfg = config_to_dict(Config(base_model=str(tiny_base), max_length=64, batch_size=4, learning_rate=3e-3,
-                                eval_fraction=0.1, tensorboard=True, seed=1))
+                                eval_fraction=0.1, tensorboard=True, seed=1, probe_prompts=["What is 2 + 3?"],
+                                probe_retention_examples=0))
     results = []
     for i, kind in enumerate(("arithmetic", "syllables")):
         f = write_jsonl(tmp_path / f"{kind}.jsonl", generate_records(40, seed=i, kind=kind))
@@ -56,6 +57,11 @@ def test_two_jobs_are_one_continuous_run(one_cpu_thread: None, tiny_base: Path, 
     # the forgetting matrix: each dataset's retention loss after each job
     assert steps_of(acc, "retention/arithmetic.jsonl") == [n1, n1 + n2]
     assert steps_of(acc, "retention/syllables.jsonl") == [n1 + n2]
+    # the probe prompt's answers as text: at the base (step 0) and at the end of each job (run in
+    # process, without the daemon's state.db, job 2 asks the base again: at its start, step n1)
+    texts = acc.Tensors("probe/0/text_summary")
+    assert {0, n1, n1 + n2} <= {t.step for t in texts}, [t.step for t in texts]
+    assert all("What is 2 + 3?" in t.tensor_proto.string_val[0].decode() for t in texts)
 
 
 class Sink(ListSink):
