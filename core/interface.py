@@ -36,6 +36,8 @@ class Outcome(str, enum.Enum):
 
 
 # Event kinds a trainer may emit (all dicts carry "event"; numbers may be None when unknown):
+#   heartbeat      phase, seconds: a long silent call under way (loading the base); progress for
+#                  the hang limit only
 #   preparing      phase (validating|tokenizing), done, total, percent, records_per_second,
 #                  eta_seconds: data preparation before "started" (progress, not a hang)
 #   started        total_steps, resumed_from_step

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -25,6 +28,27 @@ class EventsMixin:
 
     def emit(self, event: str, **fields: Any) -> None:
         self.sink.emit({"event": event, **fields})
+
+    HEARTBEAT_S = 1.0
+
+    @contextmanager
+    def heartbeat(self, phase: str) -> Iterator[None]:
+        """``heartbeat`` events every HEARTBEAT_S while a long silent call runs (loading a base:
+        minutes for a large one), so the daemon's hang limit counts it as progress."""
+        done = threading.Event()
+        t0 = time.monotonic()
+
+        def beat() -> None:
+            while not done.wait(self.HEARTBEAT_S):
+                self.emit("heartbeat", phase=phase, seconds=round(time.monotonic() - t0, 1))
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{phase}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def note(self, message: str, level: str = "info") -> None:
         getattr(log, "warning" if level == "warning" else "info")(message)

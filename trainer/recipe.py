@@ -241,9 +241,10 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
         if base_model is None:
             self.note(f"loading base ({'4-bit nf4' if use_qlora else 'full precision'}, {self.precision}"
                       f"{', gradient checkpointing' if gc_on else ''})")
-            base_model = load_base_model(self.base, use_qlora=use_qlora, device=self.device,
-                                         attn_implementation=attn, gradient_checkpointing=gc_on,
-                                         precision=self.precision)
+            with self.heartbeat("loading base"):
+                base_model = load_base_model(self.base, use_qlora=use_qlora, device=self.device,
+                                             attn_implementation=attn, gradient_checkpointing=gc_on,
+                                             precision=self.precision)
         else:
             self.note(f"base already loaded ({self.precision}); attaching this job's adapter")
         return base_model
