@@ -69,6 +69,15 @@ def verify_manifest(directory: Path) -> None:
 _LORA_RECORD = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 
 
+def is_complete(directory: Path) -> bool:
+    """True when *directory*'s manifest verifies (every file present, sized and hashed as listed)."""
+    try:
+        verify_manifest(directory)
+        return True
+    except CheckpointError:
+        return False
+
+
 def recorded_lora(state: dict[str, Any]) -> dict[str, Any]:
     """The LoRA settings an adapter was made with, by config key, from its trainer_state.json:
     "lora_config" (every key), or for an older one "lora" (r, alpha, dropout)."""

@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from core.artifacts import MANIFEST, SNAPSHOT_META, TRAINER_STATE, CheckpointError, fill_dir, verify_manifest
+from core.artifacts import MANIFEST, SNAPSHOT_META, TRAINER_STATE, fill_dir, is_complete
 from core.atomic import atomic_write_json, durable_rename, fsync_dir, read_json
 from core.paths import Layout, resolve_under
 from core.switch import add_event, dataset_entries, now_iso
@@ -224,14 +224,6 @@ def _finish(home: Path, journal: dict[str, Any], *, recovered: bool) -> dict[str
     return move
 
 
-def _complete(d: Path) -> bool:
-    try:
-        verify_manifest(d)
-        return True
-    except CheckpointError:
-        return False
-
-
 def recover_promotion(home: Path) -> str | None:
     """Finish or undo an interrupted promote/rollback; what was done, or None if nothing was.
     The caller holds the daemon lock (the daemon at start, or trainer-ctl promote/rollback)."""
@@ -251,7 +243,7 @@ def recover_promotion(home: Path) -> str | None:
     backed_up = backup is not None and backup.is_dir()
     if cur.is_dir() and not staged.exists() and (backed_up or not journal.get("had_current")):
         what = "rolled_forward"                                 # crash after step 4
-    elif not cur.exists() and staged.is_dir() and _complete(staged):
+    elif not cur.exists() and staged.is_dir() and is_complete(staged):
         durable_rename(staged, cur)                             # crash between 3 and 4
         what = "rolled_forward"
     else:                                                       # before 3 (or 2 incomplete)

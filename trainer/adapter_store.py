@@ -39,9 +39,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.artifacts import (ADAPTER_WEIGHTS, OPTIMIZER_STATE, SNAPSHOT_META, TRAINER_STATE,  # noqa: F401
-                            fill_dir, publish_dir)
+                            fill_dir, is_complete, publish_dir)
 from core.atomic import fsync_dir
-from trainer.checkpoint import CheckpointError, verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +96,6 @@ def _paths(home: Path) -> tuple[Path, Path, Path]:
     return cur, cur.with_name("current_model.new"), cur.with_name("current_model.old")
 
 
-def _complete(d: Path) -> bool:
-    try:
-        verify_manifest(d)
-        return True
-    except CheckpointError:
-        return False
-
-
 def recover_current_model(home: Path) -> str:
     """Finish or undo an interrupted swap; returns what was done (for logs and tests)."""
     cur, new, old = _paths(home)
@@ -114,7 +105,7 @@ def recover_current_model(home: Path) -> str:
             if d.exists():
                 shutil.rmtree(d, ignore_errors=True)
                 action = "cleaned"
-    elif new.is_dir() and _complete(new):
+    elif new.is_dir() and is_complete(new):
         os.rename(new, cur)
         fsync_dir(cur.parent)
         shutil.rmtree(old, ignore_errors=True)
