@@ -54,6 +54,45 @@ class AutoGenerateConfig(BaseModel):
     min_interval_s: float = Field(30.0, ge=0)
 
 
+class DistributedConfig(BaseModel):
+    """Data-parallel training over torchrun (trainer/distributed.py): ``nproc_per_node`` ranks per
+    node ("auto": every visible NVIDIA GPU, 1 without one), ``nnodes`` nodes; with more than one
+    node, ``rdzv_endpoint`` "HOST:PORT" is this (the main) node's address, where the followers
+    (``trainerd --follow HOST:PORT``) meet it. ``timeout_s`` bounds every collective."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    nproc_per_node: int | Literal["auto"] = 1
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str | None = None
+    timeout_s: float = Field(1800.0, gt=0)
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _nproc(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1, or \"auto\" (every visible GPU)")
+        return v
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, sep, port = v.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"must be \"HOST:PORT\" (the main node's address), not {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _nodes(self) -> "DistributedConfig":
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"nnodes {self.nnodes} needs rdzv_endpoint \"HOST:PORT\": the main node's "
+                             "address, where the followers meet it")
+        return self
+
+    def endpoint(self) -> tuple[str, int]:
+        host, _, port = (self.rdzv_endpoint or "127.0.0.1:29500").rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class Config(BaseModel):
     """Every top-level key of config.json. Unknown keys are an error (typos must not pass)."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -148,6 +187,7 @@ class Config(BaseModel):
     metrics_keep_files: int = Field(3, ge=1)     # rotated metrics.jsonl.N files kept (read at start)
     # --- services ---
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     auto_generate: AutoGenerateConfig = Field(default_factory=AutoGenerateConfig)
     # --- presets: named overrides of the keys above; the active one is merged in on load ---
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -46,6 +46,7 @@ from typing import Any
 from core.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome, ends_worker
 from core.paths import Layout
 from core.pdeathsig import set_pdeathsig
+from daemon.torchrun import worker_command, worker_env, world_size
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,16 @@ def describe_returncode(rc: int | None) -> str:
 
 
 # the job settings that shape the worker's loaded base: another value needs another worker
-BASE_KEYS = ("base_model", "use_qlora", "device", "attn_implementation", "precision", "gradient_checkpointing")
+BASE_KEYS = ("base_model", "use_qlora", "device", "attn_implementation", "precision", "gradient_checkpointing",
+             "distributed")
 
 
 class _Worker:
     """One worker process, its stdout lines (read by a thread) and what it was started for."""
 
-    def __init__(self, proc: "subprocess.Popen[str]", key: tuple[Any, ...]) -> None:
+    def __init__(self, proc: "subprocess.Popen[str]", key: tuple[Any, ...], group: bool = False) -> None:
         self.proc, self.key = proc, key
+        self.group = group      # torchrun and its ranks, in a process group of their own
         self.lines: "queue.Queue[Any]" = queue.Queue()
         self.idle_since = time.monotonic()
         self.busy = False
@@ -90,6 +93,16 @@ class _Worker:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the worker; under torchrun, every rank with it (the whole process group)."""
+        if self.group:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        else:
+            self.proc.kill()
 
 
 class SubprocessTrainer:
@@ -212,8 +225,10 @@ class SubprocessTrainer:
         try:
             rc = w.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            w.proc.kill()
+            w.kill()
             rc = w.proc.wait()
+        if w.group:
+            w.kill()        # a rank that outlived torchrun (it should not): never left behind
         if w.proc.stdout is not None:
             try:
                 w.proc.stdout.close()
@@ -221,17 +236,19 @@ class SubprocessTrainer:
                 pass
         return rc
 
-    def _spawn(self, home: Path, key: tuple[Any, ...]) -> _Worker:
-        cmd = [self.python, "-m", self.module, "--serve"]
+    def _spawn(self, home: Path, key: tuple[Any, ...], config: dict[str, Any]) -> _Worker:
+        cmd = worker_command(self.python, config, self.module)
+        ranked = world_size(config) > 1
+        env = {**self._env(), **(worker_env(config) if ranked else {})}
         with open(home / "logs" / "training_output.log", "ab") as log_fh:
             log_fh.write(f"\n===== worker: {' '.join(cmd)}\n".encode())
             log_fh.flush()
-            proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=self._env(), stdin=subprocess.PIPE,
+            proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=log_fh, text=True, bufsize=1,
-                                    preexec_fn=set_pdeathsig, close_fds=True)
+                                    preexec_fn=set_pdeathsig, close_fds=True, start_new_session=ranked)
         self.workers_started += 1
-        log.info("worker pid %d started", proc.pid)
-        return _Worker(proc, key)
+        log.info("worker pid %d started%s", proc.pid, f" (torchrun, {world_size(config)} ranks)" if ranked else "")
+        return _Worker(proc, key, group=ranked)
 
     def _worker_for(self, job: JobSpec) -> _Worker:
         """The warm worker if it suits *job*, else a fresh one (the old one retired first)."""
@@ -248,7 +265,7 @@ class SubprocessTrainer:
             if w.alive():
                 log.info("worker pid %d: the base settings changed; starting a fresh worker", w.proc.pid)
             self._retire(w)
-        w = self._on_owner(lambda: self._spawn(Path(job.home), key))
+        w = self._on_owner(lambda: self._spawn(Path(job.home), key, job.config))
         with self._lock:
             w.busy, self._worker = True, w
         return w
@@ -304,13 +321,13 @@ class SubprocessTrainer:
             with self._lock:
                 w.busy, self._job_id = False, None
                 w.idle_since = time.monotonic()
-            if result is None or not self.keep_worker or self._idle_limit <= 0 \
+            if result is None or not self.keep_worker or self._idle_limit <= 0 or w.group \
                     or ends_worker(result) or not w.alive():     # a crashed worker exits by itself
                 with self._lock:
                     if self._worker is w:
                         self._worker = None
                 if hung is not None or (result is None and not gone):
-                    w.proc.kill()       # hung, or an exception here: never leave it behind
+                    w.kill()       # hung, or an exception here: never leave it behind
                 rc = self._retire(w)
             else:
                 rc = None
@@ -368,7 +385,7 @@ class SubprocessTrainer:
             if not paused and time.monotonic() - last_event > limit:
                 hung = f"worker hung: no progress for {limit:g} s"
                 log.error("%s; killing pid %d", hung, w.proc.pid)
-                w.proc.kill()
+                w.kill()
                 return None, hung, False
         return None, None, True
 

@@ -230,6 +230,8 @@ class ProbeMixin:
 
     def probe_base(self) -> None:
         """The base's own answers (adapter disabled) for the probes it has none for yet."""
+        if not self.ranks.is_main:      # rank 0 alone probes and records
+            return
         try:
             probes = self._probe_list()
             if not probes:
@@ -244,7 +246,7 @@ class ProbeMixin:
 
     def probe_step(self) -> None:
         every = int(self.cfg.get("probe_every_steps") or 0)
-        if every > 0 and self.step % every == 0:
+        if every > 0 and self.ranks.is_main and self.step % every == 0:
             try:
                 self._probe_round("step", self._probe_list())
             except Exception as exc:  # noqa: BLE001

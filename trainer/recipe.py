@@ -43,12 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome
+from core.interface import ControlSource, EventSink, JobResult, JobSpec, Outcome
 from core.paths import Layout
 from trainer import adapter_store
+from trainer.boundary import BoundaryMixin
 from trainer.checkpoint import CheckpointManager, capture_rng_state, save_torch
 from trainer.continuity import ContinuityMixin
 from trainer.dataprep import DataPrepMixin
+from trainer.distributed import Ranks
 from trainer.errors import OOM_ERRORS, JobFailed, _Finished, _OOM, _StepFailed, free_memory
 from trainer.events import EventsMixin
 from trainer.gate import GateMixin
@@ -68,23 +70,22 @@ from trainer.warm import WarmBase
 
 log = logging.getLogger("trainer.recipe")
 
-PAUSE_WAIT_S = 3600.0
-
 
 class QLoRATrainer:
     """Trainer protocol, in process. The worker (trainer/worker.py) wraps it for the daemon."""
 
     name = "qlora"
 
-    def __init__(self, warm: "WarmBase | None" = None) -> None:
+    def __init__(self, warm: "WarmBase | None" = None, ranks: Ranks | None = None) -> None:
         self.warm = warm        # a warm worker's loaded base, kept between jobs (trainer/warm.py)
+        self.ranks = ranks or Ranks()   # this process's place among torchrun's ranks (trainer/distributed.py)
 
     def run(self, job: JobSpec, sink: EventSink, control: ControlSource) -> JobResult:
         with exported(job, sink) as sink:       # with ``tensorboard``: the events as TensorBoard files too
             return self._run(job, sink, control)
 
     def _run(self, job: JobSpec, sink: EventSink, control: ControlSource) -> JobResult:
-        r = _RecipeRun(job, sink, control, self.warm)
+        r = _RecipeRun(job, sink, control, self.warm, self.ranks)
         keep_base = False       # only a job that ended in an orderly way hands its base on
         try:
             r.setup()
@@ -110,14 +111,17 @@ class QLoRATrainer:
                 return JobResult(Outcome.FAILED, reason=str(exc), steps=r.step)
             raise
         finally:
+            r.release_ranks()       # the other ranks wait for rank 0's data until told
             r.cleanup(keep_base)
 
 
-class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionEvalMixin, GateMixin,
-                 ContinuityMixin, ProbeMixin, EventsMixin):
+class _RecipeRun(DataPrepMixin, StepMixin, BoundaryMixin, ResumeMixin, PublishMixin, RetentionEvalMixin,
+                 GateMixin, ContinuityMixin, ProbeMixin, EventsMixin):
     def __init__(self, job: JobSpec, sink: EventSink, control: ControlSource,
-                 warm: "WarmBase | None" = None) -> None:
+                 warm: "WarmBase | None" = None, ranks: Ranks | None = None) -> None:
         self.job, self.sink, self.control, self.warm = job, sink, control, warm
+        self.ranks = ranks or Ranks()
+        self._ranks_told = False
         self.base_key: tuple[Any, ...] | None = None
         self.layout = Layout(Path(job.home))
         self.cfg: dict[str, Any] = dict(job.config)
@@ -139,6 +143,7 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
     # ================================================================== setup
     def setup(self) -> None:
         job, cfg = self.job, self.cfg
+        self.wait_for_main()        # other ranks: until rank 0 has chosen the checkpoint, tokenized the file
         self.device = pick_device(cfg.get("device", "auto"))
         self.base = resolve_base_path(cfg, Path(job.home))
         self.note(f"job {job.job_id} {job.name}: base {self.base}, device {self.device}; fingerprinting base")
@@ -185,6 +190,7 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
                 self.warm.keep_tokenizer(tok_key, self.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._load_data()
+        self.data_ready()           # rank 0, with other ranks: the whole file tokenized, then tell them
         self.stream.hold(True)      # the rest of the file waits while the model loads (CPU, GIL)
 
         # --- model: base (4-bit) + LoRA from checkpoint / current_model / fresh
@@ -204,6 +210,7 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
             self._restore(payload)
         else:
             self._initial = (self._adapter_copy(), capture_rng_state())
+        self.ranks.same_params(self.params)
         self.tracker = LayerActivityTracker(self.model)
         self.stream.hold(False)
         n_train = sum(p.numel() for p in self.params)
@@ -296,7 +303,7 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
                     self._nonfinite_step(info)      # raises JobFailed after max_nonfinite_steps in a row
                 if report_la:
                     self.emit("layer_activity", **self.tracker.report(self.step))
-                if epoch_end and self.plan.n_eval:
+                if epoch_end and self.plan.n_eval and self.ranks.is_main:
                     ev = self.evaluate()
                     self.eval_loss = ev if math.isfinite(ev) else None
                     if self.eval_loss is None:
@@ -313,30 +320,10 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
             raise JobFailed(f"{self.job.name}: no trainable examples ({self.report.to_json()})")
         return None
 
-    def _control(self) -> JobResult | None:
-        """Obey the control source at a step boundary."""
-        cmd = self.control.poll()
-        while cmd is Command.PAUSE:
-            self.save_checkpoint("pause")
-            self.emit("paused", step=self.step)
-            self.note(f"paused at step {self.step}")
-            cmd = self.control.wait(PAUSE_WAIT_S)
-            while cmd is None or cmd is Command.PAUSE:
-                cmd = self.control.wait(PAUSE_WAIT_S)
-            if cmd is Command.RESUME:
-                self.emit("resumed", step=self.step)
-                self.note(f"resumed at step {self.step}")
-                cmd = self.control.poll()
-        if cmd is Command.SKIP:
-            self.save_checkpoint("skip")
-            return JobResult(Outcome.SKIPPED, reason="skipped", steps=self.step)
-        if cmd is Command.STOP:
-            self.save_checkpoint("stop")
-            return JobResult(Outcome.STOPPED, reason="stopped", steps=self.step)
-        return None
-
     # ================================================================== checkpoints
-    def save_checkpoint(self, reason: str) -> Path:
+    def save_checkpoint(self, reason: str) -> Path | None:
+        if not self.ranks.is_main:      # rank 0 writes; the data position is global
+            return None
         state = self._state(reason)
 
         def write(d: Path) -> None:
@@ -363,6 +350,8 @@ class _RecipeRun(DataPrepMixin, StepMixin, ResumeMixin, PublishMixin, RetentionE
 
     # ================================================================== finish
     def finish(self) -> JobResult:
+        if not self.ranks.is_main:      # rank 0 evaluates and publishes
+            return JobResult(Outcome.COMPLETED, steps=self.step)
         self.stream.wait_complete(self._tokenizing)         # the whole file's data report
         self._tokenizing()
         self._check_adapter_finite()

@@ -11,6 +11,7 @@ count of the whole step, one host sync per step, then clip and AdamW.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -25,6 +26,12 @@ from trainer.errors import OOM_ERRORS, JobFailed, _OOM, _StepFailed, free_memory
 from trainer.model import PRECISIONS, load_adapter_state
 
 log = logging.getLogger("trainer.recipe")      # a part of the recipe: its lines keep the recipe's name
+
+
+def micro_seed(seed: int, step: int, index: int) -> int:
+    """The torch seed of micro-batch *index* of optimizer step *step* (1-based)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class StepMixin:
@@ -48,7 +55,8 @@ class StepMixin:
         if self.nonfinite_run >= limit:
             # the checkpoints pin this job's config (and may hold a diverged adapter): a retry
             # after lowering learning_rate must start the job afresh from current_model/
-            self.ckpts.remove_all()
+            if self.ranks.is_main:
+                self.ckpts.remove_all()
             first = self.step - self.nonfinite_run + 1
             raise JobFailed(f"{self.nonfinite_run} non-finite steps in a row (steps {first}-{self.step}, "
                             f"last {what}); the training diverged or the data yields NaN/inf: lower "
@@ -113,18 +121,31 @@ class StepMixin:
 
         micro = [collate(self.train_ex, rows[k:k + self.micro_rows], self.pad_id)
                  for rows in group for k in range(0, len(rows), self.micro_rows)]
-        n_trained = sum(m.num_trained_tokens for m in micro)
+        n_trained = sum(m.num_trained_tokens for m in micro)       # the whole global step's
         n_tokens = sum(m.num_tokens for m in micro)
         denom = max(n_trained, 1)
         total = torch.zeros((), device=self.device)
         oom = False
         try:
-            for m in micro:
-                m = m.to(self.device, non_blocking=True)
+            for i in self.ranks.share(len(micro)):    # all of them on one rank; i mod N on N ranks
+                m = micro[i].to(self.device, non_blocking=True)
+                # dropout's RNG per micro-batch, from (seed, step, index): the same masks on any
+                # number of ranks, and after a resume on another number
+                torch.manual_seed(micro_seed(int(self.cfg.get("seed", 0)), self.step + 1, i))
                 loss_sum = self._loss_sum(m)
                 self.scaler.scale(loss_sum / denom).backward()
                 total += loss_sum.detach()            # one host sync per step, not per micro-batch
                 del loss_sum
+        except OOM_ERRORS:
+            oom = True
+        # N ranks: one all-reduce of the gradients, the loss and the OOM flag (every rank joins it,
+        # so an out-of-memory redo is the whole group's)
+        summed = self.ranks.reduce_step(self.params, [total, torch.tensor(float(oom), device=self.device)])
+        if summed is not None:
+            total, oom = torch.tensor(summed[0], device=self.device), oom or summed[1] > 0
+        if oom:
+            return None
+        try:
             if self.scaler.is_enabled():
                 self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.get("max_grad_norm", 1.0)))

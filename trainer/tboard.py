@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from core.paths import Layout
+from trainer.distributed import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class TensorBoardSink:
 @contextmanager
 def exported(job: Any, sink: Any) -> Iterator[Any]:
     """*sink*, or with ``tensorboard`` on a TensorBoardSink in front of it, closed at the end."""
-    if not job.config.get("tensorboard"):
+    if not job.config.get("tensorboard") or not is_main_process():     # rank 0 alone writes
         yield sink
         return
     board = TensorBoardSink(sink, Path(job.home), Layout(Path(job.home)).runs, job.job_id)

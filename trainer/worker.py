@@ -134,8 +134,9 @@ def _protocol_stdout() -> IO[str]:
 
 
 def _setup_process() -> IO[str]:
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # grown and shrunk in segments: less fragmentation over many jobs and OOM back-offs
@@ -143,10 +144,14 @@ def _setup_process() -> IO[str]:
     return _protocol_stdout()
 
 
-def run_job(job_file: Path, sink: Any, control: QueueControl, trainer: Any = None) -> JobResult:
-    """One job, every failure turned into a FAILED result (a disk error says so)."""
+def run_job(job_file: Path | dict[str, Any], sink: Any, control: QueueControl, trainer: Any = None,
+            ranked: bool = False) -> JobResult:
+    """One job, every failure turned into a FAILED result (a disk error says so). *ranked* (one
+    of N torchrun ranks): an unexpected error is a crash, retried from the last checkpoint (a
+    peer that died breaks the collectives of the others)."""
     try:
-        job = JobSpec.from_json(json.loads(job_file.read_text(encoding="utf-8")))
+        raw = job_file if isinstance(job_file, dict) else json.loads(job_file.read_text(encoding="utf-8"))
+        job = JobSpec.from_json(raw)
         from trainer.recipe import QLoRATrainer
 
         log.info("worker pid %d: job %d %s (attempt %d)", os.getpid(), job.job_id, job.name, job.attempt)
@@ -157,8 +162,9 @@ def run_job(job_file: Path, sink: Any, control: QueueControl, trainer: Any = Non
         if err is not None:       # the disk, not the job: the daemon pauses and resumes it later
             return JobResult(Outcome.FAILED, reason=f"disk full: {type(err).__name__}: {err}",
                              details={"disk_full": True, "exception": type(exc).__name__})
-        return JobResult(Outcome.FAILED, reason=f"worker error: {type(exc).__name__}: {exc}",
-                         details={"exception": type(exc).__name__,
+        return JobResult(Outcome.FAILED, reason=f"{'a rank' if ranked else 'worker'} error: "
+                                               f"{type(exc).__name__}: {exc}",
+                         details={"exception": type(exc).__name__, **({"crash": True} if ranked else {}),
                                   "traceback": traceback.format_exc()[-4000:]})
 
 
@@ -251,6 +257,55 @@ def serve(sink: Any) -> int:
     return 0
 
 
+class NullSink:
+    """The events of a rank other than 0: rank 0 alone reports."""
+
+    def emit(self, event: dict[str, Any]) -> None:
+        pass
+
+
+def serve_ranks() -> int:
+    """One of torchrun's N ranks (``--serve`` under torchrun): rank 0 takes one job from stdin as
+    the serving loop does and broadcasts it; every rank trains it (trainer/distributed.py); rank 0
+    reports the result; then the group ends (the next job gets a fresh group). A rank dies with
+    torchrun (PR_SET_PDEATHSIG); SIGTERM (torchrun ending the group) ends it at once."""
+    from core.pdeathsig import set_pdeathsig
+    from trainer.distributed import Ranks
+    from trainer.recipe import QLoRATrainer
+
+    set_pdeathsig()
+    if os.getppid() == 1:       # torchrun already gone
+        return 1
+    rank = int(os.environ.get("RANK", 0))
+    serving = Serving()
+    if rank == 0:
+        out = _setup_process()
+        sink: Any = SanitizingSink(JsonLineSink(out))
+        threading.Thread(target=serving.read, args=(sys.stdin,), name="stdin-commands", daemon=True).start()
+    else:
+        _setup_process()            # events go nowhere: fd 1 is stderr
+        sink = NullSink()
+    ranks = Ranks.from_env()
+    job: dict[str, Any] | None = None
+    job_id = 0
+    if ranks.is_main:
+        sink.emit({"event": "log", "level": "info",
+                   "message": f"worker pid {os.getpid()} serving as {ranks} (torchrun)"})
+        item = serving.jobs.get()
+        if item is not None:
+            job_id = item[1]
+            job = json.loads(item[0].read_text(encoding="utf-8"))
+    job = ranks.share_object(job)
+    if job is None:
+        return 0
+    control = serving.begin(job_id) if ranks.is_main else QueueControl()
+    result = run_job(job, sink, control, QLoRATrainer(ranks=ranks), ranked=True)
+    if ranks.is_main:
+        sink.emit({**result_event(result), "job_id": job_id})
+    log.info("%s: job %d done (%s)", ranks, int(job.get("job_id") or 0), result.outcome.value)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer.worker")
     mode = ap.add_mutually_exclusive_group(required=True)
@@ -258,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--serve", action="store_true", help="run jobs given on stdin, keeping the base loaded")
     args = ap.parse_args(argv)
 
+    if args.serve and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return serve_ranks()
     out = _setup_process()
     sink = SanitizingSink(JsonLineSink(out))
     if args.serve:
