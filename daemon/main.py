@@ -369,7 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--burst", action="store_true", help="drain inbox and queue, then exit")
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="log to the log file only")
+    p.add_argument("--follow", metavar="HOST:PORT",
+                   help="run this node's ranks of a multi-node run whose main node is HOST:PORT")
+    p.add_argument("--node-rank", type=int, default=1, help="with --follow: this node's rank (1..nnodes-1)")
     args = p.parse_args(argv)
+    if args.follow:
+        from daemon.follower import main as follow
+        return follow(args.home, args.follow, args.node_rank)
     layout = Layout.from_env(args.home)
     layout.ensure()
     setup_logging(layout.logs, console=not args.quiet)

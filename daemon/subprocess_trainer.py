@@ -65,6 +65,19 @@ def describe_returncode(rc: int | None) -> str:
     return f"exit code {rc}"
 
 
+def worker_process_env() -> dict[str, str]:
+    """The environment a worker (and each torchrun rank) starts with."""
+    env = dict(os.environ)
+    # the worker tokenizes in batches on all cores (trainer/tokencache.py; the result does not
+    # depend on it) and never forks, so the tokenizers' thread pool is safe there
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true",
+                "PYTHONUNBUFFERED": "1"})
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    pp = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pp if pp else "")
+    return env
+
+
 # the job settings that shape the worker's loaded base: another value needs another worker
 BASE_KEYS = ("base_model", "use_qlora", "device", "attn_implementation", "precision", "gradient_checkpointing",
              "distributed")
@@ -162,16 +175,7 @@ class SubprocessTrainer:
     # -------------------------------------------------------------- the worker's life
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # the worker tokenizes in batches on all cores (trainer/tokencache.py; the result does not
-        # depend on it) and never forks, so the tokenizers' thread pool is safe there
-        env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true",
-                    "PYTHONUNBUFFERED": "1"})
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        pp = env.get("PYTHONPATH")
-        env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pp if pp else "")
-        env.update(self.extra_env)
-        return env
+        return {**worker_process_env(), **self.extra_env}
 
     def _on_owner(self, fn: Any) -> Any:
         """Run *fn* on the owner thread (started once, lives until close) and return its result."""
