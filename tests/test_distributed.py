@@ -31,10 +31,10 @@ TOL = 1e-5
 
 
 def settings(base: Path, **extra: Any) -> dict[str, Any]:
-    return dict(trainer="qlora", base_model=str(base), device="cpu", max_length=128, batch_size=1,
-                gradient_accumulation=3, learning_rate=2e-3, lr_scheduler="constant", eval_fraction=0.05,
-                checkpoint_every_steps=10, keep_checkpoints=2, worker_timeout_s=120, retry_backoff_s=0,
-                probe_retention_examples=0, **extra)
+    return {**dict(trainer="qlora", base_model=str(base), device="cpu", max_length=128, batch_size=1,
+                   gradient_accumulation=3, learning_rate=2e-3, lr_scheduler="constant", eval_fraction=0.05,
+                   checkpoint_every_steps=10, keep_checkpoints=2, worker_timeout_s=120, retry_backoff_s=0,
+                   probe_retention_examples=0), **extra}
 
 
 def make_home(root: Path, base: Path, nproc: int = 1, **extra: Any) -> Home:
@@ -221,8 +221,10 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one(base: Path, reference: dict[st
 
 
 @pytest.mark.slow
-def test_two_nodes_on_localhost(base: Path, reference: dict[str, Any], tmp_path: Path) -> None:
+def test_two_nodes_on_localhost(base: Path, reference: dict[str, Any], tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The main node's daemon and a follower (``trainerd --follow``), each one rank, on one host."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")     # two "nodes" share this host's cores
     port = free_port()
     h = make_home(tmp_path / "home", base, nproc=1,
                   distributed={"nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{port}"})
@@ -247,3 +249,22 @@ def test_a_follower_refuses_a_single_node_config(home: Home) -> None:
     r = subprocess.run([sys.executable, "-m", "daemon", "--home", str(home.path), "--follow", "127.0.0.1:29500"],
                        cwd=REPO, env=env_for(home.path), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "needs nnodes >= 2" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_attempt_and_the_job_resumes(base: Path, reference: dict[str, Any],
+                                                           tmp_path: Path) -> None:
+    """Rank 1 stops answering (SIGSTOP): rank 0 waits in the all-reduce, no step comes, and after
+    worker_timeout_s the daemon kills the whole group (a stopped process too); the job resumes."""
+    h = make_home(tmp_path / "home", base, nproc=2, worker_timeout_s=20)
+    h.launch()
+    drop(h)
+    wait_for(lambda: list((h.path / "checkpoints").glob("job-1/step-*")), timeout=180, what="a checkpoint")
+    group = ranks_of(h)
+    (victim,) = [p for p in group if rank_env(p) == 1]
+    victim.send_signal(signal.SIGSTOP)
+    wait_for(lambda: not any(alive(p.pid) for p in group), timeout=90, what="the hung group killed")
+    assert "worker hung: no progress for 20 s" in h.log_text()
+    wait_for(lambda: h.files("done") == ["arith.jsonl"], timeout=300, what="the job resumed and finished")
+    assert max_diff(adapter(h), reference) <= TOL
+    h.ctl("stop")
