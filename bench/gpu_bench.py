@@ -61,13 +61,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROWS = 8                              # rows (A: examples) per optimizer step, as in ANCHORS.md
 DEFAULT_ORDER = ("C", "A", "B")       # ours first: the exit code depends on it
-ALL_RECIPES = ("C", "A", "B", "C-flex")
-TABLE_ORDER = ("A", "B", "C", "C-flex")
+ALL_RECIPES = ("C", "A", "B", "C-flex", "C-ranks")
+TABLE_ORDER = ("A", "B", "C", "C-flex", "C-ranks")
 WHAT = {
     "A": "HF Trainer, pad to longest, no packing",
     "B": "TRL SFTTrainer, bfd packing, padding-free",
     "C": "ours: QLoRATrainer, packed rows, chunked loss",
     "C-flex": "ours with flex_attention",
+    "C-ranks": "ours on --nproc N ranks (torchrun, 8 rows each a step)",
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TRL_MISSING = "not run: trl not installed"
@@ -428,9 +429,12 @@ def recipe_b(s: dict[str, Any]) -> dict[str, Any]:
     return steps.summary(load_s=round(load_s, 2), attn=attn, packed_rows=len(trainer.train_dataset))
 
 
-def recipe_c(s: dict[str, Any], attn: str = "auto") -> dict[str, Any]:
+def recipe_c(s: dict[str, Any], attn: str = "auto", nproc: int = 1) -> dict[str, Any]:
     """The product's QLoRATrainer in process on a JobSpec of the JSONL file (as
-    tests/trainer/test_recipe.py runs it), timed by its own step events."""
+    tests/trainer/test_recipe.py runs it), timed by its own step events. *nproc* > 1 (``C-ranks``,
+    run under torchrun): this is one rank; a step is ROWS rows on each rank (gradient_accumulation
+    = nproc, one micro-batch per rank), so the per-GPU work is C's and tokens/s measure scaling."""
+    from trainer.distributed import Ranks
     from core.config import Config, config_to_dict
     from trainer import packing
     from core.interface import Command, Outcome
@@ -439,7 +443,7 @@ def recipe_c(s: dict[str, Any], attn: str = "auto") -> dict[str, Any]:
 
     d = s["defaults"]
     cfg = config_to_dict(Config(
-        base_model=s["base"], max_length=s["max_length"], batch_size=ROWS, gradient_accumulation=1,
+        base_model=s["base"], max_length=s["max_length"], batch_size=ROWS, gradient_accumulation=nproc,
         lr_scheduler="constant", warmup_steps=0, epochs=1, eval_fraction=0.0, seed=d["seed"],
         checkpoint_every_steps=10 ** 9, attn_implementation=attn,
         gradient_checkpointing="auto" if s["gc_setting"] == "auto" else s["gradient_checkpointing"],
@@ -483,10 +487,11 @@ def recipe_c(s: dict[str, Any], attn: str = "auto") -> dict[str, Any]:
             time.sleep(min(timeout, 0.05))
             return self.poll()
 
-    job = make_job(Path(s["data"]), Path(s["work"]) / f"home-{attn}", cfg, job_id=1)
+    job = make_job(Path(s["data"]), Path(s["work"]) / f"home-{attn}-{nproc}", cfg, job_id=1)
+    ranks = Ranks.from_env() if nproc > 1 else None
     _reset_peak(s["device"])
     t = time.perf_counter()
-    result = QLoRATrainer().run(job, Sink(), Control())
+    result = QLoRATrainer(ranks=ranks).run(job, Sink(), Control())
     if result.outcome not in (Outcome.COMPLETED, Outcome.STOPPED):
         raise RuntimeError(f"the job ended {result.outcome.value}: {result.reason}")
     out = steps.summary(attn=attn, outcome=result.outcome.value, job_seconds=round(time.perf_counter() - t, 2),
@@ -533,13 +538,15 @@ def child(name: str, settings_file: Path) -> int:
     s = json.loads(settings_file.read_text())
     s["cap_s"] = float(os.environ.get("GPU_BENCH_CAP_S", s.get("cap_s", 60)))
     fn = {"A": recipe_a, "B": recipe_b, "C": recipe_c, "C-flex": lambda x: recipe_c(x, "flex_attention"),
-          "check": recipe_check, "peak": recipe_peak}[name]
+          "check": recipe_check, "peak": recipe_peak,
+          "C-ranks": lambda x: recipe_c(x, nproc=int(os.environ.get("WORLD_SIZE", 1)))}[name]
     try:
         res = fn(s)
     except Exception as exc:  # noqa: BLE001 - a failing recipe is a row, not the end of the bench
         traceback.print_exc()
         res = {"status": f"failed: {type(exc).__name__}: {exc}"[:600], "traceback": traceback.format_exc()[-4000:]}
-    print("RESULT " + json.dumps(res, default=str), flush=True)
+    if os.environ.get("RANK", "0") == "0":      # C-ranks: rank 0 reports
+        print("RESULT " + json.dumps(res, default=str), flush=True)
     return 0
 
 
@@ -609,6 +616,9 @@ def derive(res: dict[str, Any]) -> None:
         for ref in ("A", "B"):
             if ref in ran and ref != name:
                 r[f"vs_{ref}"] = tps / ran[ref]["real_tokens_per_s"]
+    if "C-ranks" in ran and "C" in ran:     # tokens/s at N ranks / (N x 1 rank's)
+        r = ran["C-ranks"]
+        r["scaling_efficiency"] = r["real_tokens_per_s"] / (res["nproc"] * ran["C"]["real_tokens_per_s"])
 
 
 def _f(x: Any, fmt: str, none: str = "-") -> str:
@@ -647,6 +657,10 @@ def table(res: dict[str, Any]) -> str:
             f"{_f(r.get('vs_B'), '.2f')}{'x' if r.get('vs_B') else ''} | {mem} | "
             f"{_f(r.get('mfu'), '.1%')} | {_f(r.get('mfu_useful'), '.1%')} | {loss} | "
             f"{r['tokens_trained']:,}{cap} | {r['timed_steps']} |")
+    sc = res["recipes"].get("C-ranks", {}).get("scaling_efficiency")
+    if sc is not None:
+        lines += ["", f"C-ranks: {res['nproc']} ranks reach {sc:.1%} of {res['nproc']} x C's tokens/s "
+                      "(scaling efficiency; the goal is >= 90 %)"]
     c = res.get("packed_check")
     if c:
         lines.append("")
@@ -677,7 +691,11 @@ def run_child(name: str, sfile: Path, env: dict[str, str], timeout: float, cap_s
     t = time.monotonic()
     with NvmlSampler() as nv:
         try:
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", name, str(sfile)],
+            launch = [sys.executable]
+            if name == "C-ranks":       # the product's launch: torchrun, one process per rank
+                launch += ["-m", "torch.distributed.run", "--standalone", "--max-restarts", "0",
+                           "--nproc-per-node", str(json.loads(sfile.read_text())["nproc"])]
+            proc = subprocess.run([*launch, str(Path(__file__).resolve()), "--child", name, str(sfile)],
                                   env={**env, "GPU_BENCH_CAP_S": str(cap_s)}, cwd=REPO, check=False,
                                   capture_output=True, text=True, timeout=timeout)
             line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
@@ -715,6 +733,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="C's packed loss vs one by one, fp32, at the end if time is left; auto: on CPU "
                          "only (on a GPU its 1e-5 tolerance is tighter than fp32 kernels guarantee)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nproc", type=int, default=1,
+                    help="also run C on N ranks through torchrun (C-ranks) and report the scaling efficiency")
     ap.add_argument("--child", nargs=2, metavar=("RECIPE", "SETTINGS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -733,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_s or (85.0 if smoke else 450.0)
     deadline = t0 + budget
     wanted = [r for r in args.recipes.split(",") if r]
+    if args.nproc > 1 and "C-ranks" not in wanted:
+        wanted.insert(wanted.index("C") + 1 if "C" in wanted else 0, "C-ranks")
     bad = [r for r in wanted if r not in ALL_RECIPES]
     if bad:
         ap.error(f"unknown recipe(s) {bad}; known: {', '.join(ALL_RECIPES)}")
@@ -745,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": ("tiny base (trainer/tiny_base.py, 2 layers)" if smoke else
                   "Qwen3-0.6B-shaped (bench_throughput QWEN3_06B, random weights, 28 layers)"),
         "max_length": max_length, "rows_per_step": ROWS, "records": records, "warmup": warmup,
-        "cap_s": cap_s, "budget_s": budget, "recipes": {}}
+        "cap_s": cap_s, "budget_s": budget, "nproc": args.nproc, "recipes": {}}
     try:
         defaults = product_defaults()
         base = build_base(work, smoke, max_length, args.seed)
@@ -765,11 +787,13 @@ def main(argv: list[str] | None = None) -> int:
                setup_s=round(time.monotonic() - t0, 1))
     settings = {"base": str(base), "data": str(data), "examples": str(work / "examples.json"),
                 "device": device, "max_length": max_length, "warmup": warmup, "work": str(work),
-                "gradient_checkpointing": gc_on, "gc_setting": gc_setting, "defaults": defaults, "cap_s": cap_s}
+                "gradient_checkpointing": gc_on, "gc_setting": gc_setting, "defaults": defaults, "cap_s": cap_s,
+                "nproc": args.nproc}
     sfile = work / "settings.json"
     sfile.write_text(json.dumps(settings))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+           "TRAINER_DEVICE": device,
            "PYTHONPATH": os.pathsep.join(p for p in (str(BENCH), str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     print(f"setup {res['setup_s']} s: {res['data']['examples']} examples, {res['data']['tokens']:,} tokens, "
           f"device {res['device_name']}", flush=True)

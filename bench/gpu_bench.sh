@@ -3,6 +3,7 @@
 #   bash bench/gpu_bench.sh            # on the GPU machine, from the repo root (device tool: run)
 #   bash bench/gpu_bench.sh --smoke    # CPU, tiny base, < 90 s on 2 cores (tests/test_gpu_bench_smoke.py)
 # Other arguments go to bench/gpu_bench.py (--records, --cap-s, --budget-s, --recipes C,A,B,C-flex ...).
+#   bash bench/gpu_bench.sh --nproc N  # also C on N GPUs through torchrun (C-ranks): scaling efficiency
 #
 # Set up: wheels carried in .whl/ (bitsandbytes, trl, datasets, pydantic, ...; see
 # bench/fetch_gpu_wheels.sh) are installed into /tmp/site and put first on PYTHONPATH, as the

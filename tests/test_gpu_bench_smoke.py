@@ -55,3 +55,24 @@ def test_gpu_bench_smoke_runs_a_and_c(tmp_path: Path) -> None:
     assert res["defaults"]["lora_r"] == 16 and res["defaults"]["lora_target_modules"] == "all-linear"
     check = res.get("packed_check", {})
     assert check.get("status") != "ran" or check["passed"], check
+
+
+@pytest.mark.slow
+def test_gpu_bench_nproc_runs_c_on_two_ranks(tmp_path: Path) -> None:
+    """``--nproc 2``: C again under torchrun (gloo here), 8 rows per rank a step, and the scaling
+    efficiency against C (on 2 shared CPU cores the figure itself means nothing; on N GPUs it is
+    the issue's >= 90 % goal)."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_BENCH_TIMEOUT_S": "170",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_bench.sh"), "--smoke", "--nproc", "2", "--recipes", "C",
+                           "--check", "off"], cwd=REPO, env=env, check=False, capture_output=True, text=True,
+                          timeout=200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = json.loads((tmp_path / "gpu_bench_smoke.json").read_text())
+    c, ranks = res["recipes"]["C"], res["recipes"]["C-ranks"]
+    assert c["status"] == "ran" and ranks["status"] == "ran", ranks
+    assert res["nproc"] == 2 and 0 < ranks["scaling_efficiency"] < 2
+    # the same data: C-ranks's step is twice C's (8 rows on each of 2 ranks)
+    assert ranks["tokens_trained"] == c["tokens_trained"] == res["data"]["tokens"] or ranks["capped"] or c["capped"]
+    assert ranks["timed_steps"] < c["timed_steps"] and math.isfinite(ranks["loss_at_common_tokens"])
+    assert "C-ranks: 2 ranks reach" in (tmp_path / "gpu_bench_smoke.md").read_text()

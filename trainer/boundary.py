@@ -69,6 +69,11 @@ class BoundaryMixin:
         tell them."""
         if self.ranks.world == 1 or not self.ranks.is_main:
             return
+        world, ga = self.ranks.world, self.ga
+        if ga % world:      # a step's micro-batches are dealt i mod N: some ranks get fewer or none
+            self.note(f"{world} ranks, gradient_accumulation {ga}: a step's {ga} micro-batches do not share "
+                      f"evenly ({'some ranks idle' if ga < world else 'uneven'}); a multiple of {world} "
+                      "uses every rank fully", "warning")
         self.stream.wait_complete(self._tokenizing_keepalive)
         self._ranks_told = True
         self.ranks.share_object("ready")
