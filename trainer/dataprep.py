@@ -49,6 +49,7 @@ class DataPrepMixin:
         self._tokenizing()
         if first.batches == 0 and self.plan.n_windows == 1:
             raise JobFailed(f"{job.name}: no trainable examples ({self.report.to_json()})")
+        self.data_ready()                           # N ranks: rank 0 tokenizes it all, then tells the others
         self.eval_ex: Any = None                    # planned at the first eval (the held-out lines)
         self.total_steps = self.plan.total_steps()
         self.plan_sizes = [len(p) for p in self.plan.plans]

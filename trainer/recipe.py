@@ -189,8 +189,7 @@ class _RecipeRun(DataPrepMixin, StepMixin, BoundaryMixin, ResumeMixin, PublishMi
             if self.warm is not None:
                 self.warm.keep_tokenizer(tok_key, self.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self._load_data()
-        self.data_ready()           # rank 0, with other ranks: the whole file tokenized, then tell them
+        self._load_data()           # on N ranks: rank 0 tokenizes the whole file first, then tells the others
         self.stream.hold(True)      # the rest of the file waits while the model loads (CPU, GIL)
 
         # --- model: base (4-bit) + LoRA from checkpoint / current_model / fresh
@@ -213,9 +212,8 @@ class _RecipeRun(DataPrepMixin, StepMixin, BoundaryMixin, ResumeMixin, PublishMi
         self.ranks.same_params(self.params)
         self.tracker = LayerActivityTracker(self.model)
         self.stream.hold(False)
-        n_train = sum(p.numel() for p in self.params)
-        self.note(f"{len(self.tracker.modules)} LoRA modules, {n_train} trainable parameters; "
-                  f"{self.total_steps} steps ({self.plan_sizes} micro-batches per epoch)")
+        self.note(f"{len(self.tracker.modules)} LoRA modules, {sum(p.numel() for p in self.params)} trainable "
+                  f"parameters; {self.total_steps} steps ({self.plan_sizes} micro-batches per epoch)")
         self.emit("started", total_steps=self.total_steps, resumed_from_step=self.step,
                   dataset=self.report_json(), data_cache=self.data_cache, base_model=str(self.base),
                   base_fingerprint=self.fingerprint, device=str(self.device), optimizer=self.optimizer_from,
