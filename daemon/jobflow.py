@@ -158,7 +158,7 @@ class JobFlow:
                 # every attempt's report replaces the last one (a resumed attempt reads the same file)
                 self.db.set_data_report(job_id, ev["dataset"])
             self.board.update(total_steps=ev.get("total_steps"), preparing=None,
-                              current_step=ev.get("resumed_from_step") or 0)
+                              current_step=ev.get("resumed_from_step") or 0, ranks=int(ev.get("ranks") or 1))
         elif kind == "data_report":     # the whole file's report, once the background tokenizing ends
             if job_id is not None and isinstance(ev.get("dataset"), dict):
                 self.db.set_data_report(job_id, ev["dataset"])

@@ -45,7 +45,8 @@ def cmd_status(layout: Layout, args: argparse.Namespace) -> int:
         print(f"job:      {status['current_file']} (job {status.get('current_job_id')})  "
               f"step {status.get('current_step') or 0}/{status.get('total_steps') or '?'}  "
               f"loss {fmt_num(status.get('loss'), '.4f')}  lr {fmt_num(status.get('learning_rate'), '.2e')}  "
-              f"{fmt_num(status.get('tokens_per_second'), ',.0f')} tok/s  ETA {fmt_eta(status.get('eta_seconds'))}")
+              f"{fmt_num(status.get('tokens_per_second'), ',.0f')} tok/s  ETA {fmt_eta(status.get('eta_seconds'))}"
+              + (f"  on {status['ranks']} ranks" if (status.get("ranks") or 1) > 1 else ""))
         if prep:    # the rest of the file is tokenized while the first part trains
             print(f"          {describe_preparing(prep)} (the rest of the file, while training)")
     elif status.get("last_job"):

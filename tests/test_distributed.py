@@ -196,6 +196,7 @@ def test_pause_stops_every_rank_at_the_same_step(base: Path, reference: dict[str
     assert (h.path / f"checkpoints/job-1/step-{step}").is_dir()
     time.sleep(12)              # longer than the keep-alive: the paused group waits, nothing times out
     assert h.status().get("current_step") == step and all(p.is_running() for p in ranks_of(h))
+    assert f"step {step}/" in (shown := h.ctl("status").stdout) and "on 2 ranks" in shown, shown
     assert h.ctl("resume").returncode == 0
     wait_for(lambda: h.files("done") == ["arith.jsonl"], timeout=300, what="finished")
     assert len(re.findall(r"\[rank 1\] trainer\.recipe: rank 1 of 2: resumed at step", training_log(h))) == 1
@@ -249,6 +250,23 @@ def test_a_follower_refuses_a_single_node_config(home: Home) -> None:
     r = subprocess.run([sys.executable, "-m", "daemon", "--home", str(home.path), "--follow", "127.0.0.1:29500"],
                        cwd=REPO, env=env_for(home.path), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "needs nnodes >= 2" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_a_sigkilled_daemon_leaves_no_rank(base: Path, tmp_path: Path) -> None:
+    """The daemon dies with SIGKILL: torchrun dies with it (PR_SET_PDEATHSIG), every rank with
+    torchrun (each set its own); the next start resumes the job."""
+    h = make_home(tmp_path / "home", base, nproc=2)
+    h.launch()
+    drop(h)
+    wait_for(lambda: list((h.path / "checkpoints").glob("job-1/step-*")), timeout=180, what="a checkpoint")
+    group = ranks_of(h)
+    group.append(group[0].parent())
+    psutil.Process(h.pid() or 0).send_signal(signal.SIGKILL)
+    wait_for(lambda: not any(alive(p.pid) for p in group), timeout=30, what="no rank left")
+    h.launch()
+    wait_for(lambda: h.files("done") == ["arith.jsonl"], timeout=300, what="resumed and finished")
+    h.ctl("stop")
 
 
 @pytest.mark.slow

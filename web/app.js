@@ -278,6 +278,7 @@
       meta.push(pausedNow ? "paused" : "ETA " + dur(s.eta_seconds));    // no stale ETA or tok/s while paused
       if (s.loss != null) meta.push("loss " + num(s.loss));
       if (s.tokens_per_second != null && !pausedNow) meta.push(num(s.tokens_per_second) + " tok/s");
+      if (s.ranks > 1) meta.push(`on ${s.ranks} ranks`);
       if (prep && prep.total) meta.push(`tokenizing the rest ${Math.round(prep.percent || 0)} %`);
     } else if (s.queue && running) {
       meta.push(`queue: ${s.queue.pending ?? 0} pending`);
