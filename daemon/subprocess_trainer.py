@@ -25,6 +25,10 @@ checkpointing), ends after a crash (the worker exits by itself), after ``worker_
 without a job (the GPU is freed), and on ``close()`` (the daemon's stop). With ``keep_worker=False``
 (the default for direct use) each run gets a fresh worker that ends with it.
 
+With ``distributed`` asking for more than one rank, the worker is torchrun running N ranks of
+``trainer.worker --serve`` (daemon/torchrun.py): the same protocol with rank 0, in a session of
+its own so a kill (hang, error) takes every rank; one group per job (no warm worker).
+
 PR_SET_PDEATHSIG fires when the *thread* that forked the worker exits, so workers are started by
 a long-lived owner thread of this object, never by the short-lived thread running a job.
 """
