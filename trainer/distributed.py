@@ -62,6 +62,9 @@ class Ranks:
             timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 1800)))
             cuda = torch.cuda.is_available() and os.environ.get("TRAINER_DEVICE", "auto") != "cpu"
             if cuda:
+                if local >= torch.cuda.device_count():
+                    raise RuntimeError(f"local rank {local} has no GPU: {torch.cuda.device_count()} visible, "
+                                       "fewer than distributed.nproc_per_node (use \"auto\")")
                 torch.cuda.set_device(local)
             torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timeout,
                                                  device_id=torch.device("cuda", local) if cuda else None)
