@@ -56,7 +56,9 @@ def adapter(h: Home) -> dict[str, Any]:
 
 def max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    d = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"max |adapter - 1-rank adapter| = {d:.2e}")      # the figure bench/README.md quotes (-s)
+    return d
 
 
 def ranks_of(h: Home) -> list[psutil.Process]:
