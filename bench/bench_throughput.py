@@ -46,6 +46,7 @@ from trainer.model import (adapter_state_dict, attach_lora, compute_dtype,  # no
                            load_adapter_state, load_base_model, pick_device, resolve_precision,
                            trainable_parameters)
 from trainer.packing import collate, plan_batches  # noqa: E402
+from trainer.distributed import Ranks  # noqa: E402
 from trainer.recipe import _RecipeRun  # noqa: E402
 from trainer.schedule import make_scheduler  # noqa: E402
 
@@ -181,6 +182,7 @@ def make_runner(model: Any, device: torch.device, pool: list[Example], pad_id: i
     ``_loss_sum`` read. A fresh AdamW (torch, no weight decay, lr 2e-4) and a constant lr."""
     r = _RecipeRun.__new__(_RecipeRun)
     r.model, r.device, r.train_ex, r.pad_id = model, device, pool, pad_id
+    r.ranks, r.step = Ranks(), 0        # one process; the step number seeds dropout
     r.micro_rows = ROWS
     r.cfg = {"max_grad_norm": 1.0, "batch_size": ROWS, "max_length": 0}
     r.ga = 1

@@ -187,12 +187,12 @@ def test_pause_stops_every_rank_at_the_same_step(base: Path, reference: dict[str
     drop(h)
     wait_for(lambda: (h.status().get("current_step") or 0) >= 3, timeout=180, what="training")
     assert h.ctl("pause").returncode == 0
-    wait_for(lambda: h.status().get("paused") and "paused at step" in training_log(h), timeout=60, what="paused")
-    wait_for(lambda: "[rank 1] trainer.recipe: rank 1 of 2: paused at step" in training_log(h), timeout=30,
-             what="rank 1 paused")
+    rank0 = r"\[rank 0\] trainer\.recipe: paused at step (\d+)"
+    rank1 = r"\[rank 1\] trainer\.recipe: rank 1 of 2: paused at step (\d+)"
+    wait_for(lambda: h.status().get("paused") and re.search(rank0, training_log(h))
+             and re.search(rank1, training_log(h)), timeout=60, what="both ranks paused")
     log = training_log(h)
-    at0 = re.findall(r"\[rank 0\] trainer\.recipe: paused at step (\d+)", log)
-    at1 = re.findall(r"\[rank 1\] trainer\.recipe: rank 1 of 2: paused at step (\d+)", log)
+    at0, at1 = re.findall(rank0, log), re.findall(rank1, log)
     assert at0 == at1 and len(at0) == 1, (at0, at1)
     step = int(at0[0])
     assert (h.path / f"checkpoints/job-1/step-{step}").is_dir()
