@@ -21,8 +21,7 @@ from pydantic import ValidationError
 from core.config import ConfigError, DistributedConfig, config_to_dict, load_config
 from core.paths import Layout
 from core.pdeathsig import set_pdeathsig
-from daemon.subprocess_trainer import REPO_ROOT, worker_process_env
-from daemon.torchrun import worker_command, worker_env
+from daemon.torchrun import REPO_ROOT, worker_command, worker_env, worker_process_env
 
 log = logging.getLogger("trainerd.follower")
 

@@ -25,9 +25,8 @@ checkpointing), ends after a crash (the worker exits by itself), after ``worker_
 without a job (the GPU is freed), and on ``close()`` (the daemon's stop). With ``keep_worker=False``
 (the default for direct use) each run gets a fresh worker that ends with it.
 
-With ``distributed`` asking for more than one rank, the worker is torchrun running N ranks of
-``trainer.worker --serve`` (daemon/torchrun.py): the same protocol with rank 0, in a session of
-its own so a kill (hang, error) takes every rank; one group per job (no warm worker).
+With ``distributed`` (N ranks) the worker is torchrun (daemon/torchrun.py), in a session of its own
+so a kill takes every rank; rank 0 speaks the protocol; one group per job (no warm worker).
 
 PR_SET_PDEATHSIG fires when the *thread* that forked the worker exits, so workers are started by
 a long-lived owner thread of this object, never by the short-lived thread running a job.
@@ -50,11 +49,10 @@ from typing import Any
 from core.interface import Command, ControlSource, EventSink, JobResult, JobSpec, Outcome, ends_worker
 from core.paths import Layout
 from core.pdeathsig import set_pdeathsig
-from daemon.torchrun import worker_command, worker_env, world_size
+from daemon.torchrun import REPO_ROOT, worker_command, worker_env, worker_process_env, world_size
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 _EOF = object()
 
 
@@ -67,19 +65,6 @@ def describe_returncode(rc: int | None) -> str:
         except ValueError:
             return f"killed by signal {-rc}"
     return f"exit code {rc}"
-
-
-def worker_process_env() -> dict[str, str]:
-    """The environment a worker (and each torchrun rank) starts with."""
-    env = dict(os.environ)
-    # the worker tokenizes in batches on all cores (trainer/tokencache.py; the result does not
-    # depend on it) and never forks, so the tokenizers' thread pool is safe there
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true",
-                "PYTHONUNBUFFERED": "1"})
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    pp = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pp if pp else "")
-    return env
 
 
 # the job settings that shape the worker's loaded base: another value needs another worker

@@ -1,5 +1,5 @@
-"""The worker's command line: ``python -m trainer.worker --serve``, or the same under torchrun
-(``python -m torch.distributed.run``) when ``distributed`` asks for more than one rank.
+"""The worker's command line and environment: ``python -m trainer.worker --serve``, or the same
+under torchrun (``python -m torch.distributed.run``) when ``distributed`` asks for more than one rank.
 
 One node (``nnodes`` 1): ``--standalone`` (a free local port). Several: this node is node 0 and
 the rendezvous is static at ``rdzv_endpoint`` (``--master-addr/--master-port``), so the global rank
@@ -10,7 +10,10 @@ and the daemon resumes the job from its last checkpoint.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def visible_gpus() -> int:
     """NVIDIA GPUs this process may use (CUDA_VISIBLE_DEVICES, else NVML's count); 0 without."""
@@ -65,3 +68,16 @@ def worker_env(config: dict[str, Any]) -> dict[str, str]:
     dist = config.get("distributed") or {}
     return {"TRAINER_DIST_TIMEOUT_S": str(float(dist.get("timeout_s", 1800.0))),
             "TRAINER_DEVICE": str(config.get("device", "auto"))}
+
+
+def worker_process_env() -> dict[str, str]:
+    """The environment a worker (and each torchrun rank) starts with."""
+    env = dict(os.environ)
+    # the worker tokenizes in batches on all cores (trainer/tokencache.py; the result does not
+    # depend on it) and never forks, so the tokenizers' thread pool is safe there
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true",
+                "PYTHONUNBUFFERED": "1"})
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    pp = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pp if pp else "")
+    return env

@@ -217,8 +217,7 @@ class _RecipeRun(DataPrepMixin, StepMixin, BoundaryMixin, ResumeMixin, PublishMi
         self.emit("started", total_steps=self.total_steps, resumed_from_step=self.step,
                   dataset=self.report_json(), data_cache=self.data_cache, base_model=str(self.base),
                   base_fingerprint=self.fingerprint, device=str(self.device), ranks=self.ranks.world,
-                  optimizer=self.optimizer_from,
-                  schedule_step=self.schedule_offset + self.step,
+                  optimizer=self.optimizer_from, schedule_step=self.schedule_offset + self.step,
                   continued_from=("checkpoint" if payload is not None else
                                   "current_model" if cur_dir is not None else "fresh"))
         self.t_start = time.monotonic()
