@@ -14,19 +14,23 @@ Reads top to bottom like a torchtune recipe:
 
 One optimizer step = ``gradient_accumulation`` micro-batches of ``batch_size`` packed rows; the
 loss is the summed token cross-entropy divided by the trained-token count of the whole step, so
-splitting a batch into smaller micro-batches (OOM back-off) computes the same step.
+splitting a batch into smaller micro-batches (OOM back-off) computes the same step. On N torchrun
+ranks (trainer/distributed.py) the step's micro-batches are dealt out and one all-reduce sums
+the gradients: the same step again; rank 0 alone reports and writes.
 
 Exact resume: the data plan is a pure function of (seed, epoch) (trainer/packing.py), so a
 checkpoint stores only the position (epoch, batch index); with the adapter, AdamW state,
 scheduler and every RNG (python, numpy, torch, cuda) restored, the continued run is the
-uninterrupted run (bitwise on CPU).
+uninterrupted run (bitwise on CPU). Dropout is seeded per micro-batch from (seed, step, index), so
+it holds on any number of ranks, and from N ranks to M.
 
 The run's parts, each a mixin of ``_RecipeRun`` in a module of its own: trainer/dataprep.py (the
 token stream, the plan, preparation progress), trainer/step.py (one optimizer step, the loss, eval,
 the out-of-memory redo and back-off, non-finite steps), trainer/resume.py (what a checkpoint
 records, its checks, exact restore), trainer/publish.py (what finish publishes), trainer/events.py
 (events and the step event), trainer/continuity.py (AdamW made, continued from and published to
-current_model/), trainer/probes.py (the probe prompts' answers); trainer/errors.py holds the exceptions,
+current_model/), trainer/probes.py (the probe prompts' answers), trainer/boundary.py (control at a step
+boundary, on every rank); trainer/errors.py holds the exceptions,
 trainer/schedule.py the LR schedules.
 """
 from __future__ import annotations
