@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -112,3 +113,11 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
 
 def text_records(n: int, tag: str = "") -> list[dict[str, str]]:
     return [{"text": f"record {i} {tag}"} for i in range(n)]
+
+
+def reverse_records(n: int, seed: int) -> list[dict]:
+    """A second task for the retention tests, unlike daemon.generator's arithmetic: reverse the word."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(4, 9))) for _ in range(n)]
+    return [{"messages": [{"role": "user", "content": f"reverse the word {w}"},
+                          {"role": "assistant", "content": w[::-1]}]} for w in words]

@@ -4,7 +4,6 @@ with the promotion gate on. Screenshots go to test-artifacts/."""
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,7 +14,7 @@ import pytest
 from core import evaltable
 from core.paths import Layout
 from core.statedb import StateDB
-from daemon_helpers import Home, wait_for, write_jsonl
+from daemon_helpers import Home, reverse_records, wait_for, write_jsonl
 from monitor_helpers import Monitor, make_home, stop_daemon
 from retention_helpers import HELD_REASON, HELD_SNAPSHOT, XSS_DATASET, row, write_matrix
 from test_monitor_browser import ARGS, ARTIFACTS, CHROMIUM, Page, sync_api
@@ -31,14 +30,6 @@ def browser() -> Iterator[Any]:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         yield b
         b.close()
-
-
-def reverse_records(n: int, seed: int) -> list[dict]:
-    """The second task of tests/trainer/test_retention_eval.py: reverse the word."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(4, 9))) for _ in range(n)]
-    return [{"messages": [{"role": "user", "content": f"reverse the word {w}"},
-                          {"role": "assistant", "content": w[::-1]}]} for w in words]
 
 
 def _table(p: Any) -> dict[str, Any]:

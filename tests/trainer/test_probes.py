@@ -17,8 +17,7 @@ from core.config import Config, config_to_dict
 from core.interface import Outcome
 from core.statedb import StateDB
 from daemon.generator import generate_records
-from daemon_helpers import write_jsonl
-from test_retention_eval import reverse_records
+from daemon_helpers import reverse_records, write_jsonl
 from trainer.data import IGNORE_INDEX
 from trainer.probes import PromptText, chat_ids, config_probes, parse_prompt, split_example
 from trainer.recipe import QLoRATrainer

@@ -18,9 +18,8 @@ from core.paths import Layout
 from core.promotion import CRASH_POINTS, journal_path, recover_promotion, switch_current
 from core.statedb import StateDB
 from daemon.generator import generate_records
-from daemon_helpers import write_jsonl
+from daemon_helpers import reverse_records, write_jsonl
 
-from test_retention_eval import reverse_records      # the second task: reverse the word
 
 CFG = dict(trainer="qlora", max_length=96, batch_size=4, gradient_accumulation=1, learning_rate=5e-3,
            lr_scheduler="constant", checkpoint_every_steps=50, layer_activity_every_steps=50,

@@ -17,8 +17,8 @@ from core.paths import Layout
 from core.statedb import StateDB
 from daemon.generator import generate_records
 from daemon.subprocess_trainer import SubprocessTrainer
-from daemon_helpers import Home, write_jsonl
-from test_retention_eval import CFG, reverse_records
+from daemon_helpers import Home, reverse_records, write_jsonl
+from test_retention_eval import CFG
 from trainer.data import IGNORE_INDEX, Example
 from trainer.recipe import QLoRATrainer
 from trainer.replay import REPLAY_BASE, MixedExamples, ReplaySet, load_pool, pool_path, save_pool

@@ -4,24 +4,16 @@ tiny tasks: a plus b, then reverse the word. The matrix shows what B did to A.""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
 from core.statedb import StateDB
 from daemon.generator import generate_records
-from daemon_helpers import write_jsonl
+from daemon_helpers import reverse_records, write_jsonl
 
 CFG = dict(trainer="qlora", max_length=96, batch_size=4, gradient_accumulation=1, learning_rate=5e-3,
            lr_scheduler="constant", checkpoint_every_steps=50, layer_activity_every_steps=50,
            worker_timeout_s=120, eval_fraction=0.05, eval_max_examples=12, retention_eval_datasets=20)
-
-
-def reverse_records(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(4, 9))) for _ in range(n)]
-    return [{"messages": [{"role": "user", "content": f"reverse the word {w}"},
-                          {"role": "assistant", "content": w[::-1]}]} for w in words]
 
 
 @pytest.mark.slow
