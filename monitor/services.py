@@ -113,14 +113,7 @@ class Services:
         daemon does not answer in time, 503 when the lock stays held by another operation, 507
         for a full disk."""
         reply = queueops.submit(self.layout, command, args, source="monitor", timeout=timeout)
-        if reply.how == "timeout":
-            raise HTTPException(504, reply.message)
-        if reply.how == "busy":
-            raise HTTPException(503, reply.message)
-        if not reply.ok:
-            raise HTTPException(507 if reply.data.get("disk_full") else 409, reply.message)
-        return {"ok": True, "message": reply.message, "command": command,
-                "request_id": reply.data.get("request_id")}
+        return _answered(command, reply.how, reply.ok, reply.message, reply.data, unavailable="busy")
 
     def send_control(self, command: str, *, timeout: float = CONTROL_REPLY_TIMEOUT_S,
                      **args: Any) -> dict[str, Any]:
@@ -128,13 +121,21 @@ class Services:
         503 when the daemon is down, 504 when it does not answer in time, 409 when it refuses,
         507 when it could not apply it for a full disk (it paused for it)."""
         a = ctl.round_trip(self.layout, command, args, source="monitor", timeout=timeout)
-        if a.how == "down":
-            raise HTTPException(503, a.message)
-        if a.how == "timeout":
-            raise HTTPException(504, a.message)
-        if not a.ok:
-            raise HTTPException(507 if a.data.get("disk_full") else 409, a.message)   # 507: Insufficient Storage
-        return {"ok": True, "message": a.message, "command": command, "request_id": a.data["request_id"]}
+        return _answered(command, a.how, a.ok, a.message, a.data, unavailable="down")
+
+
+def _answered(command: str, how: str, ok: bool, message: str, data: dict[str, Any],
+              unavailable: str) -> dict[str, Any]:
+    """The daemon's (or the queue's) answer as HTTP: 503 when *unavailable* (down, or the lock
+    held), 504 when it did not answer in time, 507 for a full disk (Insufficient Storage), 409
+    when refused."""
+    if how == unavailable:
+        raise HTTPException(503, message)
+    if how == "timeout":
+        raise HTTPException(504, message)
+    if not ok:
+        raise HTTPException(507 if data.get("disk_full") else 409, message)
+    return {"ok": True, "message": message, "command": command, "request_id": data.get("request_id")}
 
 
 def services(request: Request) -> Services:
