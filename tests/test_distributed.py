@@ -37,8 +37,19 @@ def settings(base: Path, **extra: Any) -> dict[str, Any]:
                    probe_retention_examples=0), **extra}
 
 
+HOMES: list[Home] = []      # their daemons are SIGKILLed after each test (the ranks die with them)
+
+
+@pytest.fixture(autouse=True)
+def no_daemon_left() -> Any:
+    yield
+    while HOMES:
+        HOMES.pop().kill_all()
+
+
 def make_home(root: Path, base: Path, nproc: int = 1, **extra: Any) -> Home:
     h = Home(root)
+    HOMES.append(h)
     Layout(h.path).ensure()
     h.write_config(**settings(base, distributed={"nproc_per_node": nproc, **extra.pop("distributed", {})},
                               **extra))
