@@ -60,15 +60,6 @@ def drop(h: Home) -> None:
     write_jsonl(h.path / "inbox/arith.jsonl", generate_records(RECORDS, seed=11))
 
 
-def training_on_two_ranks(tmp_path: Path, base: Path, at_step: int, **extra: Any) -> Home:
-    """A running daemon whose 2-rank worker is past step *at_step* of the dropped file."""
-    h = make_home(tmp_path / "home", base, nproc=2, **extra)
-    h.launch()
-    drop(h)
-    wait_for(lambda: (h.status().get("current_step") or 0) >= at_step, timeout=180, what="training")
-    return h
-
-
 def adapter(h: Home) -> dict[str, Any]:
     from safetensors.torch import load_file
     return load_file(h.path / "current_model/adapter_model.safetensors")
@@ -202,9 +193,13 @@ def test_sigkill_of_one_rank_ends_the_attempt_and_the_job_resumes(base: Path, re
 
 @pytest.mark.slow
 def test_pause_stops_every_rank_at_the_same_step(base: Path, reference: dict[str, Any], tmp_path: Path) -> None:
-    h = training_on_two_ranks(tmp_path, base, at_step=3)
+    h = make_home(tmp_path / "home", base, nproc=2)
+    h.launch()
+    drop(h)
+    wait_for(lambda: (h.status().get("current_step") or 0) >= 3, timeout=180, what="training")
     assert h.ctl("pause").returncode == 0
-    rank0, rank1 = (rf"\[rank {r}\] trainer\.recipe: paused at step (\d+)" for r in (0, 1))
+    rank0 = r"\[rank 0\] trainer\.recipe: paused at step (\d+)"
+    rank1 = r"\[rank 1\] trainer\.recipe: rank 1 of 2: paused at step (\d+)"
     wait_for(lambda: h.status().get("paused") and re.search(rank0, training_log(h))
              and re.search(rank1, training_log(h)), timeout=60, what="both ranks paused")
     log = training_log(h)
@@ -217,14 +212,17 @@ def test_pause_stops_every_rank_at_the_same_step(base: Path, reference: dict[str
     assert f"step {step}/" in (shown := h.ctl("status").stdout) and "on 2 ranks" in shown, shown
     assert h.ctl("resume").returncode == 0
     wait_for(lambda: h.files("done") == ["arith.jsonl"], timeout=300, what="finished")
-    assert len(re.findall(r"\[rank 1\] trainer\.recipe: resumed at step", training_log(h))) == 1
+    assert len(re.findall(r"\[rank 1\] trainer\.recipe: rank 1 of 2: resumed at step", training_log(h))) == 1
     assert max_diff(adapter(h), reference) <= TOL
     h.ctl("stop")
 
 
 @pytest.mark.slow
 def test_a_checkpoint_of_two_ranks_resumes_on_one(base: Path, reference: dict[str, Any], tmp_path: Path) -> None:
-    h = training_on_two_ranks(tmp_path, base, at_step=12)
+    h = make_home(tmp_path / "home", base, nproc=2)
+    h.launch()
+    drop(h)
+    wait_for(lambda: (h.status().get("current_step") or 0) >= 12, timeout=180, what="training")
     assert h.ctl("stop").returncode == 0
     wait_for(lambda: not alive(h.pid() or 0), timeout=120, what="stopped")
     stopped = max(int(p.name.split("-")[1]) for p in (h.path / "checkpoints/job-1").glob("step-*"))

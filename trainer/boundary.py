@@ -33,12 +33,16 @@ class BoundaryMixin:
         while cmd is Command.PAUSE:
             self.save_checkpoint("pause")
             self.emit("paused", step=self.step)
-            self.note(f"paused at step {self.step}")      # logged on every rank ([rank N] in the log)
+            self.note(f"paused at step {self.step}")
+            if not self.ranks.is_main:
+                log.info("%s: paused at step %d", self.ranks, self.step)
             while cmd is None or cmd is Command.PAUSE:
                 cmd = self._command(wait_s)
             if cmd is Command.RESUME:
                 self.emit("resumed", step=self.step)
                 self.note(f"resumed at step {self.step}")
+                if not self.ranks.is_main:
+                    log.info("%s: resumed at step %d", self.ranks, self.step)
                 cmd = self._command()
         if cmd is Command.SKIP:
             self.save_checkpoint("skip")
